@@ -1,0 +1,14 @@
+//! tunsec: a userspace IPsec (transport mode) data plane.
+//!
+//! The core is sans-IO: parsing, SPD/SAD, replay windows and the
+//! ESP/AH/IPComp transforms work on byte buffers, with time passed in.
+//! The `tunsec` binary's modes (`pcap`, `bench`, later the daemon) are thin
+//! shells around [`engine::Engine`].
+
+pub mod buf;
+pub mod crypto;
+pub mod packet;
+pub mod replay;
+pub mod sad;
+pub mod setkey;
+pub mod spd;

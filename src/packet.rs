@@ -1,0 +1,388 @@
+//! IPv4/IPv6 views over raw bytes: the few fields the engine reads and
+//! writes, the IPv6 extension-header walk, and the Internet checksum.
+//!
+//! Everything here works on `&[u8]`/`&mut [u8]` and never allocates.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const PROTO_HOPOPTS: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ROUTING: u8 = 43;
+pub const PROTO_FRAGMENT: u8 = 44;
+pub const PROTO_ESP: u8 = 50;
+pub const PROTO_AH: u8 = 51;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_NONE: u8 = 59;
+pub const PROTO_DSTOPTS: u8 = 60;
+pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_UDPLITE: u8 = 136;
+pub const PROTO_DCCP: u8 = 33;
+pub const PROTO_IPCOMP: u8 = 108;
+
+/// Why a packet could not be parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("packet shorter than its headers")]
+    Truncated,
+    #[error("not an IPv4 or IPv6 packet")]
+    BadVersion,
+    #[error("IP header length or total length field is inconsistent")]
+    BadLength,
+}
+
+/// What the engine needs to know about an IP packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpInfo {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Offset at which a transport-mode AH/ESP/IPComp header goes (IPv4:
+    /// after the header and its options; IPv6: after hop-by-hop, routing,
+    /// fragment and destination options that precede a routing header).
+    pub insert_at: usize,
+    /// Offset of the byte naming the protocol found at `insert_at` (IPv4
+    /// protocol field, IPv6 next-header field of the header before).
+    pub next_hdr_pos: usize,
+    /// The protocol found at `insert_at`.
+    pub next_hdr: u8,
+    /// The upper-layer protocol at the end of the extension-header chain.
+    pub upper_proto: u8,
+    /// Offset of the upper-layer header.
+    pub upper_off: usize,
+    /// True for any fragment (IPv4 MF/offset, IPv6 fragment header).
+    pub fragment: bool,
+    /// True for a non-first fragment (no upper-layer header present).
+    pub later_fragment: bool,
+}
+
+impl IpInfo {
+    pub fn is_v6(&self) -> bool {
+        self.src.is_ipv6()
+    }
+
+    /// Ports (or ICMP type and code, as PF_KEY encodes them) of the upper
+    /// layer, if this packet carries them.
+    pub fn ports(&self, pkt: &[u8]) -> Option<(u16, u16)> {
+        if self.later_fragment {
+            return None;
+        }
+        let l4 = pkt.get(self.upper_off..)?;
+        match self.upper_proto {
+            PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE | PROTO_DCCP if l4.len() >= 4 => {
+                Some((be16(l4, 0), be16(l4, 2)))
+            }
+            PROTO_ICMP | PROTO_ICMPV6 if l4.len() >= 2 => Some((l4[0] as u16, l4[1] as u16)),
+            _ => None,
+        }
+    }
+}
+
+#[inline]
+pub fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[inline]
+pub fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+pub fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+#[inline]
+pub fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Is `proto` an IPv6 extension header that the walk steps over?
+pub fn is_v6_ext(proto: u8) -> bool {
+    matches!(
+        proto,
+        PROTO_HOPOPTS | PROTO_ROUTING | PROTO_FRAGMENT | PROTO_DSTOPTS
+    )
+}
+
+/// Length of the IPv6 extension header at `b[0..]` of type `proto`.
+fn v6_ext_len(proto: u8, b: &[u8]) -> Result<usize, ParseError> {
+    if b.len() < 8 {
+        return Err(ParseError::Truncated);
+    }
+    let len = if proto == PROTO_FRAGMENT {
+        8
+    } else {
+        (b[1] as usize + 1) * 8
+    };
+    if b.len() < len {
+        return Err(ParseError::Truncated);
+    }
+    Ok(len)
+}
+
+/// Parse the IP header(s) of `pkt`. The packet must be exactly as long as
+/// its length field says (trailing bytes, e.g. Ethernet padding, are an
+/// error: callers trim them with [`ip_len`] first).
+pub fn parse(pkt: &[u8]) -> Result<IpInfo, ParseError> {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => parse_v4(pkt),
+        Some(6) => parse_v6(pkt),
+        Some(_) => Err(ParseError::BadVersion),
+        None => Err(ParseError::Truncated),
+    }
+}
+
+/// The length an IP packet claims to have (IPv4 total length, IPv6 payload
+/// length + 40), used to trim link-layer padding.
+pub fn ip_len(pkt: &[u8]) -> Option<usize> {
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => Some(be16(pkt, 2) as usize),
+        6 if pkt.len() >= 40 => Some(be16(pkt, 4) as usize + 40),
+        _ => None,
+    }
+}
+
+fn parse_v4(pkt: &[u8]) -> Result<IpInfo, ParseError> {
+    if pkt.len() < 20 {
+        return Err(ParseError::Truncated);
+    }
+    let ihl = (pkt[0] & 0x0f) as usize * 4;
+    let total = be16(pkt, 2) as usize;
+    if ihl < 20 || total < ihl || total != pkt.len() {
+        return Err(ParseError::BadLength);
+    }
+    let frag = be16(pkt, 6);
+    let offset = frag & 0x1fff;
+    let more = frag & 0x2000 != 0;
+    let src = Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[12..16]).unwrap());
+    let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap());
+    let proto = pkt[9];
+    Ok(IpInfo {
+        src: IpAddr::V4(src),
+        dst: IpAddr::V4(dst),
+        insert_at: ihl,
+        next_hdr_pos: 9,
+        next_hdr: proto,
+        upper_proto: proto,
+        upper_off: ihl,
+        fragment: more || offset != 0,
+        later_fragment: offset != 0,
+    })
+}
+
+fn parse_v6(pkt: &[u8]) -> Result<IpInfo, ParseError> {
+    if pkt.len() < 40 {
+        return Err(ParseError::Truncated);
+    }
+    if be16(pkt, 4) as usize + 40 != pkt.len() {
+        return Err(ParseError::BadLength);
+    }
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap());
+
+    // Where does the transport-mode header go? After hop-by-hop, routing
+    // and fragment headers, and after destination options only when a
+    // routing header follows them (RFC 4303 section 3.1.1; what Linux does).
+    let mut off = 40;
+    let mut nh_pos = 6;
+    let mut nh = pkt[6];
+    let mut insert: Option<(usize, usize, u8)> = None;
+    let mut fragment = false;
+    let mut later_fragment = false;
+    while is_v6_ext(nh) {
+        let len = v6_ext_len(nh, &pkt[off..])?;
+        if nh == PROTO_DSTOPTS && insert.is_none() && !routing_follows(pkt, off)? {
+            insert = Some((off, nh_pos, nh));
+        }
+        if nh == PROTO_FRAGMENT {
+            fragment = true;
+            if be16(pkt, off + 2) & 0xfff8 != 0 {
+                later_fragment = true;
+            }
+        }
+        nh_pos = off;
+        nh = pkt[off];
+        off += len;
+        if later_fragment {
+            break;
+        }
+    }
+    let (insert_at, next_hdr_pos, next_hdr) = insert.unwrap_or((off, nh_pos, nh));
+    Ok(IpInfo {
+        src: IpAddr::V6(src),
+        dst: IpAddr::V6(dst),
+        insert_at,
+        next_hdr_pos,
+        next_hdr,
+        upper_proto: nh,
+        upper_off: off,
+        fragment,
+        later_fragment,
+    })
+}
+
+/// Does a routing header follow the destination-options header at `off`?
+fn routing_follows(pkt: &[u8], mut off: usize) -> Result<bool, ParseError> {
+    let mut nh = PROTO_DSTOPTS;
+    while is_v6_ext(nh) {
+        let len = v6_ext_len(nh, &pkt[off..])?;
+        nh = pkt[off];
+        off += len;
+        if nh == PROTO_ROUTING {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Find the first AH/ESP/IPComp header in the chain: `(offset, position of
+/// the next-header byte naming it, protocol)`. `None` when the packet
+/// carries none.
+pub fn find_ipsec_header(pkt: &[u8], info: &IpInfo) -> Result<Option<(usize, usize, u8)>, ParseError> {
+    if !info.is_v6() {
+        return Ok(is_ipsec(info.next_hdr).then_some((info.insert_at, info.next_hdr_pos, info.next_hdr)));
+    }
+    let mut off = 40;
+    let mut nh_pos = 6;
+    let mut nh = pkt[6];
+    loop {
+        if is_ipsec(nh) {
+            return Ok(Some((off, nh_pos, nh)));
+        }
+        if !is_v6_ext(nh) {
+            return Ok(None);
+        }
+        let len = v6_ext_len(nh, &pkt[off..])?;
+        if nh == PROTO_FRAGMENT {
+            // A fragment must be reassembled before IPsec processing.
+            return Ok(None);
+        }
+        nh_pos = off;
+        nh = pkt[off];
+        off += len;
+    }
+}
+
+pub fn is_ipsec(proto: u8) -> bool {
+    matches!(proto, PROTO_ESP | PROTO_AH | PROTO_IPCOMP)
+}
+
+/// After the packet changed length: set IPv4 total length and header
+/// checksum, or IPv6 payload length.
+pub fn fix_lengths(pkt: &mut [u8]) {
+    if pkt[0] >> 4 == 4 {
+        let len = pkt.len() as u16;
+        put16(pkt, 2, len);
+        let ihl = (pkt[0] & 0x0f) as usize * 4;
+        put16(pkt, 10, 0);
+        let c = checksum(&pkt[..ihl]);
+        put16(pkt, 10, c);
+    } else {
+        let len = (pkt.len() - 40) as u16;
+        put16(pkt, 4, len);
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
+    }
+    if let [last] = chunks.remainder() {
+        sum += (*last as u32) << 8;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ICMP echo request 192.0.2.1 -> 192.0.2.2 as captured on the wire.
+    const ICMP4: [u8; 28] = [
+        0x45, 0x00, 0x00, 0x1c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0xa4, 0xe0, 0xc0, 0x00, 0x02,
+        0x01, 0xc0, 0x00, 0x02, 0x02, 0x08, 0x00, 0xf7, 0xfe, 0x00, 0x01, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn ipv4_header_checksum_matches_the_wire() {
+        assert_eq!(checksum(&ICMP4[..20]), 0);
+        let mut p = ICMP4;
+        p[10] = 0;
+        p[11] = 0;
+        fix_lengths(&mut p);
+        assert_eq!(p, ICMP4);
+    }
+
+    #[test]
+    fn ipv4_fields() {
+        let i = parse(&ICMP4).unwrap();
+        assert_eq!(i.src, "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(i.dst, "192.0.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!((i.insert_at, i.next_hdr_pos, i.next_hdr), (20, 9, PROTO_ICMP));
+        assert_eq!(i.ports(&ICMP4), Some((8, 0)));
+        assert!(!i.fragment);
+    }
+
+    #[test]
+    fn rejects_inconsistent_lengths() {
+        assert_eq!(parse(&ICMP4[..27]), Err(ParseError::BadLength));
+        assert_eq!(parse(&ICMP4[..10]), Err(ParseError::Truncated));
+        assert_eq!(parse(&[]), Err(ParseError::Truncated));
+        assert_eq!(parse(&[0x55; 40]), Err(ParseError::BadVersion));
+        let mut p = ICMP4;
+        p[0] = 0x44; // IHL 16 bytes
+        assert_eq!(parse(&p), Err(ParseError::BadLength));
+    }
+
+    fn v6(next: u8, ext: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&((ext.len() + payload.len()) as u16).to_be_bytes());
+        p.push(next);
+        p.push(64);
+        p.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&"2001:db8::2".parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(ext);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn ipv6_extension_chain_placement() {
+        let udp = [0x12, 0x34, 0x00, 0x35, 0, 8, 0, 0];
+        // hop-by-hop (PadN) then destination options then UDP: the header
+        // goes after hop-by-hop and before the final destination options.
+        let hbh = [PROTO_DSTOPTS, 0, 1, 4, 0, 0, 0, 0];
+        let dst = [PROTO_UDP, 0, 1, 4, 0, 0, 0, 0];
+        let p = v6(PROTO_HOPOPTS, &[hbh, dst].concat(), &udp);
+        let i = parse(&p).unwrap();
+        assert_eq!((i.insert_at, i.next_hdr_pos, i.next_hdr), (48, 40, PROTO_DSTOPTS));
+        assert_eq!((i.upper_proto, i.upper_off), (PROTO_UDP, 56));
+        assert_eq!(i.ports(&p), Some((0x1234, 53)));
+
+        // destination options followed by a routing header: goes after both.
+        let dst = [PROTO_ROUTING, 0, 1, 4, 0, 0, 0, 0];
+        let rt = [PROTO_UDP, 0, 0, 0, 0, 0, 0, 0];
+        let p = v6(PROTO_DSTOPTS, &[dst, rt].concat(), &udp);
+        let i = parse(&p).unwrap();
+        assert_eq!((i.insert_at, i.next_hdr_pos, i.next_hdr), (56, 48, PROTO_UDP));
+    }
+
+    #[test]
+    fn ipv6_fragments_and_truncation() {
+        let frag = [PROTO_UDP, 0, 0x00, 0x08, 0, 0, 0, 1]; // offset 1, later fragment
+        let p = v6(PROTO_FRAGMENT, &frag, &[1, 2, 3, 4]);
+        let i = parse(&p).unwrap();
+        assert!(i.fragment && i.later_fragment);
+        assert_eq!(i.ports(&p), None);
+        let p = v6(PROTO_HOPOPTS, &[PROTO_UDP, 3, 0, 0], &[]);
+        assert_eq!(parse(&p), Err(ParseError::Truncated));
+    }
+}

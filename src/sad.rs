@@ -1,0 +1,518 @@
+//! The Security Association Database: SAs by (dst, proto, SPI) for inbound
+//! packets and by (src, dst, proto) for outbound ones.
+//!
+//! An [`Sa`] is immutable configuration (algorithms, keyed ciphers,
+//! lifetimes) plus a small mutable part (sequence counter, replay window,
+//! counters, lifetime state) in atomics and one small lock, so that many
+//! workers can share it through an `Arc` while the database itself is an
+//! immutable snapshot replaced as a whole when keys change.
+
+use crate::crypto::{Auth, AuthAlg, Cipher, EncAlg, KeyError};
+use crate::replay::{ReplayError, ReplayWindow};
+use rustc_hash::FxHashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// The IPsec protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Esp,
+    Ah,
+    IpComp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Esp => "esp",
+            Proto::Ah => "ah",
+            Proto::IpComp => "ipcomp",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Proto> {
+        Some(match s {
+            "esp" => Proto::Esp,
+            "ah" => Proto::Ah,
+            "ipcomp" => Proto::IpComp,
+            _ => return None,
+        })
+    }
+
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Proto::Esp => crate::packet::PROTO_ESP,
+            Proto::Ah => crate::packet::PROTO_AH,
+            Proto::IpComp => crate::packet::PROTO_IPCOMP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The well-known IPComp CPI for DEFLATE (RFC 2394), used on the wire when
+/// an `ipcomp` SA is added without `-R`.
+pub const CPI_DEFLATE: u16 = 2;
+
+/// SA lifetimes: 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    pub soft_secs: u64,
+    pub hard_secs: u64,
+    pub soft_bytes: u64,
+    pub hard_bytes: u64,
+    pub soft_packets: u64,
+    pub hard_packets: u64,
+}
+
+/// Everything `add` says about an SA.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SaConfig {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: Proto,
+    pub spi: u32,
+    pub reqid: u32,
+    /// Replay window in packets; 0 = no replay check.
+    pub replay: u32,
+    pub esn: bool,
+    pub enc: EncAlg,
+    pub enc_key: Zeroizing<Vec<u8>>,
+    pub auth: AuthAlg,
+    pub auth_key: Zeroizing<Vec<u8>>,
+    /// IPComp: `-R` given, the SPI field is the CPI on the wire.
+    pub raw_cpi: bool,
+    pub lifetime: Lifetime,
+}
+
+impl fmt::Debug for SaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SaConfig")
+            .field("src", &self.src)
+            .field("dst", &self.dst)
+            .field("proto", &self.proto)
+            .field("spi", &format_args!("{:#x}", self.spi))
+            .field("reqid", &self.reqid)
+            .field("replay", &self.replay)
+            .field("enc", &self.enc)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SaConfig {
+    /// The CPI carried on the wire for an IPComp SA.
+    pub fn wire_cpi(&self) -> u16 {
+        if self.raw_cpi { self.spi as u16 } else { CPI_DEFLATE }
+    }
+
+    /// The value the SAD is indexed by for inbound lookups: the SPI, or
+    /// for IPComp the CPI as it appears on the wire.
+    pub fn wire_spi(&self) -> u32 {
+        match self.proto {
+            Proto::IpComp => self.wire_cpi() as u32,
+            _ => self.spi,
+        }
+    }
+}
+
+/// Per-SA counters (read by `stats`).
+#[derive(Debug, Default)]
+pub struct SaCounters {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub replay_drops: AtomicU64,
+    pub icv_failures: AtomicU64,
+    pub format_errors: AtomicU64,
+}
+
+/// The lifetime state of an SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Alive,
+    /// Soft limit reached: still usable, the keying daemon should rekey.
+    Soft,
+    /// Hard limit reached: unusable.
+    Hard,
+}
+
+/// A live SA.
+pub struct Sa {
+    pub config: SaConfig,
+    pub cipher: Cipher,
+    pub mac: Auth,
+    /// When it was added (engine time).
+    pub added: Duration,
+    /// Insertion order: among several matching SAs the newest wins.
+    pub serial: u64,
+    /// Next outbound sequence number minus one.
+    seq: AtomicU64,
+    pub replay: Mutex<ReplayWindow>,
+    pub counters: SaCounters,
+    soft_fired: AtomicBool,
+    hard_fired: AtomicBool,
+    dead: AtomicBool,
+}
+
+impl fmt::Debug for Sa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sa")
+            .field("config", &self.config)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an SA could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SaError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Sa {
+    pub fn new(config: SaConfig, added: Duration, serial: u64) -> Result<Sa, SaError> {
+        let invalid = |m: &str| Err(SaError::Invalid(m.to_string()));
+        match config.proto {
+            Proto::Esp => {
+                if config.enc == EncAlg::Null && config.auth == AuthAlg::Null {
+                    return invalid("esp with null encryption and null authentication protects nothing (RFC 4303 section 3.2)");
+                }
+                if config.enc.is_aead() && config.auth != AuthAlg::Null {
+                    return invalid(&format!("{} is an AEAD: give no -A", config.enc.name()));
+                }
+            }
+            Proto::Ah => {
+                if config.auth == AuthAlg::Null {
+                    return invalid("ah needs an authentication algorithm (-A)");
+                }
+                if config.enc != EncAlg::Null {
+                    return invalid("ah takes no encryption algorithm (-E)");
+                }
+            }
+            Proto::IpComp => {
+                if config.raw_cpi && config.spi > 0xffff {
+                    return invalid("an ipcomp CPI used on the wire (-R) must fit in 16 bits");
+                }
+            }
+        }
+        if config.src.is_ipv4() != config.dst.is_ipv4() {
+            return invalid("source and destination are of different address families");
+        }
+        let cipher = Cipher::new(config.enc, &config.enc_key)?;
+        let mac = Auth::new(config.auth, &config.auth_key)?;
+        Ok(Sa {
+            replay: Mutex::new(ReplayWindow::new(config.replay)),
+            cipher,
+            mac,
+            added,
+            serial,
+            seq: AtomicU64::new(0),
+            counters: SaCounters::default(),
+            soft_fired: AtomicBool::new(false),
+            hard_fired: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    /// Largest sequence number this SA may send.
+    fn seq_limit(&self) -> u64 {
+        if self.config.esn { u64::MAX } else { u32::MAX as u64 }
+    }
+
+    /// Take the next outbound sequence number. `None` once the space is
+    /// exhausted: the SA then counts as hard-expired and is never wrapped.
+    pub fn next_seq(&self) -> Option<u64> {
+        let s = self.seq.fetch_add(1, Relaxed).wrapping_add(1);
+        if s == 0 || s > self.seq_limit() {
+            self.seq.store(self.seq_limit(), Relaxed);
+            self.dead.store(true, Relaxed);
+            return None;
+        }
+        Some(s)
+    }
+
+    /// The last sequence number sent.
+    pub fn last_seq(&self) -> u64 {
+        self.seq.load(Relaxed)
+    }
+
+    /// Start the outbound counter at `s` (tests and resynchronisation).
+    pub fn set_last_seq(&self, s: u64) {
+        self.seq.store(s, Relaxed);
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Relaxed)
+    }
+
+    pub fn mark_dead(&self) {
+        self.dead.store(true, Relaxed);
+    }
+
+    /// Account one packet of `bytes` and evaluate the lifetimes at `now`.
+    /// Returns the state and whether this call is the one that crossed a
+    /// limit (so that an event is reported once).
+    pub fn account(&self, bytes: usize, now: Duration) -> (Expiry, bool) {
+        let packets = self.counters.packets.fetch_add(1, Relaxed) + 1;
+        let total = self.counters.bytes.fetch_add(bytes as u64, Relaxed) + bytes as u64;
+        self.evaluate(packets, total, now)
+    }
+
+    /// Evaluate the lifetimes at `now` without traffic (timers).
+    pub fn expiry(&self, now: Duration) -> (Expiry, bool) {
+        let p = self.counters.packets.load(Relaxed);
+        let b = self.counters.bytes.load(Relaxed);
+        self.evaluate(p, b, now)
+    }
+
+    fn evaluate(&self, packets: u64, bytes: u64, now: Duration) -> (Expiry, bool) {
+        let lt = &self.config.lifetime;
+        let age = now.saturating_sub(self.added).as_secs();
+        let over = |limit: u64, v: u64| limit != 0 && v >= limit;
+        let hard = over(lt.hard_secs, age) || over(lt.hard_bytes, bytes) || over(lt.hard_packets, packets);
+        if hard || self.is_dead() {
+            self.dead.store(true, Relaxed);
+            let first = !self.hard_fired.swap(true, Relaxed);
+            return (Expiry::Hard, first);
+        }
+        let soft = over(lt.soft_secs, age) || over(lt.soft_bytes, bytes) || over(lt.soft_packets, packets);
+        if soft {
+            let first = !self.soft_fired.swap(true, Relaxed);
+            return (Expiry::Soft, first);
+        }
+        (Expiry::Alive, false)
+    }
+
+    /// Check a received sequence number against the replay window (before
+    /// the ICV is verified). Returns the full (ESN-inferred) number.
+    pub fn replay_check(&self, seq_lo: u32) -> Result<u64, ReplayError> {
+        let w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let full = w.infer(seq_lo, self.config.esn);
+        w.check(full).map(|_| full)
+    }
+
+    /// Move the window after the ICV was verified.
+    pub fn replay_accept(&self, seq: u64) -> Result<(), ReplayError> {
+        self.replay.lock().unwrap_or_else(|e| e.into_inner()).accept(seq)
+    }
+}
+
+/// The SAD: an immutable snapshot, cheap to clone (SAs are shared).
+#[derive(Debug, Clone, Default)]
+pub struct Sad {
+    /// Inbound index: (dst, proto, SPI or wire CPI).
+    by_spi: FxHashMap<(IpAddr, Proto, u32), Arc<Sa>>,
+    /// Outbound index: (src, dst, proto), newest last.
+    by_pair: FxHashMap<(IpAddr, IpAddr, Proto), Vec<Arc<Sa>>>,
+    next_serial: u64,
+}
+
+impl Sad {
+    pub fn len(&self) -> usize {
+        self.by_spi.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_spi.is_empty()
+    }
+
+    /// Add an SA; fails if (dst, proto, spi) exists (setkey `add`).
+    pub fn add(&mut self, config: SaConfig, now: Duration) -> Result<Arc<Sa>, SaError> {
+        let key = (config.dst, config.proto, config.wire_spi());
+        if self.by_spi.contains_key(&key) {
+            return Err(SaError::Invalid(format!(
+                "an SA {} {} spi {:#x} exists already (delete it first)",
+                config.dst, config.proto, config.spi
+            )));
+        }
+        self.next_serial += 1;
+        let sa = Arc::new(Sa::new(config, now, self.next_serial)?);
+        self.by_spi.insert(key, sa.clone());
+        self.by_pair
+            .entry((sa.config.src, sa.config.dst, sa.config.proto))
+            .or_default()
+            .push(sa.clone());
+        Ok(sa)
+    }
+
+    /// Remove the SA (src, dst, proto, spi); returns it if it existed.
+    pub fn delete(&mut self, src: IpAddr, dst: IpAddr, proto: Proto, spi: u32) -> Option<Arc<Sa>> {
+        let sa = self.get(src, dst, proto, spi)?.clone();
+        self.remove(&sa);
+        Some(sa)
+    }
+
+    fn remove(&mut self, sa: &Arc<Sa>) {
+        let c = &sa.config;
+        self.by_spi.remove(&(c.dst, c.proto, c.wire_spi()));
+        if let Some(v) = self.by_pair.get_mut(&(c.src, c.dst, c.proto)) {
+            v.retain(|x| !Arc::ptr_eq(x, sa));
+            if v.is_empty() {
+                self.by_pair.remove(&(c.src, c.dst, c.proto));
+            }
+        }
+    }
+
+    /// Remove every SA between src and dst of `proto` (setkey `deleteall`).
+    pub fn delete_all(&mut self, src: IpAddr, dst: IpAddr, proto: Proto) -> Vec<Arc<Sa>> {
+        let v = self.by_pair.remove(&(src, dst, proto)).unwrap_or_default();
+        for sa in &v {
+            self.by_spi.remove(&(sa.config.dst, sa.config.proto, sa.config.wire_spi()));
+        }
+        v
+    }
+
+    /// Remove all SAs, or all of one protocol (setkey `flush [proto]`).
+    pub fn flush(&mut self, proto: Option<Proto>) -> Vec<Arc<Sa>> {
+        let victims: Vec<_> = self
+            .by_spi
+            .values()
+            .filter(|sa| proto.is_none_or(|p| sa.config.proto == p))
+            .cloned()
+            .collect();
+        for sa in &victims {
+            self.remove(sa);
+        }
+        victims
+    }
+
+    /// The SA (src, dst, proto, spi) as setkey `get` names it.
+    pub fn get(&self, src: IpAddr, dst: IpAddr, proto: Proto, spi: u32) -> Option<&Arc<Sa>> {
+        self.by_pair
+            .get(&(src, dst, proto))?
+            .iter()
+            .find(|sa| sa.config.spi == spi)
+    }
+
+    /// Inbound lookup by the SPI (or CPI) found in a packet.
+    #[inline]
+    pub fn lookup_inbound(&self, dst: IpAddr, proto: Proto, spi: u32) -> Option<&Arc<Sa>> {
+        self.by_spi.get(&(dst, proto, spi))
+    }
+
+    /// Outbound lookup: the newest usable SA from src to dst, with the
+    /// given reqid when `reqid` is set.
+    #[inline]
+    pub fn lookup_outbound(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        proto: Proto,
+        reqid: Option<u32>,
+    ) -> Option<&Arc<Sa>> {
+        self.by_pair
+            .get(&(src, dst, proto))?
+            .iter()
+            .rev()
+            .find(|sa| !sa.is_dead() && reqid.is_none_or(|r| sa.config.reqid == r))
+    }
+
+    /// All SAs, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Sa>> {
+        let mut v: Vec<_> = self.by_spi.values().collect();
+        v.sort_by_key(|sa| sa.serial);
+        v.into_iter()
+    }
+
+    /// Remove hard-expired SAs; returns them.
+    pub fn reap(&mut self) -> Vec<Arc<Sa>> {
+        let dead: Vec<_> = self.by_spi.values().filter(|sa| sa.is_dead()).cloned().collect();
+        for sa in &dead {
+            self.remove(sa);
+        }
+        dead
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn esp_config(spi: u32) -> SaConfig {
+        SaConfig {
+            src: "192.0.2.1".parse().unwrap(),
+            dst: "192.0.2.2".parse().unwrap(),
+            proto: Proto::Esp,
+            spi,
+            reqid: 0,
+            replay: 64,
+            esn: false,
+            enc: EncAlg::AesCbc,
+            enc_key: Zeroizing::new(vec![1; 16]),
+            auth: AuthAlg::HmacSha1,
+            auth_key: Zeroizing::new(vec![2; 20]),
+            raw_cpi: false,
+            lifetime: Lifetime::default(),
+        }
+    }
+
+    #[test]
+    fn newest_sa_wins_and_duplicates_are_refused() {
+        let mut sad = Sad::default();
+        let t = Duration::ZERO;
+        sad.add(esp_config(0x100), t).unwrap();
+        sad.add(esp_config(0x200), t).unwrap();
+        let e = sad.add(esp_config(0x100), t).unwrap_err();
+        assert!(e.to_string().contains("exists already"), "{e}");
+        let c = esp_config(0);
+        let out = sad.lookup_outbound(c.src, c.dst, Proto::Esp, None).unwrap();
+        assert_eq!(out.config.spi, 0x200);
+        assert!(sad.lookup_inbound(c.dst, Proto::Esp, 0x100).is_some());
+        assert!(sad.delete(c.src, c.dst, Proto::Esp, 0x200).is_some());
+        let out = sad.lookup_outbound(c.src, c.dst, Proto::Esp, None).unwrap();
+        assert_eq!(out.config.spi, 0x100);
+        assert_eq!(sad.flush(Some(Proto::Ah)).len(), 0);
+        assert_eq!(sad.flush(None).len(), 1);
+        assert!(sad.is_empty());
+    }
+
+    #[test]
+    fn sequence_numbers_never_wrap() {
+        let sa = Sa::new(esp_config(1), Duration::ZERO, 1).unwrap();
+        sa.set_last_seq(u32::MAX as u64 - 1);
+        assert_eq!(sa.next_seq(), Some(u32::MAX as u64));
+        assert_eq!(sa.next_seq(), None);
+        assert!(sa.is_dead());
+        assert_eq!(sa.next_seq(), None);
+    }
+
+    #[test]
+    fn lifetimes_fire_once() {
+        let mut c = esp_config(1);
+        c.lifetime = Lifetime { soft_bytes: 1000, hard_bytes: 2000, soft_secs: 10, ..Default::default() };
+        let sa = Sa::new(c, Duration::from_secs(100), 1).unwrap();
+        let t = Duration::from_secs(101);
+        assert_eq!(sa.account(500, t), (Expiry::Alive, false));
+        assert_eq!(sa.account(500, t), (Expiry::Soft, true));
+        assert_eq!(sa.account(500, t), (Expiry::Soft, false));
+        assert_eq!(sa.account(500, t), (Expiry::Hard, true));
+        assert_eq!(sa.account(1, t), (Expiry::Hard, false));
+        let sa2 = Sa::new(esp_config(2), Duration::from_secs(100), 2).unwrap();
+        assert_eq!(sa2.expiry(Duration::from_secs(1000)), (Expiry::Alive, false));
+    }
+
+    #[test]
+    fn invalid_combinations_are_refused() {
+        let mut c = esp_config(1);
+        c.enc = EncAlg::Null;
+        c.enc_key = Zeroizing::new(vec![]);
+        c.auth = AuthAlg::Null;
+        c.auth_key = Zeroizing::new(vec![]);
+        assert!(Sa::new(c, Duration::ZERO, 1).is_err());
+        let mut c = esp_config(1);
+        c.proto = Proto::Ah;
+        assert!(Sa::new(c, Duration::ZERO, 1).unwrap_err().to_string().contains("no encryption"));
+    }
+}
