@@ -1,0 +1,452 @@
+//! The engine: the two entry points the shells call, `outbound` and
+//! `inbound`. Pure functions of (state, per-worker context, packet, time):
+//! no sockets, no threads, no clock reads.
+
+use crate::ah::{self, AhError};
+use crate::buf::PacketBuf;
+use crate::esp::{self, EspError};
+use crate::ipcomp::{Codec, IpCompError};
+use crate::packet::{self, IpInfo};
+use crate::replay::ReplayError;
+use crate::sad::{Expiry, Proto, Sa};
+use crate::spd::{Action, Dir, Flow, Level, Policy};
+use crate::state::State;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// Why a packet was dropped. Each has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a valid IP packet, or a truncated IPsec header.
+    Malformed,
+    /// Outbound fragments cannot be protected in transport mode.
+    Fragment,
+    /// A `discard` policy matched.
+    PolicyDiscard,
+    /// `require` with no usable SA (an ACQUIRE was raised).
+    NoSa,
+    /// Inbound SPI/CPI with no SA.
+    UnknownSpi,
+    IcvFailure,
+    /// A sequence number seen before.
+    Replay,
+    /// A sequence number left of the replay window.
+    ReplayOld,
+    BadPadding,
+    /// IPComp data that does not inflate.
+    Decompress,
+    /// Protection found does not match the inbound policy's bundle.
+    PolicyMismatch,
+    /// Plaintext where the inbound policy requires IPsec.
+    PlaintextRefused,
+    /// The SA reached a hard lifetime.
+    SaExpired,
+    /// The SA ran out of sequence numbers.
+    SeqExhausted,
+    /// The result would exceed the maximum IP packet size.
+    TooBig,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 15] = [
+        DropReason::Malformed,
+        DropReason::Fragment,
+        DropReason::PolicyDiscard,
+        DropReason::NoSa,
+        DropReason::UnknownSpi,
+        DropReason::IcvFailure,
+        DropReason::Replay,
+        DropReason::ReplayOld,
+        DropReason::BadPadding,
+        DropReason::Decompress,
+        DropReason::PolicyMismatch,
+        DropReason::PlaintextRefused,
+        DropReason::SaExpired,
+        DropReason::SeqExhausted,
+        DropReason::TooBig,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Fragment => "fragment",
+            DropReason::PolicyDiscard => "policy-discard",
+            DropReason::NoSa => "no-sa",
+            DropReason::UnknownSpi => "unknown-spi",
+            DropReason::IcvFailure => "icv-failure",
+            DropReason::Replay => "replay",
+            DropReason::ReplayOld => "replay-old",
+            DropReason::BadPadding => "bad-padding",
+            DropReason::Decompress => "decompress",
+            DropReason::PolicyMismatch => "policy-mismatch",
+            DropReason::PlaintextRefused => "plaintext-refused",
+            DropReason::SaExpired => "sa-expired",
+            DropReason::SeqExhausted => "seq-exhausted",
+            DropReason::TooBig => "too-big",
+        }
+    }
+
+    fn index(self) -> usize {
+        DropReason::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// What to do with the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the buffer's contents on (protected, decapsulated or bypassed).
+    Forward,
+    Drop(DropReason),
+}
+
+/// Which SA an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaId {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: Proto,
+    pub spi: u32,
+}
+
+impl SaId {
+    fn of(sa: &Sa) -> SaId {
+        SaId { src: sa.config.src, dst: sa.config.dst, proto: sa.config.proto, spi: sa.config.spi }
+    }
+}
+
+/// Something the keying daemon should hear about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Outbound traffic hit `require` with no usable SA.
+    Acquire { policy: u64, src: IpAddr, dst: IpAddr, proto: Proto, reqid: Option<u32> },
+    SoftExpire(SaId),
+    HardExpire(SaId),
+}
+
+/// Counters of one worker: summed by the shell.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub out_packets: u64,
+    pub out_bytes: u64,
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    pub bypassed: u64,
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
+impl Counters {
+    pub fn count_drop(&mut self, r: DropReason) {
+        self.drops[r.index()] += 1;
+    }
+
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    pub fn add(&mut self, o: &Counters) {
+        self.out_packets += o.out_packets;
+        self.out_bytes += o.out_bytes;
+        self.in_packets += o.in_packets;
+        self.in_bytes += o.in_bytes;
+        self.bypassed += o.bypassed;
+        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
+            *a += b;
+        }
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// Per-worker state: random source for CBC IVs, DEFLATE codec, scratch
+/// space, counters and the events raised since the shell last drained them.
+pub struct Worker {
+    rng: StdRng,
+    codec: Codec,
+    scratch: Vec<u8>,
+    pub counters: Counters,
+    pub events: Vec<Event>,
+}
+
+impl Worker {
+    /// `seed` must come from a CSPRNG (the shell reads the OS's): it keys
+    /// the ChaCha generator that makes CBC IVs unpredictable.
+    pub fn new(seed: [u8; 32]) -> Worker {
+        Worker {
+            rng: StdRng::from_seed(seed),
+            codec: Codec::new(),
+            scratch: Vec::with_capacity(512),
+            counters: Counters::default(),
+            events: Vec::with_capacity(16),
+        }
+    }
+
+    fn drop(&mut self, r: DropReason) -> Verdict {
+        self.counters.count_drop(r);
+        Verdict::Drop(r)
+    }
+
+    fn expiry(&mut self, sa: &Sa, e: (Expiry, bool)) -> Result<(), DropReason> {
+        match e {
+            (Expiry::Alive, _) => Ok(()),
+            (Expiry::Soft, first) => {
+                if first {
+                    self.events.push(Event::SoftExpire(SaId::of(sa)));
+                }
+                Ok(())
+            }
+            (Expiry::Hard, first) => {
+                if first {
+                    self.events.push(Event::HardExpire(SaId::of(sa)));
+                }
+                Err(DropReason::SaExpired)
+            }
+        }
+    }
+}
+
+fn flow_of(info: &IpInfo, pkt: &[u8]) -> Flow {
+    Flow { src: info.src, dst: info.dst, proto: info.upper_proto, ports: info.ports(pkt) }
+}
+
+/// The most SAs one bundle applies (IPComp, ESP, AH).
+const MAX_BUNDLE: usize = 3;
+
+/// Process a plaintext packet leaving this host.
+pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration) -> Verdict {
+    let info = match packet::parse(buf.data()) {
+        Ok(i) => i,
+        Err(_) => return w.drop(DropReason::Malformed),
+    };
+    let flow = flow_of(&info, buf.data());
+    let policy = match state.spd.lookup(Dir::Out, &flow) {
+        None => {
+            w.counters.bypassed += 1;
+            return Verdict::Forward;
+        }
+        Some(p) => p,
+    };
+    let rules = match &policy.action {
+        Action::Bypass => {
+            w.counters.bypassed += 1;
+            return Verdict::Forward;
+        }
+        Action::Discard => return w.drop(DropReason::PolicyDiscard),
+        Action::Ipsec(rules) => rules,
+    };
+    if info.fragment {
+        return w.drop(DropReason::Fragment);
+    }
+    // Resolve every SA first: a packet is protected by the whole bundle or
+    // not sent.
+    let mut sas: [Option<&Arc<Sa>>; MAX_BUNDLE] = [None; MAX_BUNDLE];
+    let mut n = 0;
+    for r in rules.iter().take(MAX_BUNDLE) {
+        match state.sad.lookup_outbound(info.src, info.dst, r.proto, r.level.reqid()) {
+            Some(sa) => {
+                sas[n] = Some(sa);
+                n += 1;
+            }
+            None if r.level.required() => {
+                w.events.push(Event::Acquire {
+                    policy: policy.id,
+                    src: info.src,
+                    dst: info.dst,
+                    proto: r.proto,
+                    reqid: r.level.reqid(),
+                });
+                return w.drop(DropReason::NoSa);
+            }
+            None => {}
+        }
+    }
+    let plain_len = buf.len();
+    for sa in sas.iter().take(n).flatten() {
+        let e = sa.account(buf.len(), now);
+        if let Err(r) = w.expiry(sa, e) {
+            return w.drop(r);
+        }
+        let r = match sa.config.proto {
+            Proto::IpComp => {
+                w.codec.compress(buf, info.insert_at, info.next_hdr_pos, sa.config.wire_cpi());
+                Ok(())
+            }
+            Proto::Esp | Proto::Ah => {
+                let Some(seq) = sa.next_seq() else {
+                    let e = sa.expiry(now);
+                    let _ = w.expiry(sa, e);
+                    return w.drop(DropReason::SeqExhausted);
+                };
+                if sa.config.proto == Proto::Esp {
+                    esp::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.rng).map_err(|e| match e {
+                        EspError::TooBig => DropReason::TooBig,
+                        _ => DropReason::Malformed,
+                    })
+                } else {
+                    ah::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.scratch).map_err(|e| match e {
+                        AhError::TooBig => DropReason::TooBig,
+                        _ => DropReason::Malformed,
+                    })
+                }
+            }
+        };
+        if let Err(r) = r {
+            return w.drop(r);
+        }
+    }
+    w.counters.out_packets += 1;
+    w.counters.out_bytes += plain_len as u64;
+    Verdict::Forward
+}
+
+fn replay_drop(sa: &Sa, e: ReplayError) -> DropReason {
+    sa.counters.replay_drops.fetch_add(1, Relaxed);
+    match e {
+        ReplayError::TooOld => DropReason::ReplayOld,
+        ReplayError::Duplicate | ReplayError::Zero => DropReason::Replay,
+    }
+}
+
+/// Process a packet arriving for this host: verify and remove AH, ESP and
+/// IPComp, then check the result against the inbound policy.
+pub fn inbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration) -> Verdict {
+    match inbound_inner(state, w, buf, now) {
+        Ok(()) => {
+            w.counters.in_packets += 1;
+            w.counters.in_bytes += buf.len() as u64;
+            Verdict::Forward
+        }
+        Err(r) => w.drop(r),
+    }
+}
+
+fn inbound_inner(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration) -> Result<(), DropReason> {
+    let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+    let mut found: [Option<(Proto, &Arc<Sa>)>; MAX_BUNDLE] = [None; MAX_BUNDLE];
+    let mut n = 0;
+    if let Some((at, nh_pos, _)) = packet::find_ipsec_header(buf.data(), &info).map_err(|_| DropReason::Malformed)? {
+        loop {
+            let proto = match buf.data()[nh_pos] {
+                packet::PROTO_AH => Proto::Ah,
+                packet::PROTO_ESP => Proto::Esp,
+                packet::PROTO_IPCOMP => Proto::IpComp,
+                _ => break,
+            };
+            if n == MAX_BUNDLE || found[..n].iter().flatten().any(|(p, _)| *p == proto) {
+                // Each protocol once, at most three layers.
+                return Err(DropReason::PolicyMismatch);
+            }
+            let sa = decap_one(state, w, buf, &info, at, nh_pos, proto, now)?;
+            found[n] = Some((proto, sa));
+            n += 1;
+        }
+    }
+    let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+    let flow = flow_of(&info, buf.data());
+    let Some(policy) = state.spd.lookup(Dir::In, &flow) else {
+        return Ok(());
+    };
+    check_inbound_policy(policy, &found[..n], &flow)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decap_one<'s>(
+    state: &'s State,
+    w: &mut Worker,
+    buf: &mut PacketBuf,
+    info: &IpInfo,
+    at: usize,
+    nh_pos: usize,
+    proto: Proto,
+    now: Duration,
+) -> Result<&'s Arc<Sa>, DropReason> {
+    if proto == Proto::IpComp {
+        let cpi = Codec::peek(buf.data(), at).ok_or(DropReason::Malformed)?;
+        let sa = state.sad.lookup_inbound(info.dst, Proto::IpComp, cpi as u32).ok_or(DropReason::UnknownSpi)?;
+        w.codec.decompress(buf, at, nh_pos).map_err(|e| {
+            sa.counters.format_errors.fetch_add(1, Relaxed);
+            match e {
+                IpCompError::TooBig => DropReason::TooBig,
+                IpCompError::Malformed => DropReason::Malformed,
+                IpCompError::Corrupt => DropReason::Decompress,
+            }
+        })?;
+        let e = sa.account(buf.len(), now);
+        w.expiry(sa, e)?;
+        return Ok(sa);
+    }
+    let (spi, seq_lo) = match proto {
+        Proto::Ah => ah::peek(buf.data(), at),
+        _ => esp::peek(buf.data(), at),
+    }
+    .ok_or(DropReason::Malformed)?;
+    let sa = state.sad.lookup_inbound(info.dst, proto, spi).ok_or(DropReason::UnknownSpi)?;
+    if sa.config.src != info.src {
+        return Err(DropReason::UnknownSpi);
+    }
+    if sa.is_dead() {
+        return Err(DropReason::SaExpired);
+    }
+    let seq = sa.replay_check(seq_lo).map_err(|e| replay_drop(sa, e))?;
+    let seq_hi = (seq >> 32) as u32;
+    let len = buf.len();
+    let r = match proto {
+        Proto::Ah => ah::open(buf, at, nh_pos, sa, seq_hi, &mut w.scratch).map_err(|e| match e {
+            AhError::Icv => DropReason::IcvFailure,
+            _ => DropReason::Malformed,
+        }),
+        _ => esp::open(buf, at, nh_pos, sa, seq_hi).map_err(|e| match e {
+            EspError::Icv => DropReason::IcvFailure,
+            EspError::Padding => DropReason::BadPadding,
+            _ => DropReason::Malformed,
+        }),
+    };
+    if let Err(r) = r {
+        match r {
+            DropReason::IcvFailure => sa.counters.icv_failures.fetch_add(1, Relaxed),
+            _ => sa.counters.format_errors.fetch_add(1, Relaxed),
+        };
+        return Err(r);
+    }
+    sa.replay_accept(seq).map_err(|e| replay_drop(sa, e))?;
+    let e = sa.account(len, now);
+    w.expiry(sa, e)?;
+    Ok(sa)
+}
+
+/// Do the transforms found (outermost first) satisfy the policy's bundle
+/// (innermost first)? IPComp is always optional: RFC 3173 has the sender
+/// skip it when compression would not help.
+fn check_inbound_policy(policy: &Policy, found: &[Option<(Proto, &Arc<Sa>)>], flow: &Flow) -> Result<(), DropReason> {
+    let rules = match &policy.action {
+        Action::Bypass => return Ok(()),
+        Action::Discard => return Err(DropReason::PolicyDiscard),
+        Action::Ipsec(rules) => rules,
+    };
+    let mut inner_first = found.iter().rev().flatten().peekable();
+    for r in rules {
+        let hit = inner_first.peek().is_some_and(|(p, sa)| {
+            *p == r.proto
+                && sa.config.src == flow.src
+                && sa.config.dst == flow.dst
+                && match r.level {
+                    Level::Unique(Some(id)) => sa.config.reqid == id,
+                    _ => true,
+                }
+        });
+        if hit {
+            inner_first.next();
+        } else if r.level.required() && r.proto != Proto::IpComp {
+            return Err(if found.is_empty() { DropReason::PlaintextRefused } else { DropReason::PolicyMismatch });
+        }
+    }
+    if inner_first.next().is_some() {
+        return Err(DropReason::PolicyMismatch);
+    }
+    Ok(())
+}

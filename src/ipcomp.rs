@@ -1,0 +1,138 @@
+//! IPComp (RFC 3173) with DEFLATE (RFC 2394): raw RFC 1951 data after a
+//! 4-byte header (next header, flags, CPI).
+//!
+//! Outbound, a payload is compressed only when it is large enough to be
+//! worth it and the result is smaller; otherwise it is sent without an
+//! IPComp header, as RFC 3173 section 2.2 requires. A payload that is
+//! already IPComp is never compressed again.
+
+use crate::buf::PacketBuf;
+use crate::packet::{PROTO_IPCOMP, be16, fix_lengths, put16};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+pub const HEADER: usize = 4;
+
+/// Payloads shorter than this are sent uncompressed (Linux uses the same
+/// threshold): DEFLATE seldom wins on them and costs a compressor run.
+pub const THRESHOLD: usize = 90;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IpCompError {
+    #[error("IPComp header truncated")]
+    Malformed,
+    #[error("DEFLATE data corrupt or truncated")]
+    Corrupt,
+    #[error("decompressed packet exceeds the maximum IP length")]
+    TooBig,
+}
+
+/// Per-worker DEFLATE state and scratch space, reused packet after packet.
+pub struct Codec {
+    comp: Compress,
+    decomp: Decompress,
+    scratch: Vec<u8>,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Codec {
+    pub fn new() -> Self {
+        Codec {
+            comp: Compress::new(Compression::default(), false),
+            decomp: Decompress::new(false),
+            scratch: Vec::with_capacity(65536 + 64),
+        }
+    }
+
+    /// Compress the payload at `at` under CPI `cpi` if that makes it
+    /// smaller. Returns whether an IPComp header was added.
+    pub fn compress(&mut self, buf: &mut PacketBuf, at: usize, nh_pos: usize, cpi: u16) -> bool {
+        let next = buf.data()[nh_pos];
+        let plen = buf.len() - at;
+        if plen < THRESHOLD || next == PROTO_IPCOMP {
+            return false;
+        }
+        // The result must be smaller than the payload, header included.
+        let limit = plen - HEADER - 1;
+        self.comp.reset();
+        self.scratch.clear();
+        // The scratch buffer holds any deflated packet (DEFLATE expands
+        // incompressible data by a few bytes per 16 KiB block), so one call
+        // finishes the stream; compress_vec never grows it.
+        self.scratch.reserve(plen + 64);
+        let st = self.comp.compress_vec(&buf.data()[at..], &mut self.scratch, FlushCompress::Finish);
+        if !matches!(st, Ok(Status::StreamEnd)) || self.scratch.len() > limit {
+            return false;
+        }
+        let out = &self.scratch;
+        if !buf.replace_tail(at + HEADER, out) {
+            return false;
+        }
+        let d = buf.data_mut();
+        d[at] = next;
+        d[at + 1] = 0;
+        put16(d, at + 2, cpi);
+        d[nh_pos] = PROTO_IPCOMP;
+        fix_lengths(d);
+        true
+    }
+
+    /// CPI of the IPComp header at `at`.
+    pub fn peek(pkt: &[u8], at: usize) -> Option<u16> {
+        (pkt.len() >= at + HEADER).then(|| be16(pkt, at + 2))
+    }
+
+    /// Inflate the IPComp payload at `at` and restore the original packet.
+    pub fn decompress(&mut self, buf: &mut PacketBuf, at: usize, nh_pos: usize) -> Result<(), IpCompError> {
+        let d = buf.data();
+        if d.len() < at + HEADER {
+            return Err(IpCompError::Malformed);
+        }
+        let next = d[at];
+        let max_ip = if d[0] >> 4 == 4 { 65535 } else { 65535 + 40 };
+        let limit = max_ip.min(buf.max_len()) - at;
+        self.decomp.reset(false);
+        self.scratch.clear();
+        if self.scratch.capacity() < limit + 1 {
+            self.scratch.reserve(limit + 1);
+        }
+        // One byte of room beyond the limit tells "too big" from "fits".
+        let cap = self.scratch.capacity();
+        let input = &buf.data()[at + HEADER..];
+        let status = loop_decompress(&mut self.decomp, input, &mut self.scratch, (limit + 1).min(cap))?;
+        if self.scratch.len() > limit {
+            return Err(IpCompError::TooBig);
+        }
+        if status != Status::StreamEnd {
+            return Err(IpCompError::Corrupt);
+        }
+        if !buf.replace_tail(at, &self.scratch) {
+            return Err(IpCompError::TooBig);
+        }
+        let d = buf.data_mut();
+        d[nh_pos] = next;
+        fix_lengths(d);
+        Ok(())
+    }
+}
+
+fn loop_decompress(d: &mut Decompress, input: &[u8], out: &mut Vec<u8>, cap: usize) -> Result<Status, IpCompError> {
+    loop {
+        let consumed = d.total_in() as usize;
+        let before_out = out.len();
+        let st = d
+            .decompress_vec(&input[consumed..], out, FlushDecompress::Finish)
+            .map_err(|_| IpCompError::Corrupt)?;
+        if st == Status::StreamEnd || out.len() >= cap {
+            return Ok(st);
+        }
+        if d.total_in() as usize == consumed && out.len() == before_out {
+            // No progress: input ended before the stream did.
+            return Ok(st);
+        }
+    }
+}
