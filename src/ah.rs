@@ -29,7 +29,11 @@ pub enum AhError {
 /// bytes (IPv6).
 pub fn header_len(sa: &Sa, v6: bool) -> usize {
     let n = FIXED + sa.mac.icv_len();
-    if v6 { n.div_ceil(8) * 8 } else { n.div_ceil(4) * 4 }
+    if v6 {
+        n.div_ceil(8) * 8
+    } else {
+        n.div_ceil(4) * 4
+    }
 }
 
 /// IPv4 options whose content does not change in transit (RFC 4302 A.1):
@@ -81,7 +85,11 @@ pub fn zero_mutable(h: &mut [u8]) -> Result<(), AhError> {
             if !is_v6_ext(nh) {
                 return Err(AhError::Malformed);
             }
-            let len = if nh == PROTO_FRAGMENT { 8 } else { (*h.get(off + 1).ok_or(AhError::Malformed)? as usize + 1) * 8 };
+            let len = if nh == PROTO_FRAGMENT {
+                8
+            } else {
+                (*h.get(off + 1).ok_or(AhError::Malformed)? as usize + 1) * 8
+            };
             if off + len > h.len() {
                 return Err(AhError::Malformed);
             }
@@ -110,7 +118,14 @@ pub fn zero_mutable(h: &mut [u8]) -> Result<(), AhError> {
     Ok(())
 }
 
-fn compute_icv(buf: &PacketBuf, at: usize, sa: &Sa, seq_hi: u32, scratch: &mut Vec<u8>, out: &mut [u8]) -> Result<(), AhError> {
+fn compute_icv(
+    buf: &PacketBuf,
+    at: usize,
+    sa: &Sa,
+    seq_hi: u32,
+    scratch: &mut Vec<u8>,
+    out: &mut [u8],
+) -> Result<(), AhError> {
     scratch.clear();
     scratch.extend_from_slice(&buf.data()[..at]);
     zero_mutable(scratch)?;
@@ -124,7 +139,14 @@ fn compute_icv(buf: &PacketBuf, at: usize, sa: &Sa, seq_hi: u32, scratch: &mut V
 /// sign the packet with `sa` and sequence number `seq`. `scratch` holds a
 /// copy of the IP header while the ICV is computed (reused, no allocation
 /// once warm).
-pub fn seal(buf: &mut PacketBuf, at: usize, nh_pos: usize, sa: &Sa, seq: u64, scratch: &mut Vec<u8>) -> Result<(), AhError> {
+pub fn seal(
+    buf: &mut PacketBuf,
+    at: usize,
+    nh_pos: usize,
+    sa: &Sa,
+    seq: u64,
+    scratch: &mut Vec<u8>,
+) -> Result<(), AhError> {
     let v6 = buf.data()[0] >> 4 == 6;
     let ah_len = header_len(sa, v6);
     let max = if v6 { 65535 + 40 } else { 65535 };
@@ -161,7 +183,14 @@ pub fn peek(pkt: &[u8], at: usize) -> Option<(u32, u32)> {
 }
 
 /// Verify and remove the AH header at `at`.
-pub fn open(buf: &mut PacketBuf, at: usize, nh_pos: usize, sa: &Sa, seq_hi: u32, scratch: &mut Vec<u8>) -> Result<(), AhError> {
+pub fn open(
+    buf: &mut PacketBuf,
+    at: usize,
+    nh_pos: usize,
+    sa: &Sa,
+    seq_hi: u32,
+    scratch: &mut Vec<u8>,
+) -> Result<(), AhError> {
     let v6 = buf.data()[0] >> 4 == 6;
     let want_len = header_len(sa, v6);
     let d = buf.data();

@@ -214,7 +214,10 @@ impl Cipher {
     }
 
     pub fn is_aead(&self) -> bool {
-        matches!(self, Cipher::Gcm128(..) | Cipher::Gcm256(..) | Cipher::ChaCha(..))
+        matches!(
+            self,
+            Cipher::Gcm128(..) | Cipher::Gcm256(..) | Cipher::ChaCha(..)
+        )
     }
 
     /// CBC-encrypt `data` (a multiple of 16 bytes) in place.
@@ -239,7 +242,7 @@ impl Cipher {
     /// CBC-decrypt `data` in place. Returns false if it is not block aligned.
     pub fn cbc_decrypt(&self, iv: &[u8; 16], data: &mut [u8]) -> bool {
         use cbc::cipher::block_padding::NoPadding;
-        if data.len() % 16 != 0 {
+        if !data.len().is_multiple_of(16) {
             return false;
         }
         match self {
@@ -266,9 +269,15 @@ impl Cipher {
     /// AEAD-encrypt `data` in place; returns the 16-byte tag.
     pub fn aead_seal(&self, iv: &[u8; 8], aad: &[u8], data: &mut [u8]) -> [u8; AEAD_TAG] {
         let tag = match self {
-            Cipher::Gcm128(k, s) => k.encrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data),
-            Cipher::Gcm256(k, s) => k.encrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data),
-            Cipher::ChaCha(k, s) => k.encrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data),
+            Cipher::Gcm128(k, s) => {
+                k.encrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data)
+            }
+            Cipher::Gcm256(k, s) => {
+                k.encrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data)
+            }
+            Cipher::ChaCha(k, s) => {
+                k.encrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data)
+            }
             _ => unreachable!("aead_seal on a non-AEAD cipher"),
         };
         // Encryption fails only for inputs beyond 2^36 bytes.
@@ -283,9 +292,15 @@ impl Cipher {
         }
         let tag = aes_gcm::Tag::from_slice(tag);
         match self {
-            Cipher::Gcm128(k, s) => k.decrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data, tag),
-            Cipher::Gcm256(k, s) => k.decrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data, tag),
-            Cipher::ChaCha(k, s) => k.decrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data, tag),
+            Cipher::Gcm128(k, s) => {
+                k.decrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data, tag)
+            }
+            Cipher::Gcm256(k, s) => {
+                k.decrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data, tag)
+            }
+            Cipher::ChaCha(k, s) => {
+                k.decrypt_in_place_detached(&Self::nonce(s, iv).into(), aad, data, tag)
+            }
             _ => return false,
         }
         .is_ok()
@@ -392,7 +407,10 @@ mod tests {
     fn rfc4231_case2_sha256_384_512() {
         let data = b"what do ya want for nothing?";
         let cases: [(AuthAlg, &str); 3] = [
-            (AuthAlg::HmacSha256, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+            (
+                AuthAlg::HmacSha256,
+                "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+            ),
             (
                 AuthAlg::HmacSha384,
                 "af45d2e376484031617f78d2b58a6b1b9c7ef464f5a01b47e42ec3736322445e8e2240ca5e69e2c78b3239ecfab21649",
@@ -454,7 +472,10 @@ mod tests {
     #[test]
     fn key_lengths_are_checked() {
         let e = Cipher::new(EncAlg::AesCbc, &[0; 15]).unwrap_err();
-        assert_eq!(e.to_string(), "aes-cbc needs a key of 128 or 192 or 256 bits, got 120 bits");
+        assert_eq!(
+            e.to_string(),
+            "aes-cbc needs a key of 128 or 192 or 256 bits, got 120 bits"
+        );
         assert!(Cipher::new(EncAlg::AesGcm16, &[0; 16]).is_err());
         assert!(Cipher::new(EncAlg::AesGcm16, &[0; 20]).is_ok());
         assert!(Auth::new(AuthAlg::HmacSha256, &[0; 20]).is_err());

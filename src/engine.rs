@@ -114,7 +114,12 @@ pub struct SaId {
 
 impl SaId {
     fn of(sa: &Sa) -> SaId {
-        SaId { src: sa.config.src, dst: sa.config.dst, proto: sa.config.proto, spi: sa.config.spi }
+        SaId {
+            src: sa.config.src,
+            dst: sa.config.dst,
+            proto: sa.config.proto,
+            spi: sa.config.spi,
+        }
     }
 }
 
@@ -122,7 +127,13 @@ impl SaId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// Outbound traffic hit `require` with no usable SA.
-    Acquire { policy: u64, src: IpAddr, dst: IpAddr, proto: Proto, reqid: Option<u32> },
+    Acquire {
+        policy: u64,
+        src: IpAddr,
+        dst: IpAddr,
+        proto: Proto,
+        reqid: Option<u32>,
+    },
     SoftExpire(SaId),
     HardExpire(SaId),
 }
@@ -211,7 +222,12 @@ impl Worker {
 }
 
 fn flow_of(info: &IpInfo, pkt: &[u8]) -> Flow {
-    Flow { src: info.src, dst: info.dst, proto: info.upper_proto, ports: info.ports(pkt) }
+    Flow {
+        src: info.src,
+        dst: info.dst,
+        proto: info.upper_proto,
+        ports: info.ports(pkt),
+    }
 }
 
 /// The most SAs one bundle applies (IPComp, ESP, AH).
@@ -247,7 +263,10 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
     let mut sas: [Option<&Arc<Sa>>; MAX_BUNDLE] = [None; MAX_BUNDLE];
     let mut n = 0;
     for r in rules.iter().take(MAX_BUNDLE) {
-        match state.sad.lookup_outbound(info.src, info.dst, r.proto, r.level.reqid()) {
+        match state
+            .sad
+            .lookup_outbound(info.src, info.dst, r.proto, r.level.reqid())
+        {
             Some(sa) => {
                 sas[n] = Some(sa);
                 n += 1;
@@ -273,7 +292,8 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
         }
         let r = match sa.config.proto {
             Proto::IpComp => {
-                w.codec.compress(buf, info.insert_at, info.next_hdr_pos, sa.config.wire_cpi());
+                w.codec
+                    .compress(buf, info.insert_at, info.next_hdr_pos, sa.config.wire_cpi());
                 Ok(())
             }
             Proto::Esp | Proto::Ah => {
@@ -283,12 +303,22 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
                     return w.drop(DropReason::SeqExhausted);
                 };
                 if sa.config.proto == Proto::Esp {
-                    esp::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.rng).map_err(|e| match e {
-                        EspError::TooBig => DropReason::TooBig,
-                        _ => DropReason::Malformed,
-                    })
+                    esp::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.rng).map_err(
+                        |e| match e {
+                            EspError::TooBig => DropReason::TooBig,
+                            _ => DropReason::Malformed,
+                        },
+                    )
                 } else {
-                    ah::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.scratch).map_err(|e| match e {
+                    ah::seal(
+                        buf,
+                        info.insert_at,
+                        info.next_hdr_pos,
+                        sa,
+                        seq,
+                        &mut w.scratch,
+                    )
+                    .map_err(|e| match e {
                         AhError::TooBig => DropReason::TooBig,
                         _ => DropReason::Malformed,
                     })
@@ -325,11 +355,18 @@ pub fn inbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration
     }
 }
 
-fn inbound_inner(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration) -> Result<(), DropReason> {
+fn inbound_inner(
+    state: &State,
+    w: &mut Worker,
+    buf: &mut PacketBuf,
+    now: Duration,
+) -> Result<(), DropReason> {
     let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
     let mut found: [Option<(Proto, &Arc<Sa>)>; MAX_BUNDLE] = [None; MAX_BUNDLE];
     let mut n = 0;
-    if let Some((at, nh_pos, _)) = packet::find_ipsec_header(buf.data(), &info).map_err(|_| DropReason::Malformed)? {
+    if let Some((at, nh_pos, _)) =
+        packet::find_ipsec_header(buf.data(), &info).map_err(|_| DropReason::Malformed)?
+    {
         loop {
             let proto = match buf.data()[nh_pos] {
                 packet::PROTO_AH => Proto::Ah,
@@ -367,7 +404,10 @@ fn decap_one<'s>(
 ) -> Result<&'s Arc<Sa>, DropReason> {
     if proto == Proto::IpComp {
         let cpi = Codec::peek(buf.data(), at).ok_or(DropReason::Malformed)?;
-        let sa = state.sad.lookup_inbound(info.dst, Proto::IpComp, cpi as u32).ok_or(DropReason::UnknownSpi)?;
+        let sa = state
+            .sad
+            .lookup_inbound(info.dst, Proto::IpComp, cpi as u32)
+            .ok_or(DropReason::UnknownSpi)?;
         w.codec.decompress(buf, at, nh_pos).map_err(|e| {
             sa.counters.format_errors.fetch_add(1, Relaxed);
             match e {
@@ -385,7 +425,10 @@ fn decap_one<'s>(
         _ => esp::peek(buf.data(), at),
     }
     .ok_or(DropReason::Malformed)?;
-    let sa = state.sad.lookup_inbound(info.dst, proto, spi).ok_or(DropReason::UnknownSpi)?;
+    let sa = state
+        .sad
+        .lookup_inbound(info.dst, proto, spi)
+        .ok_or(DropReason::UnknownSpi)?;
     if sa.config.src != info.src {
         return Err(DropReason::UnknownSpi);
     }
@@ -422,7 +465,11 @@ fn decap_one<'s>(
 /// Do the transforms found (outermost first) satisfy the policy's bundle
 /// (innermost first)? IPComp is always optional: RFC 3173 has the sender
 /// skip it when compression would not help.
-fn check_inbound_policy(policy: &Policy, found: &[Option<(Proto, &Arc<Sa>)>], flow: &Flow) -> Result<(), DropReason> {
+fn check_inbound_policy(
+    policy: &Policy,
+    found: &[Option<(Proto, &Arc<Sa>)>],
+    flow: &Flow,
+) -> Result<(), DropReason> {
     let rules = match &policy.action {
         Action::Bypass => return Ok(()),
         Action::Discard => return Err(DropReason::PolicyDiscard),
@@ -442,7 +489,11 @@ fn check_inbound_policy(policy: &Policy, found: &[Option<(Proto, &Arc<Sa>)>], fl
         if hit {
             inner_first.next();
         } else if r.level.required() && r.proto != Proto::IpComp {
-            return Err(if found.is_empty() { DropReason::PlaintextRefused } else { DropReason::PolicyMismatch });
+            return Err(if found.is_empty() {
+                DropReason::PlaintextRefused
+            } else {
+                DropReason::PolicyMismatch
+            });
         }
     }
     if inner_first.next().is_some() {

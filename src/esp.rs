@@ -16,6 +16,17 @@ use crate::packet::{PROTO_ESP, be32, fix_lengths, put32};
 use crate::sad::Sa;
 use rand::RngCore;
 
+/// The monotonic padding bytes 1, 2, 3, ... of RFC 4303 section 2.4.
+const PAD_BYTES: [u8; 255] = {
+    let mut t = [0u8; 255];
+    let mut i = 0;
+    while i < 255 {
+        t[i] = i as u8 + 1;
+        i += 1;
+    }
+    t
+};
+
 /// ESP header: SPI and sequence number.
 pub const HEADER: usize = 8;
 
@@ -32,7 +43,11 @@ pub enum EspError {
 }
 
 fn icv_len(sa: &Sa) -> usize {
-    if sa.cipher.is_aead() { AEAD_TAG } else { sa.mac.icv_len() }
+    if sa.cipher.is_aead() {
+        AEAD_TAG
+    } else {
+        sa.mac.icv_len()
+    }
 }
 
 /// Bytes ESP adds to a payload of `plen` bytes with this SA.
@@ -60,7 +75,11 @@ pub fn seal<R: RngCore>(
     let pad = (block - (plen + 2) % block) % block;
     let add_front = HEADER + iv_len;
     let add_back = pad + 2 + icv;
-    let max = if buf.data()[0] >> 4 == 4 { 65535 } else { 65535 + 40 };
+    let max = if buf.data()[0] >> 4 == 4 {
+        65535
+    } else {
+        65535 + 40
+    };
     if len + add_front + add_back > max {
         return Err(EspError::TooBig);
     }
@@ -72,9 +91,7 @@ pub fn seal<R: RngCore>(
     let n = d.len();
     // Trailer: monotonic padding 1, 2, 3, ... (RFC 4303 section 2.4).
     let t = n - icv - pad - 2;
-    for (i, b) in d[t..t + pad].iter_mut().enumerate() {
-        *b = i as u8 + 1;
-    }
+    d[t..t + pad].copy_from_slice(&PAD_BYTES[..pad]);
     d[t + pad] = pad as u8;
     d[t + pad + 1] = next;
     d[nh_pos] = PROTO_ESP;
@@ -126,7 +143,13 @@ pub fn peek(pkt: &[u8], at: usize) -> Option<(u32, u32)> {
 /// at `at`. `seq_hi` is the inferred high half of the sequence number
 /// (ESN SAs only). On success the packet is the payload with the original
 /// protocol restored.
-pub fn open(buf: &mut PacketBuf, at: usize, nh_pos: usize, sa: &Sa, seq_hi: u32) -> Result<(), EspError> {
+pub fn open(
+    buf: &mut PacketBuf,
+    at: usize,
+    nh_pos: usize,
+    sa: &Sa,
+    seq_hi: u32,
+) -> Result<(), EspError> {
     let iv_len = sa.cipher.iv_len();
     let icv = icv_len(sa);
     let block = sa.cipher.block();
@@ -135,7 +158,7 @@ pub fn open(buf: &mut PacketBuf, at: usize, nh_pos: usize, sa: &Sa, seq_hi: u32)
         return Err(EspError::Malformed);
     }
     let ct_len = len - at - HEADER - iv_len - icv;
-    if ct_len < 2 || ct_len % block != 0 {
+    if ct_len < 2 || !ct_len.is_multiple_of(block) {
         return Err(EspError::Malformed);
     }
     let d = buf.data_mut();
@@ -176,7 +199,7 @@ pub fn open(buf: &mut PacketBuf, at: usize, nh_pos: usize, sa: &Sa, seq_hi: u32)
         return Err(EspError::Padding);
     }
     let pad_start = ct_len - 2 - pad;
-    if body[pad_start..ct_len - 2].iter().enumerate().any(|(i, &b)| b != i as u8 + 1) {
+    if body[pad_start..ct_len - 2] != PAD_BYTES[..pad] {
         return Err(EspError::Padding);
     }
     let new_len = at + HEADER + iv_len + pad_start;
@@ -246,7 +269,13 @@ mod tests {
 
     #[test]
     fn rfc3602_case5_packet_both_ways() {
-        let sa = sa(EncAlg::AesCbc, "90d382b4 10eeba7a d938c46c ec1a82bf", AuthAlg::Null, "", 0x4321);
+        let sa = sa(
+            EncAlg::AesCbc,
+            "90d382b4 10eeba7a d938c46c ec1a82bf",
+            AuthAlg::Null,
+            "",
+            0x4321,
+        );
         let mut buf = PacketBuf::new();
         assert!(buf.load(&h(CASE5_PLAIN)));
         let mut iv = FixedIv(h("e96e8c08 ab465763 fd098d45 dd3ff893"));
@@ -319,11 +348,15 @@ mod tests {
         );
         let iv: [u8; 8] = h("facedbaddecaf888").try_into().unwrap();
         let aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2");
-        let mut data = h("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
+        let mut data = h(
+            "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39",
+        );
         let tag = s.cipher.aead_seal(&iv, &aad, &mut data);
         assert_eq!(
             data,
-            h("42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e21d514b25466931c7d8f6a5aac84aa051ba30b396a0aac973d58e091")
+            h(
+                "42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e21d514b25466931c7d8f6a5aac84aa051ba30b396a0aac973d58e091"
+            )
         );
         assert_eq!(tag.to_vec(), h("5bc94fbc3221a5db94fae95ae7121a47"));
         assert!(s.cipher.aead_open(&iv, &aad, &mut data, &tag));
@@ -337,7 +370,10 @@ mod tests {
         assert!(buf.load(&h(CASE5_PLAIN)));
         let mut rng = FixedIv(vec![]);
         seal(&mut buf, 20, 9, &s, 0x1_0000_0005, &mut rng).unwrap();
-        assert_eq!(&buf.data()[20..36], &h("00000077 00000005 00000001 00000005")[..]);
+        assert_eq!(
+            &buf.data()[20..36],
+            &h("00000077 00000005 00000001 00000005")[..]
+        );
         // 64 + 2 bytes pad to 68, + 16-byte tag
         assert_eq!(buf.len(), 20 + 8 + 8 + 68 + 16);
         assert_eq!(overhead(&s, 64), 8 + 8 + 4 + 16);

@@ -64,7 +64,9 @@ impl Codec {
         // incompressible data by a few bytes per 16 KiB block), so one call
         // finishes the stream; compress_vec never grows it.
         self.scratch.reserve(plen + 64);
-        let st = self.comp.compress_vec(&buf.data()[at..], &mut self.scratch, FlushCompress::Finish);
+        let st =
+            self.comp
+                .compress_vec(&buf.data()[at..], &mut self.scratch, FlushCompress::Finish);
         if !matches!(st, Ok(Status::StreamEnd)) || self.scratch.len() > limit {
             return false;
         }
@@ -87,7 +89,12 @@ impl Codec {
     }
 
     /// Inflate the IPComp payload at `at` and restore the original packet.
-    pub fn decompress(&mut self, buf: &mut PacketBuf, at: usize, nh_pos: usize) -> Result<(), IpCompError> {
+    pub fn decompress(
+        &mut self,
+        buf: &mut PacketBuf,
+        at: usize,
+        nh_pos: usize,
+    ) -> Result<(), IpCompError> {
         let d = buf.data();
         if d.len() < at + HEADER {
             return Err(IpCompError::Malformed);
@@ -103,7 +110,12 @@ impl Codec {
         // One byte of room beyond the limit tells "too big" from "fits".
         let cap = self.scratch.capacity();
         let input = &buf.data()[at + HEADER..];
-        let status = loop_decompress(&mut self.decomp, input, &mut self.scratch, (limit + 1).min(cap))?;
+        let status = loop_decompress(
+            &mut self.decomp,
+            input,
+            &mut self.scratch,
+            (limit + 1).min(cap),
+        )?;
         if self.scratch.len() > limit {
             return Err(IpCompError::TooBig);
         }
@@ -120,7 +132,12 @@ impl Codec {
     }
 }
 
-fn loop_decompress(d: &mut Decompress, input: &[u8], out: &mut Vec<u8>, cap: usize) -> Result<Status, IpCompError> {
+fn loop_decompress(
+    d: &mut Decompress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    cap: usize,
+) -> Result<Status, IpCompError> {
     loop {
         let consumed = d.total_in() as usize;
         let before_out = out.len();

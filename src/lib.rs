@@ -5,17 +5,17 @@
 //! The `tunsec` binary's modes (`pcap`, `bench`, later the daemon) are thin
 //! shells around [`engine::Engine`].
 
+pub mod ah;
+pub mod bench;
 pub mod buf;
 pub mod crypto;
+pub mod engine;
+pub mod esp;
+pub mod ipcomp;
 pub mod packet;
+pub mod pcap;
 pub mod replay;
 pub mod sad;
 pub mod setkey;
 pub mod spd;
-pub mod ah;
-pub mod engine;
-pub mod esp;
-pub mod ipcomp;
 pub mod state;
-pub mod pcap;
-pub mod bench;

@@ -8,7 +8,11 @@ use std::time::Duration;
 use tunsec::state::State;
 
 #[derive(Parser)]
-#[command(name = "tunsec", version, about = "A userspace IPsec (ESP/AH/IPComp transport mode) data plane speaking setkey(8)")]
+#[command(
+    name = "tunsec",
+    version,
+    about = "A userspace IPsec (ESP/AH/IPComp transport mode) data plane speaking setkey(8)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -37,16 +41,16 @@ enum Cmd {
         output: PathBuf,
     },
     /// Parse a setkey(8) file and print the policies and SAs it defines.
-    Check {
-        config: PathBuf,
-    },
+    Check { config: PathBuf },
     /// Measure the engine against the raw crypto primitives (like `openssl speed`).
     Bench(tunsec::bench::Args),
 }
 
 fn load(path: &PathBuf) -> Result<State> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (state, _, warnings) = State::default().apply_text(&text, &path.display().to_string(), Duration::ZERO)?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (state, _, warnings) =
+        State::default().apply_text(&text, &path.display().to_string(), Duration::ZERO)?;
     for w in warnings {
         eprintln!("{}:{}: warning: {}", path.display(), w.line, w.message);
     }
@@ -61,7 +65,12 @@ fn os_seed() -> Result<[u8; 32]> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Pcap { config, direction, input, output } => {
+        Cmd::Pcap {
+            config,
+            direction,
+            input,
+            output,
+        } => {
             let state = load(&config)?;
             let dir = match direction {
                 Dir::Out => tunsec::pcap::Direction::Out,
@@ -69,9 +78,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let summary = tunsec::pcap::run(&state, dir, &input, &output, os_seed()?)?;
             eprintln!("{}", summary.line());
-            let acquires = summary.events.iter().filter(|e| matches!(e, tunsec::engine::Event::Acquire { .. })).count();
+            let acquires = summary
+                .events
+                .iter()
+                .filter(|e| matches!(e, tunsec::engine::Event::Acquire { .. }))
+                .count();
             if acquires > 0 {
-                eprintln!("{acquires} packets needed an SA that the configuration does not have (ACQUIRE)");
+                eprintln!(
+                    "{acquires} packets needed an SA that the configuration does not have (ACQUIRE)"
+                );
             }
             Ok(())
         }

@@ -240,9 +240,16 @@ fn routing_follows(pkt: &[u8], mut off: usize) -> Result<bool, ParseError> {
 /// Find the first AH/ESP/IPComp header in the chain: `(offset, position of
 /// the next-header byte naming it, protocol)`. `None` when the packet
 /// carries none.
-pub fn find_ipsec_header(pkt: &[u8], info: &IpInfo) -> Result<Option<(usize, usize, u8)>, ParseError> {
+pub fn find_ipsec_header(
+    pkt: &[u8],
+    info: &IpInfo,
+) -> Result<Option<(usize, usize, u8)>, ParseError> {
     if !info.is_v6() {
-        return Ok(is_ipsec(info.next_hdr).then_some((info.insert_at, info.next_hdr_pos, info.next_hdr)));
+        return Ok(is_ipsec(info.next_hdr).then_some((
+            info.insert_at,
+            info.next_hdr_pos,
+            info.next_hdr,
+        )));
     }
     let mut off = 40;
     let mut nh_pos = 6;
@@ -326,7 +333,10 @@ mod tests {
         let i = parse(&ICMP4).unwrap();
         assert_eq!(i.src, "192.0.2.1".parse::<IpAddr>().unwrap());
         assert_eq!(i.dst, "192.0.2.2".parse::<IpAddr>().unwrap());
-        assert_eq!((i.insert_at, i.next_hdr_pos, i.next_hdr), (20, 9, PROTO_ICMP));
+        assert_eq!(
+            (i.insert_at, i.next_hdr_pos, i.next_hdr),
+            (20, 9, PROTO_ICMP)
+        );
         assert_eq!(i.ports(&ICMP4), Some((8, 0)));
         assert!(!i.fragment);
     }
@@ -363,7 +373,10 @@ mod tests {
         let dst = [PROTO_UDP, 0, 1, 4, 0, 0, 0, 0];
         let p = v6(PROTO_HOPOPTS, &[hbh, dst].concat(), &udp);
         let i = parse(&p).unwrap();
-        assert_eq!((i.insert_at, i.next_hdr_pos, i.next_hdr), (48, 40, PROTO_DSTOPTS));
+        assert_eq!(
+            (i.insert_at, i.next_hdr_pos, i.next_hdr),
+            (48, 40, PROTO_DSTOPTS)
+        );
         assert_eq!((i.upper_proto, i.upper_off), (PROTO_UDP, 56));
         assert_eq!(i.ports(&p), Some((0x1234, 53)));
 
@@ -372,7 +385,10 @@ mod tests {
         let rt = [PROTO_UDP, 0, 0, 0, 0, 0, 0, 0];
         let p = v6(PROTO_DSTOPTS, &[dst, rt].concat(), &udp);
         let i = parse(&p).unwrap();
-        assert_eq!((i.insert_at, i.next_hdr_pos, i.next_hdr), (56, 48, PROTO_UDP));
+        assert_eq!(
+            (i.insert_at, i.next_hdr_pos, i.next_hdr),
+            (56, 48, PROTO_UDP)
+        );
     }
 
     #[test]

@@ -41,7 +41,12 @@ impl Summary {
 
     /// `read N, written N, dropped N (reason N, ...)`
     pub fn line(&self) -> String {
-        let mut s = format!("read {}, written {}, dropped {}", self.read, self.written, self.dropped());
+        let mut s = format!(
+            "read {}, written {}, dropped {}",
+            self.read,
+            self.written,
+            self.dropped()
+        );
         let mut parts: Vec<String> = DropReason::ALL
             .iter()
             .filter(|r| self.counters.drop_count(**r) > 0)
@@ -75,7 +80,8 @@ pub fn ip_payload(link: DataLink, frame: &[u8]) -> Option<&[u8]> {
         DataLink::LINUX_SLL2 => (packet::be16(frame.get(..20)?, 0), frame.get(20..)?),
         DataLink::NULL | DataLink::LOOP => {
             let fam = frame.get(..4)?;
-            let f = u32::from_le_bytes(fam.try_into().ok()?).max(u32::from_be_bytes(fam.try_into().ok()?));
+            let f = u32::from_le_bytes(fam.try_into().ok()?)
+                .max(u32::from_be_bytes(fam.try_into().ok()?));
             return match f {
                 2 => Some(&frame[4..]),
                 24 | 28 | 30 => Some(&frame[4..]),
@@ -91,10 +97,16 @@ pub fn ip_payload(link: DataLink, frame: &[u8]) -> Option<&[u8]> {
 }
 
 /// Run the engine in `dir` over `input`, writing what it emits to `output`.
-pub fn run(state: &State, dir: Direction, input: &Path, output: &Path, seed: [u8; 32]) -> Result<Summary> {
+pub fn run(
+    state: &State,
+    dir: Direction,
+    input: &Path,
+    output: &Path,
+    seed: [u8; 32],
+) -> Result<Summary> {
     let f = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
-    let mut reader =
-        PcapReader::new(BufReader::new(f)).with_context(|| format!("{}: not a readable pcap file", input.display()))?;
+    let mut reader = PcapReader::new(BufReader::new(f))
+        .with_context(|| format!("{}: not a readable pcap file", input.display()))?;
     let link = reader.header().datalink;
     if !matches!(
         link,
@@ -107,10 +119,19 @@ pub fn run(state: &State, dir: Direction, input: &Path, output: &Path, seed: [u8
             | DataLink::NULL
             | DataLink::LOOP
     ) {
-        bail!("{}: unsupported link type {:?} (use RAW or Ethernet)", input.display(), link);
+        bail!(
+            "{}: unsupported link type {:?} (use RAW or Ethernet)",
+            input.display(),
+            link
+        );
     }
-    let out = File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
-    let header = PcapHeader { datalink: DataLink::RAW, snaplen: 65535 + 40, ..PcapHeader::default() };
+    let out =
+        File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+    let header = PcapHeader {
+        datalink: DataLink::RAW,
+        snaplen: 65535 + 40,
+        ..PcapHeader::default()
+    };
     let mut writer = PcapWriter::with_header(BufWriter::new(out), header)
         .with_context(|| format!("cannot write {}", output.display()))?;
 
@@ -127,7 +148,9 @@ pub fn run(state: &State, dir: Direction, input: &Path, output: &Path, seed: [u8
             }
         };
         summary.read += 1;
-        let now = p.timestamp.saturating_sub(*first.get_or_insert(p.timestamp));
+        let now = p
+            .timestamp
+            .saturating_sub(*first.get_or_insert(p.timestamp));
         let Some(ip) = ip_payload(link, &p.data) else {
             summary.not_ip += 1;
             continue;
@@ -148,12 +171,17 @@ pub fn run(state: &State, dir: Direction, input: &Path, output: &Path, seed: [u8
         };
         if v == Verdict::Forward {
             let pkt = PcapPacket::new(p.timestamp, buf.len() as u32, buf.data());
-            writer.write_packet(&pkt).with_context(|| format!("cannot write {}", output.display()))?;
+            writer
+                .write_packet(&pkt)
+                .with_context(|| format!("cannot write {}", output.display()))?;
             summary.written += 1;
         }
     }
     use std::io::Write;
-    writer.into_writer().flush().with_context(|| format!("cannot write {}", output.display()))?;
+    writer
+        .into_writer()
+        .flush()
+        .with_context(|| format!("cannot write {}", output.display()))?;
     summary.counters.add(&w.counters);
     summary.events = std::mem::take(&mut w.events);
     Ok(summary)

@@ -8,6 +8,30 @@
 /// The largest window tunsec accepts (packets).
 pub const MAX_WINDOW: u32 = 65536;
 
+/// The full sequence number a received low half stands for, given the
+/// highest number accepted so far (`top`) and the window size (RFC 4303
+/// Appendix A2.2). Without ESN it is the low half itself.
+pub fn infer(top: u64, size: u32, seq_lo: u32, esn: bool) -> u64 {
+    if !esn {
+        return seq_lo as u64;
+    }
+    let w = size.max(1) as u64;
+    let tl = top & 0xffff_ffff;
+    let th = top >> 32;
+    let seq_lo = seq_lo as u64;
+    let seqh = if tl >= w - 1 {
+        if seq_lo + w > tl { th } else { th + 1 }
+    } else {
+        let bottom = (tl + (1 << 32) - w + 1) & 0xffff_ffff;
+        if seq_lo >= bottom {
+            th.wrapping_sub(1)
+        } else {
+            th
+        }
+    };
+    (seqh << 32) | seq_lo
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
     #[error("sequence number already seen")]
@@ -70,20 +94,7 @@ impl ReplayWindow {
     /// The full 64-bit sequence number a received low half stands for
     /// (RFC 4303 Appendix A2.2). Without ESN it is the low half itself.
     pub fn infer(&self, seq_lo: u32, esn: bool) -> u64 {
-        if !esn {
-            return seq_lo as u64;
-        }
-        let w = self.size.max(1) as u64;
-        let tl = self.top & 0xffff_ffff;
-        let th = self.top >> 32;
-        let seq_lo = seq_lo as u64;
-        let seqh = if tl >= w - 1 {
-            if seq_lo >= tl - w + 1 { th } else { th + 1 }
-        } else {
-            let bottom = (tl + (1 << 32) - w + 1) & 0xffff_ffff;
-            if seq_lo >= bottom { th.wrapping_sub(1) } else { th }
-        };
-        (seqh << 32) | seq_lo
+        infer(self.top, self.size, seq_lo, esn)
     }
 
     /// Would `seq` be accepted? Does not change the window.

@@ -111,7 +111,11 @@ impl fmt::Debug for SaConfig {
 impl SaConfig {
     /// The CPI carried on the wire for an IPComp SA.
     pub fn wire_cpi(&self) -> u16 {
-        if self.raw_cpi { self.spi as u16 } else { CPI_DEFLATE }
+        if self.raw_cpi {
+            self.spi as u16
+        } else {
+            CPI_DEFLATE
+        }
     }
 
     /// The value the SAD is indexed by for inbound lookups: the SPI, or
@@ -156,6 +160,9 @@ pub struct Sa {
     /// Next outbound sequence number minus one.
     seq: AtomicU64,
     pub replay: Mutex<ReplayWindow>,
+    /// The window's highest accepted number, readable without the lock:
+    /// an in-order packet (the common case) is checked against it alone.
+    replay_top: AtomicU64,
     pub counters: SaCounters,
     soft_fired: AtomicBool,
     hard_fired: AtomicBool,
@@ -186,7 +193,9 @@ impl Sa {
         match config.proto {
             Proto::Esp => {
                 if config.enc == EncAlg::Null && config.auth == AuthAlg::Null {
-                    return invalid("esp with null encryption and null authentication protects nothing (RFC 4303 section 3.2)");
+                    return invalid(
+                        "esp with null encryption and null authentication protects nothing (RFC 4303 section 3.2)",
+                    );
                 }
                 if config.enc.is_aead() && config.auth != AuthAlg::Null {
                     return invalid(&format!("{} is an AEAD: give no -A", config.enc.name()));
@@ -213,6 +222,7 @@ impl Sa {
         let mac = Auth::new(config.auth, &config.auth_key)?;
         Ok(Sa {
             replay: Mutex::new(ReplayWindow::new(config.replay)),
+            replay_top: AtomicU64::new(0),
             cipher,
             mac,
             added,
@@ -228,7 +238,11 @@ impl Sa {
 
     /// Largest sequence number this SA may send.
     fn seq_limit(&self) -> u64 {
-        if self.config.esn { u64::MAX } else { u32::MAX as u64 }
+        if self.config.esn {
+            u64::MAX
+        } else {
+            u32::MAX as u64
+        }
     }
 
     /// Take the next outbound sequence number. `None` once the space is
@@ -281,13 +295,15 @@ impl Sa {
         let lt = &self.config.lifetime;
         let age = now.saturating_sub(self.added).as_secs();
         let over = |limit: u64, v: u64| limit != 0 && v >= limit;
-        let hard = over(lt.hard_secs, age) || over(lt.hard_bytes, bytes) || over(lt.hard_packets, packets);
+        let hard =
+            over(lt.hard_secs, age) || over(lt.hard_bytes, bytes) || over(lt.hard_packets, packets);
         if hard || self.is_dead() {
             self.dead.store(true, Relaxed);
             let first = !self.hard_fired.swap(true, Relaxed);
             return (Expiry::Hard, first);
         }
-        let soft = over(lt.soft_secs, age) || over(lt.soft_bytes, bytes) || over(lt.soft_packets, packets);
+        let soft =
+            over(lt.soft_secs, age) || over(lt.soft_bytes, bytes) || over(lt.soft_packets, packets);
         if soft {
             let first = !self.soft_fired.swap(true, Relaxed);
             return (Expiry::Soft, first);
@@ -298,14 +314,23 @@ impl Sa {
     /// Check a received sequence number against the replay window (before
     /// the ICV is verified). Returns the full (ESN-inferred) number.
     pub fn replay_check(&self, seq_lo: u32) -> Result<u64, ReplayError> {
+        let top = self.replay_top.load(Relaxed);
+        let full = crate::replay::infer(top, self.config.replay, seq_lo, self.config.esn);
+        if full > top {
+            // Right of the window: accepted whatever the bitmap says. The
+            // lock is taken again (and the check repeated) in replay_accept.
+            return Ok(full);
+        }
         let w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
-        let full = w.infer(seq_lo, self.config.esn);
         w.check(full).map(|_| full)
     }
 
     /// Move the window after the ICV was verified.
     pub fn replay_accept(&self, seq: u64) -> Result<(), ReplayError> {
-        self.replay.lock().unwrap_or_else(|e| e.into_inner()).accept(seq)
+        let mut w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        w.accept(seq)?;
+        self.replay_top.store(w.top(), Relaxed);
+        Ok(())
     }
 }
 
@@ -369,7 +394,8 @@ impl Sad {
     pub fn delete_all(&mut self, src: IpAddr, dst: IpAddr, proto: Proto) -> Vec<Arc<Sa>> {
         let v = self.by_pair.remove(&(src, dst, proto)).unwrap_or_default();
         for sa in &v {
-            self.by_spi.remove(&(sa.config.dst, sa.config.proto, sa.config.wire_spi()));
+            self.by_spi
+                .remove(&(sa.config.dst, sa.config.proto, sa.config.wire_spi()));
         }
         v
     }
@@ -428,7 +454,12 @@ impl Sad {
 
     /// Remove hard-expired SAs; returns them.
     pub fn reap(&mut self) -> Vec<Arc<Sa>> {
-        let dead: Vec<_> = self.by_spi.values().filter(|sa| sa.is_dead()).cloned().collect();
+        let dead: Vec<_> = self
+            .by_spi
+            .values()
+            .filter(|sa| sa.is_dead())
+            .cloned()
+            .collect();
         for sa in &dead {
             self.remove(sa);
         }
@@ -491,7 +522,12 @@ mod tests {
     #[test]
     fn lifetimes_fire_once() {
         let mut c = esp_config(1);
-        c.lifetime = Lifetime { soft_bytes: 1000, hard_bytes: 2000, soft_secs: 10, ..Default::default() };
+        c.lifetime = Lifetime {
+            soft_bytes: 1000,
+            hard_bytes: 2000,
+            soft_secs: 10,
+            ..Default::default()
+        };
         let sa = Sa::new(c, Duration::from_secs(100), 1).unwrap();
         let t = Duration::from_secs(101);
         assert_eq!(sa.account(500, t), (Expiry::Alive, false));
@@ -500,7 +536,10 @@ mod tests {
         assert_eq!(sa.account(500, t), (Expiry::Hard, true));
         assert_eq!(sa.account(1, t), (Expiry::Hard, false));
         let sa2 = Sa::new(esp_config(2), Duration::from_secs(100), 2).unwrap();
-        assert_eq!(sa2.expiry(Duration::from_secs(1000)), (Expiry::Alive, false));
+        assert_eq!(
+            sa2.expiry(Duration::from_secs(1000)),
+            (Expiry::Alive, false)
+        );
     }
 
     #[test]
@@ -513,6 +552,11 @@ mod tests {
         assert!(Sa::new(c, Duration::ZERO, 1).is_err());
         let mut c = esp_config(1);
         c.proto = Proto::Ah;
-        assert!(Sa::new(c, Duration::ZERO, 1).unwrap_err().to_string().contains("no encryption"));
+        assert!(
+            Sa::new(c, Duration::ZERO, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("no encryption")
+        );
     }
 }

@@ -35,7 +35,11 @@ impl Prefix {
                 IpAddr::V4((u32::from(a) & m).into())
             }
             IpAddr::V6(a) => {
-                let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                let m = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
                 IpAddr::V6((u128::from(a) & m).into())
             }
         };
@@ -43,18 +47,29 @@ impl Prefix {
     }
 
     pub fn host(addr: IpAddr) -> Prefix {
-        Prefix { addr, len: if addr.is_ipv4() { 32 } else { 128 } }
+        Prefix {
+            addr,
+            len: if addr.is_ipv4() { 32 } else { 128 },
+        }
     }
 
     #[inline]
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(p), IpAddr::V4(a)) => {
-                let m = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+                let m = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len)
+                };
                 u32::from(a) & m == u32::from(p)
             }
             (IpAddr::V6(p), IpAddr::V6(a)) => {
-                let m = if self.len == 0 { 0 } else { u128::MAX << (128 - self.len) };
+                let m = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.len)
+                };
                 u128::from(a) & m == u128::from(p)
             }
             _ => false,
@@ -100,8 +115,12 @@ impl Selector {
         self.src.contains(f.src)
             && self.dst.contains(f.dst)
             && self.proto.is_none_or(|p| p == f.proto)
-            && self.sport.is_none_or(|p| f.ports.is_some_and(|(s, _)| s == p))
-            && self.dport.is_none_or(|p| f.ports.is_some_and(|(_, d)| d == p))
+            && self
+                .sport
+                .is_none_or(|p| f.ports.is_some_and(|(s, _)| s == p))
+            && self
+                .dport
+                .is_none_or(|p| f.ports.is_some_and(|(_, d)| d == p))
     }
 
     fn specificity(&self) -> u32 {
@@ -197,7 +216,14 @@ impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.selector;
         let port = |p: Option<u16>| p.map_or("any".to_string(), |p| p.to_string());
-        write!(f, "{}[{}] {}[{}] ", s.src, port(s.sport), s.dst, port(s.dport))?;
+        write!(
+            f,
+            "{}[{}] {}[{}] ",
+            s.src,
+            port(s.sport),
+            s.dst,
+            port(s.dport)
+        )?;
         match s.proto {
             None => f.write_str("any")?,
             Some(p) => write!(f, "{p}")?,
@@ -252,20 +278,46 @@ impl Spd {
     }
 
     fn position(&self, dir: Dir, sel: &Selector) -> Option<usize> {
-        self.policies.iter().position(|p| p.dir == dir && p.selector == *sel)
+        self.policies
+            .iter()
+            .position(|p| p.dir == dir && p.selector == *sel)
     }
 
-    fn insert(&mut self, dir: Dir, selector: Selector, priority: u32, action: Action) -> Arc<Policy> {
+    fn insert(
+        &mut self,
+        dir: Dir,
+        selector: Selector,
+        priority: u32,
+        action: Action,
+    ) -> Arc<Policy> {
         self.next_id += 1;
-        let p = Arc::new(Policy { dir, selector, priority, action, id: self.next_id });
+        let p = Arc::new(Policy {
+            dir,
+            selector,
+            priority,
+            action,
+            id: self.next_id,
+        });
         self.policies.push(p.clone());
-        self.policies.sort_by_key(|p| (p.priority, std::cmp::Reverse(p.selector.specificity()), p.id));
+        self.policies.sort_by_key(|p| {
+            (
+                p.priority,
+                std::cmp::Reverse(p.selector.specificity()),
+                p.id,
+            )
+        });
         p
     }
 
     /// setkey `spdadd`: fails if a policy with the same selector and
     /// direction exists.
-    pub fn add(&mut self, dir: Dir, selector: Selector, priority: u32, action: Action) -> Result<Arc<Policy>, SpdError> {
+    pub fn add(
+        &mut self,
+        dir: Dir,
+        selector: Selector,
+        priority: u32,
+        action: Action,
+    ) -> Result<Arc<Policy>, SpdError> {
         if self.position(dir, &selector).is_some() {
             return Err(SpdError::Exists(describe(&selector), dir.name()));
         }
@@ -273,7 +325,13 @@ impl Spd {
     }
 
     /// setkey `spdupdate`: replace or add.
-    pub fn update(&mut self, dir: Dir, selector: Selector, priority: u32, action: Action) -> Arc<Policy> {
+    pub fn update(
+        &mut self,
+        dir: Dir,
+        selector: Selector,
+        priority: u32,
+        action: Action,
+    ) -> Arc<Policy> {
         if let Some(i) = self.position(dir, &selector) {
             self.policies.remove(i);
         }
@@ -295,7 +353,9 @@ impl Spd {
     /// The policy that decides for `flow` in direction `dir`.
     #[inline]
     pub fn lookup(&self, dir: Dir, flow: &Flow) -> Option<&Arc<Policy>> {
-        self.policies.iter().find(|p| p.dir == dir && p.selector.matches(flow))
+        self.policies
+            .iter()
+            .find(|p| p.dir == dir && p.selector.matches(flow))
     }
 
     /// All policies in evaluation order.
@@ -314,11 +374,22 @@ mod tests {
     }
 
     fn sel(src: &str, dst: &str, proto: Option<u8>) -> Selector {
-        Selector { src: pfx(src), dst: pfx(dst), proto, sport: None, dport: None }
+        Selector {
+            src: pfx(src),
+            dst: pfx(dst),
+            proto,
+            sport: None,
+            dport: None,
+        }
     }
 
     fn flow(src: &str, dst: &str, proto: u8, ports: Option<(u16, u16)>) -> Flow {
-        Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto, ports }
+        Flow {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto,
+            ports,
+        }
     }
 
     #[test]
@@ -335,9 +406,24 @@ mod tests {
     #[test]
     fn explicit_priority_beats_default_and_specific_beats_general() {
         let mut spd = Spd::default();
-        let ipsec = Action::Ipsec(vec![Rule { proto: Proto::Esp, level: Level::Require }]);
-        spd.add(Dir::Out, sel("192.0.2.1/32", "192.0.2.2/32", None), PRIORITY_DEFAULT, ipsec.clone()).unwrap();
-        spd.add(Dir::Out, sel("0.0.0.0/0", "0.0.0.0/0", Some(1)), 10, Action::Bypass).unwrap();
+        let ipsec = Action::Ipsec(vec![Rule {
+            proto: Proto::Esp,
+            level: Level::Require,
+        }]);
+        spd.add(
+            Dir::Out,
+            sel("192.0.2.1/32", "192.0.2.2/32", None),
+            PRIORITY_DEFAULT,
+            ipsec.clone(),
+        )
+        .unwrap();
+        spd.add(
+            Dir::Out,
+            sel("0.0.0.0/0", "0.0.0.0/0", Some(1)),
+            10,
+            Action::Bypass,
+        )
+        .unwrap();
         let icmp = flow("192.0.2.1", "192.0.2.2", 1, Some((8, 0)));
         let tcp = flow("192.0.2.1", "192.0.2.2", 6, Some((1000, 22)));
         assert_eq!(spd.lookup(Dir::Out, &icmp).unwrap().action, Action::Bypass);
@@ -346,7 +432,13 @@ mod tests {
 
         // at equal priority the more specific selector wins, whatever the order
         let mut spd = Spd::default();
-        spd.add(Dir::Out, sel("192.0.2.0/24", "0.0.0.0/0", None), 5, Action::Discard).unwrap();
+        spd.add(
+            Dir::Out,
+            sel("192.0.2.0/24", "0.0.0.0/0", None),
+            5,
+            Action::Discard,
+        )
+        .unwrap();
         let mut s = sel("192.0.2.0/24", "0.0.0.0/0", Some(6));
         s.dport = Some(22);
         spd.add(Dir::Out, s, 5, Action::Bypass).unwrap();

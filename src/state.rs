@@ -31,58 +31,110 @@ pub struct Applied {
 impl State {
     /// Parse `text` (named `file` in errors) and apply it to a copy of
     /// this state at time `now`.
-    pub fn apply_text(&self, text: &str, file: &str, now: Duration) -> Result<(State, Applied, Vec<Warning>), ConfigError> {
+    pub fn apply_text(
+        &self,
+        text: &str,
+        file: &str,
+        now: Duration,
+    ) -> Result<(State, Applied, Vec<Warning>), ConfigError> {
         let parsed = setkey::parse(text, file)?;
         let (state, applied) = self.apply(&parsed.statements, file, now)?;
         Ok((state, applied, parsed.warnings))
     }
 
     /// Apply statements to a copy of this state.
-    pub fn apply(&self, statements: &[Statement], file: &str, now: Duration) -> Result<(State, Applied), ConfigError> {
+    pub fn apply(
+        &self,
+        statements: &[Statement],
+        file: &str,
+        now: Duration,
+    ) -> Result<(State, Applied), ConfigError> {
         let mut s = self.clone();
         let mut applied = Applied::default();
         for st in statements {
-            let err = |message: String| ConfigError { file: file.to_string(), line: st.line, message };
+            let err = |message: String| ConfigError {
+                file: file.to_string(),
+                line: st.line,
+                message,
+            };
             match &st.cmd {
                 Command::Flush(proto) => applied.removed.extend(s.sad.flush(*proto)),
                 Command::SpdFlush => s.spd.flush(),
                 Command::Add(cfg) => {
-                    s.sad.add(cfg.clone(), now).map_err(|e| err(e.to_string()))?;
+                    s.sad
+                        .add(cfg.clone(), now)
+                        .map_err(|e| err(e.to_string()))?;
                 }
                 Command::Update(cfg) => {
                     let old = s
                         .sad
                         .delete(cfg.src, cfg.dst, cfg.proto, cfg.spi)
-                        .ok_or_else(|| err(format!("no SA {} {} {} spi {:#x} to update", cfg.src, cfg.dst, cfg.proto, cfg.spi)))?;
+                        .ok_or_else(|| {
+                            err(format!(
+                                "no SA {} {} {} spi {:#x} to update",
+                                cfg.src, cfg.dst, cfg.proto, cfg.spi
+                            ))
+                        })?;
                     applied.removed.push(old);
-                    s.sad.add(cfg.clone(), now).map_err(|e| err(e.to_string()))?;
+                    s.sad
+                        .add(cfg.clone(), now)
+                        .map_err(|e| err(e.to_string()))?;
                 }
-                Command::Get { src, dst, proto, spi } => {
+                Command::Get {
+                    src,
+                    dst,
+                    proto,
+                    spi,
+                } => {
                     let sa = s
                         .sad
                         .get(*src, *dst, *proto, *spi)
                         .ok_or_else(|| err(format!("no SA {src} {dst} {proto} spi {spi:#x}")))?;
                     applied.output.push(describe_sa(sa, now));
                 }
-                Command::Delete { src, dst, proto, spi } => {
-                    let sa = s
-                        .sad
-                        .delete(*src, *dst, *proto, *spi)
-                        .ok_or_else(|| err(format!("no SA {src} {dst} {proto} spi {spi:#x} to delete")))?;
+                Command::Delete {
+                    src,
+                    dst,
+                    proto,
+                    spi,
+                } => {
+                    let sa = s.sad.delete(*src, *dst, *proto, *spi).ok_or_else(|| {
+                        err(format!("no SA {src} {dst} {proto} spi {spi:#x} to delete"))
+                    })?;
                     applied.removed.push(sa);
                 }
-                Command::DeleteAll { src, dst, proto } => applied.removed.extend(s.sad.delete_all(*src, *dst, *proto)),
-                Command::SpdAdd { dir, selector, priority, action } => {
-                    s.spd.add(*dir, *selector, *priority, action.clone()).map_err(|e| err(e.to_string()))?;
+                Command::DeleteAll { src, dst, proto } => {
+                    applied.removed.extend(s.sad.delete_all(*src, *dst, *proto))
                 }
-                Command::SpdUpdate { dir, selector, priority, action } => {
+                Command::SpdAdd {
+                    dir,
+                    selector,
+                    priority,
+                    action,
+                } => {
+                    s.spd
+                        .add(*dir, *selector, *priority, action.clone())
+                        .map_err(|e| err(e.to_string()))?;
+                }
+                Command::SpdUpdate {
+                    dir,
+                    selector,
+                    priority,
+                    action,
+                } => {
                     s.spd.update(*dir, *selector, *priority, action.clone());
                 }
                 Command::SpdDelete { dir, selector } => {
-                    s.spd.delete(*dir, selector).map_err(|e| err(e.to_string()))?;
+                    s.spd
+                        .delete(*dir, selector)
+                        .map_err(|e| err(e.to_string()))?;
                 }
                 Command::Dump(proto) => {
-                    for sa in s.sad.iter().filter(|sa| proto.is_none_or(|p| sa.config.proto == p)) {
+                    for sa in s
+                        .sad
+                        .iter()
+                        .filter(|sa| proto.is_none_or(|p| sa.config.proto == p))
+                    {
                         applied.output.push(describe_sa(sa, now));
                     }
                 }
@@ -109,10 +161,18 @@ pub fn describe_sa(sa: &Sa, now: Duration) -> String {
         crate::sad::Proto::IpComp => s.push_str(&format!("\tC: deflate cpi={}\n", c.wire_cpi())),
         _ => {
             if c.enc != crate::crypto::EncAlg::Null || c.proto == crate::sad::Proto::Esp {
-                s.push_str(&format!("\tE: {} ({} bits)\n", c.enc.name(), c.enc_key.len() * 8));
+                s.push_str(&format!(
+                    "\tE: {} ({} bits)\n",
+                    c.enc.name(),
+                    c.enc_key.len() * 8
+                ));
             }
             if c.auth != crate::crypto::AuthAlg::Null {
-                s.push_str(&format!("\tA: {} ({} bits)\n", c.auth.name(), c.auth_key.len() * 8));
+                s.push_str(&format!(
+                    "\tA: {} ({} bits)\n",
+                    c.auth.name(),
+                    c.auth_key.len() * 8
+                ));
             }
         }
     }
