@@ -8,7 +8,7 @@
 use crate::buf::PacketBuf;
 use crate::crypto::MAX_ICV;
 use crate::packet::{
-    PROTO_AH, PROTO_DSTOPTS, PROTO_FRAGMENT, PROTO_HOPOPTS, be32, fix_lengths, is_v6_ext, put32,
+    PROTO_AH, PROTO_DSTOPTS, PROTO_FRAGMENT, PROTO_HOPOPTS, be32, is_v6_ext, put32, set_next_header,
 };
 use crate::sad::Sa;
 
@@ -158,7 +158,6 @@ pub fn seal(
         return Err(AhError::TooBig);
     }
     let d = buf.data_mut();
-    d[nh_pos] = PROTO_AH;
     d[at] = next;
     d[at + 1] = (ah_len / 4 - 2) as u8;
     d[at + 2] = 0;
@@ -166,7 +165,7 @@ pub fn seal(
     put32(d, at + 4, sa.config.spi);
     put32(d, at + 8, seq as u32);
     d[at + FIXED..at + ah_len].fill(0);
-    fix_lengths(d);
+    set_next_header(d, nh_pos, PROTO_AH);
     let icv = sa.mac.icv_len();
     let mut out = [0u8; MAX_ICV];
     compute_icv(buf, at, sa, (seq >> 32) as u32, scratch, &mut out[..icv])?;
@@ -207,15 +206,13 @@ pub fn open(
     buf.data_mut()[at + FIXED..at + FIXED + icv].fill(0);
     let mut want = [0u8; MAX_ICV];
     compute_icv(buf, at, sa, seq_hi, scratch, &mut want[..icv])?;
-    if !bool::from(subtle::ConstantTimeEq::ct_eq(&want[..icv], &got[..icv])) {
+    if !crate::crypto::ct_eq(&want[..icv], &got[..icv]) {
         // Put the ICV back so that the packet is left as received.
         buf.data_mut()[at + FIXED..at + FIXED + icv].copy_from_slice(&got[..icv]);
         return Err(AhError::Icv);
     }
     let next = buf.data()[at];
     buf.remove_gap(at, ah_len);
-    let d = buf.data_mut();
-    d[nh_pos] = next;
-    fix_lengths(d);
+    set_next_header(buf.data_mut(), nh_pos, next);
     Ok(())
 }

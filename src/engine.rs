@@ -180,6 +180,8 @@ pub struct Worker {
     rng: StdRng,
     codec: Codec,
     scratch: Vec<u8>,
+    out_cache: Option<OutCache>,
+    in_cache: Option<InCache>,
     pub counters: Counters,
     pub events: Vec<Event>,
 }
@@ -192,6 +194,8 @@ impl Worker {
             rng: StdRng::from_seed(seed),
             codec: Codec::new(),
             scratch: Vec::with_capacity(512),
+            out_cache: None,
+            in_cache: None,
             counters: Counters::default(),
             events: Vec::with_capacity(16),
         }
@@ -233,6 +237,69 @@ fn flow_of(info: &IpInfo, pkt: &[u8]) -> Flow {
 /// The most SAs one bundle applies (IPComp, ESP, AH).
 const MAX_BUNDLE: usize = 3;
 
+/// The last outbound decision of a worker. Consecutive packets of one flow
+/// (the common case in a batch) skip the SPD and SAD lookups; a new state
+/// snapshot or an SA that died invalidates it.
+struct OutCache {
+    generation: u64,
+    flow: Flow,
+    policy: Arc<Policy>,
+    sas: [Option<Arc<Sa>>; MAX_BUNDLE],
+}
+
+/// The last inbound policy decision of a worker.
+struct InCache {
+    generation: u64,
+    flow: Flow,
+    policy: Option<Arc<Policy>>,
+}
+
+/// Find the policy and SAs for an outbound flow, or the verdict when the
+/// packet is not to be protected.
+fn resolve_out(
+    state: &State,
+    w: &mut Worker,
+    info: &IpInfo,
+    flow: &Flow,
+) -> Result<OutCache, Verdict> {
+    let Some(policy) = state.spd.lookup(Dir::Out, flow) else {
+        w.counters.bypassed += 1;
+        return Err(Verdict::Forward);
+    };
+    let mut sas: [Option<Arc<Sa>>; MAX_BUNDLE] = Default::default();
+    if let Action::Ipsec(rules) = &policy.action {
+        let mut n = 0;
+        for r in rules.iter().take(MAX_BUNDLE) {
+            match state
+                .sad
+                .lookup_outbound(info.src, info.dst, r.proto, r.level.reqid())
+            {
+                Some(sa) => {
+                    sas[n] = Some(sa.clone());
+                    n += 1;
+                }
+                None if r.level.required() => {
+                    w.events.push(Event::Acquire {
+                        policy: policy.id,
+                        src: info.src,
+                        dst: info.dst,
+                        proto: r.proto,
+                        reqid: r.level.reqid(),
+                    });
+                    return Err(w.drop(DropReason::NoSa));
+                }
+                None => {}
+            }
+        }
+    }
+    Ok(OutCache {
+        generation: state.generation,
+        flow: *flow,
+        policy: policy.clone(),
+        sas,
+    })
+}
+
 /// Process a plaintext packet leaving this host.
 pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration) -> Verdict {
     let info = match packet::parse(buf.data()) {
@@ -240,52 +307,43 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
         Err(_) => return w.drop(DropReason::Malformed),
     };
     let flow = flow_of(&info, buf.data());
-    let policy = match state.spd.lookup(Dir::Out, &flow) {
-        None => {
-            w.counters.bypassed += 1;
-            return Verdict::Forward;
+    let hit = w.out_cache.as_ref().is_some_and(|c| {
+        c.generation == state.generation
+            && c.flow == flow
+            && c.sas.iter().flatten().all(|sa| !sa.is_dead())
+    });
+    if !hit {
+        match resolve_out(state, w, &info, &flow) {
+            Ok(c) => w.out_cache = Some(c),
+            Err(v) => return v,
         }
-        Some(p) => p,
-    };
-    let rules = match &policy.action {
+    }
+    let cache = w.out_cache.take().expect("resolved above");
+    let v = protect(&cache, w, buf, &info, now);
+    w.out_cache = Some(cache);
+    v
+}
+
+fn protect(
+    cache: &OutCache,
+    w: &mut Worker,
+    buf: &mut PacketBuf,
+    info: &IpInfo,
+    now: Duration,
+) -> Verdict {
+    match &cache.policy.action {
         Action::Bypass => {
             w.counters.bypassed += 1;
             return Verdict::Forward;
         }
         Action::Discard => return w.drop(DropReason::PolicyDiscard),
-        Action::Ipsec(rules) => rules,
-    };
+        Action::Ipsec(_) => {}
+    }
     if info.fragment {
         return w.drop(DropReason::Fragment);
     }
-    // Resolve every SA first: a packet is protected by the whole bundle or
-    // not sent.
-    let mut sas: [Option<&Arc<Sa>>; MAX_BUNDLE] = [None; MAX_BUNDLE];
-    let mut n = 0;
-    for r in rules.iter().take(MAX_BUNDLE) {
-        match state
-            .sad
-            .lookup_outbound(info.src, info.dst, r.proto, r.level.reqid())
-        {
-            Some(sa) => {
-                sas[n] = Some(sa);
-                n += 1;
-            }
-            None if r.level.required() => {
-                w.events.push(Event::Acquire {
-                    policy: policy.id,
-                    src: info.src,
-                    dst: info.dst,
-                    proto: r.proto,
-                    reqid: r.level.reqid(),
-                });
-                return w.drop(DropReason::NoSa);
-            }
-            None => {}
-        }
-    }
     let plain_len = buf.len();
-    for sa in sas.iter().take(n).flatten() {
+    for sa in cache.sas.iter().flatten() {
         let e = sa.account(buf.len(), now);
         if let Err(r) = w.expiry(sa, e) {
             return w.drop(r);
@@ -383,12 +441,36 @@ fn inbound_inner(
             n += 1;
         }
     }
-    let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
-    let flow = flow_of(&info, buf.data());
-    let Some(policy) = state.spd.lookup(Dir::In, &flow) else {
-        return Ok(());
+    let flow = if n == 0 {
+        flow_of(&info, buf.data())
+    } else if !info.is_v6() {
+        // IPv4 after decapsulation: same header, the protocol byte now
+        // names the upper layer.
+        let info = IpInfo {
+            next_hdr: buf.data()[9],
+            upper_proto: buf.data()[9],
+            ..info
+        };
+        flow_of(&info, buf.data())
+    } else {
+        let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+        flow_of(&info, buf.data())
     };
-    check_inbound_policy(policy, &found[..n], &flow)
+    let hit = w
+        .in_cache
+        .as_ref()
+        .is_some_and(|c| c.generation == state.generation && c.flow == flow);
+    if !hit {
+        w.in_cache = Some(InCache {
+            generation: state.generation,
+            flow,
+            policy: state.spd.lookup(Dir::In, &flow).cloned(),
+        });
+    }
+    match w.in_cache.as_ref().and_then(|c| c.policy.as_deref()) {
+        None => Ok(()),
+        Some(policy) => check_inbound_policy(policy, &found[..n], &flow),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -456,8 +538,9 @@ fn decap_one<'s>(
         };
         return Err(r);
     }
-    sa.replay_accept(seq).map_err(|e| replay_drop(sa, e))?;
-    let e = sa.account(len, now);
+    let e = sa
+        .accept_inbound(seq, len, now)
+        .map_err(|e| replay_drop(sa, e))?;
     w.expiry(sa, e)?;
     Ok(sa)
 }

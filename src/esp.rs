@@ -12,7 +12,7 @@
 
 use crate::buf::PacketBuf;
 use crate::crypto::AEAD_TAG;
-use crate::packet::{PROTO_ESP, be32, fix_lengths, put32};
+use crate::packet::{PROTO_ESP, be32, put32, set_next_header};
 use crate::sad::Sa;
 use rand::RngCore;
 
@@ -94,10 +94,9 @@ pub fn seal<R: RngCore>(
     d[t..t + pad].copy_from_slice(&PAD_BYTES[..pad]);
     d[t + pad] = pad as u8;
     d[t + pad + 1] = next;
-    d[nh_pos] = PROTO_ESP;
     put32(d, at, sa.config.spi);
     put32(d, at + 4, seq as u32);
-    fix_lengths(d);
+    set_next_header(d, nh_pos, PROTO_ESP);
 
     let d = buf.data_mut();
     let (head, rest) = d.split_at_mut(at + HEADER);
@@ -199,15 +198,19 @@ pub fn open(
         return Err(EspError::Padding);
     }
     let pad_start = ct_len - 2 - pad;
-    if body[pad_start..ct_len - 2] != PAD_BYTES[..pad] {
+    // A short loop: pads are seldom longer than a block, and a memcmp call
+    // costs more than the comparison.
+    if !body[pad_start..ct_len - 2]
+        .iter()
+        .zip(1u8..)
+        .all(|(&b, i)| b == i)
+    {
         return Err(EspError::Padding);
     }
     let new_len = at + HEADER + iv_len + pad_start;
     buf.truncate(new_len);
     buf.remove_gap(at, HEADER + iv_len);
-    let d = buf.data_mut();
-    d[nh_pos] = next;
-    fix_lengths(d);
+    set_next_header(buf.data_mut(), nh_pos, next);
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 //! already IPComp is never compressed again.
 
 use crate::buf::PacketBuf;
-use crate::packet::{PROTO_IPCOMP, be16, fix_lengths, put16};
+use crate::packet::{PROTO_IPCOMP, be16, put16, set_next_header};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 pub const HEADER: usize = 4;
@@ -78,8 +78,7 @@ impl Codec {
         d[at] = next;
         d[at + 1] = 0;
         put16(d, at + 2, cpi);
-        d[nh_pos] = PROTO_IPCOMP;
-        fix_lengths(d);
+        set_next_header(d, nh_pos, PROTO_IPCOMP);
         true
     }
 
@@ -125,9 +124,7 @@ impl Codec {
         if !buf.replace_tail(at, &self.scratch) {
             return Err(IpCompError::TooBig);
         }
-        let d = buf.data_mut();
-        d[nh_pos] = next;
-        fix_lengths(d);
+        set_next_header(buf.data_mut(), nh_pos, next);
         Ok(())
     }
 }

@@ -332,13 +332,49 @@ impl Sa {
         self.replay_top.store(w.top(), Relaxed);
         Ok(())
     }
+
+    /// Inbound: move the window and account one packet of `bytes` in one
+    /// critical section. Every inbound packet of an SA takes this lock, so
+    /// the counters need plain loads and stores here, not atomic
+    /// read-modify-writes.
+    pub fn accept_inbound(
+        &self,
+        seq: u64,
+        bytes: usize,
+        now: Duration,
+    ) -> Result<(Expiry, bool), ReplayError> {
+        let (packets, total) = {
+            let mut w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            w.accept(seq)?;
+            self.replay_top.store(w.top(), Relaxed);
+            let c = &self.counters;
+            let p = c.packets.load(Relaxed) + 1;
+            let b = c.bytes.load(Relaxed) + bytes as u64;
+            c.packets.store(p, Relaxed);
+            c.bytes.store(b, Relaxed);
+            (p, b)
+        };
+        Ok(self.evaluate(packets, total, now))
+    }
+}
+
+/// The inbound key (dst, proto, SPI). It hashes the SPI and protocol only:
+/// one multiplication instead of hashing an address enum per packet;
+/// equality still compares the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SpiKey(IpAddr, Proto, u32);
+
+impl std::hash::Hash for SpiKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(((self.2 as u64) << 8) | self.1 as u64);
+    }
 }
 
 /// The SAD: an immutable snapshot, cheap to clone (SAs are shared).
 #[derive(Debug, Clone, Default)]
 pub struct Sad {
     /// Inbound index: (dst, proto, SPI or wire CPI).
-    by_spi: FxHashMap<(IpAddr, Proto, u32), Arc<Sa>>,
+    by_spi: FxHashMap<SpiKey, Arc<Sa>>,
     /// Outbound index: (src, dst, proto), newest last.
     by_pair: FxHashMap<(IpAddr, IpAddr, Proto), Vec<Arc<Sa>>>,
     next_serial: u64,
@@ -355,7 +391,7 @@ impl Sad {
 
     /// Add an SA; fails if (dst, proto, spi) exists (setkey `add`).
     pub fn add(&mut self, config: SaConfig, now: Duration) -> Result<Arc<Sa>, SaError> {
-        let key = (config.dst, config.proto, config.wire_spi());
+        let key = SpiKey(config.dst, config.proto, config.wire_spi());
         if self.by_spi.contains_key(&key) {
             return Err(SaError::Invalid(format!(
                 "an SA {} {} spi {:#x} exists already (delete it first)",
@@ -381,7 +417,7 @@ impl Sad {
 
     fn remove(&mut self, sa: &Arc<Sa>) {
         let c = &sa.config;
-        self.by_spi.remove(&(c.dst, c.proto, c.wire_spi()));
+        self.by_spi.remove(&SpiKey(c.dst, c.proto, c.wire_spi()));
         if let Some(v) = self.by_pair.get_mut(&(c.src, c.dst, c.proto)) {
             v.retain(|x| !Arc::ptr_eq(x, sa));
             if v.is_empty() {
@@ -394,8 +430,11 @@ impl Sad {
     pub fn delete_all(&mut self, src: IpAddr, dst: IpAddr, proto: Proto) -> Vec<Arc<Sa>> {
         let v = self.by_pair.remove(&(src, dst, proto)).unwrap_or_default();
         for sa in &v {
-            self.by_spi
-                .remove(&(sa.config.dst, sa.config.proto, sa.config.wire_spi()));
+            self.by_spi.remove(&SpiKey(
+                sa.config.dst,
+                sa.config.proto,
+                sa.config.wire_spi(),
+            ));
         }
         v
     }
@@ -425,7 +464,7 @@ impl Sad {
     /// Inbound lookup by the SPI (or CPI) found in a packet.
     #[inline]
     pub fn lookup_inbound(&self, dst: IpAddr, proto: Proto, spi: u32) -> Option<&Arc<Sa>> {
-        self.by_spi.get(&(dst, proto, spi))
+        self.by_spi.get(&SpiKey(dst, proto, spi))
     }
 
     /// Outbound lookup: the newest usable SA from src to dst, with the

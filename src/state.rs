@@ -8,6 +8,7 @@ use crate::sad::{Sa, Sad};
 use crate::setkey::{self, Command, ConfigError, Statement, Warning};
 use crate::spd::Spd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Everything the engine reads: an immutable snapshot (cheap to clone:
@@ -16,7 +17,12 @@ use std::time::Duration;
 pub struct State {
     pub spd: Spd,
     pub sad: Sad,
+    /// Distinct for every state [`State::apply`] produces: workers key
+    /// their per-flow caches on it.
+    pub generation: u64,
 }
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// What applying statements produced besides the new state.
 #[derive(Debug, Default)]
@@ -50,6 +56,7 @@ impl State {
         now: Duration,
     ) -> Result<(State, Applied), ConfigError> {
         let mut s = self.clone();
+        s.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
         let mut applied = Applied::default();
         for st in statements {
             let err = |message: String| ConfigError {
