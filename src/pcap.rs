@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::Path;
 use std::time::Duration;
 
@@ -96,6 +96,42 @@ pub fn ip_payload(link: DataLink, frame: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// The 24-byte pcap file header, with a snapshot length raised to at least
+/// 256 KiB: some writers (scapy, for one) record 65535 while storing
+/// larger packets, which libpcap reads but a strict reader refuses.
+fn lenient_header<R: Read>(r: &mut R) -> std::io::Result<Vec<u8>> {
+    let mut h = vec![0u8; 24];
+    let mut got = 0;
+    while got < 24 {
+        match r.read(&mut h[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    h.truncate(got);
+    if got == 24 {
+        let le = matches!(h[..4], [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1]);
+        let be = matches!(h[..4], [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d]);
+        let snap = |b: &[u8]| {
+            let b: [u8; 4] = b.try_into().unwrap();
+            if le {
+                u32::from_le_bytes(b)
+            } else {
+                u32::from_be_bytes(b)
+            }
+        };
+        if (le || be) && snap(&h[16..20]) < 262_144 {
+            let v = if le {
+                262_144u32.to_le_bytes()
+            } else {
+                262_144u32.to_be_bytes()
+            };
+            h[16..20].copy_from_slice(&v);
+        }
+    }
+    Ok(h)
+}
+
 /// Run the engine in `dir` over `input`, writing what it emits to `output`.
 pub fn run(
     state: &State,
@@ -105,7 +141,17 @@ pub fn run(
     seed: [u8; 32],
 ) -> Result<Summary> {
     let f = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
-    let mut reader = PcapReader::new(BufReader::new(f))
+    let mut f = BufReader::new(f);
+    let header =
+        lenient_header(&mut f).with_context(|| format!("cannot read {}", input.display()))?;
+    if header.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
+        bail!(
+            "{}: pcapng is not supported; convert it with `editcap -F pcap {} OUT.pcap` (or capture with `tshark -F pcap`)",
+            input.display(),
+            input.display()
+        );
+    }
+    let mut reader = PcapReader::new(std::io::Cursor::new(header).chain(f))
         .with_context(|| format!("{}: not a readable pcap file", input.display()))?;
     let link = reader.header().datalink;
     if !matches!(
@@ -185,4 +231,50 @@ pub fn run(
     summary.counters.add(&w.counters);
     summary.events = std::mem::take(&mut w.events);
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_snaplen_is_raised_in_either_byte_order() {
+        let mut le = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        le.extend_from_slice(&65535u32.to_le_bytes());
+        le.extend_from_slice(&101u32.to_le_bytes());
+        let h = lenient_header(&mut &le[..]).unwrap();
+        assert_eq!(u32::from_le_bytes(h[16..20].try_into().unwrap()), 262_144);
+        assert_eq!(h[20..], le[20..]);
+        let mut be = vec![0xa1, 0xb2, 0xc3, 0xd4, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0];
+        be.extend_from_slice(&1_000_000u32.to_be_bytes());
+        be.extend_from_slice(&1u32.to_be_bytes());
+        assert_eq!(
+            lenient_header(&mut &be[..]).unwrap(),
+            be,
+            "a large snaplen is kept"
+        );
+        assert_eq!(
+            lenient_header(&mut &be[..7]).unwrap(),
+            be[..7],
+            "short input is passed on"
+        );
+    }
+
+    #[test]
+    fn link_layers() {
+        let ip = [0x45u8, 0, 0, 20];
+        let mut eth = vec![0u8; 12];
+        eth.extend_from_slice(&[0x81, 0x00, 0x00, 0x05, 0x08, 0x00]);
+        eth.extend_from_slice(&ip);
+        assert_eq!(ip_payload(DataLink::ETHERNET, &eth), Some(&ip[..]));
+        let mut arp = vec![0u8; 12];
+        arp.extend_from_slice(&[0x08, 0x06, 1, 2]);
+        assert_eq!(ip_payload(DataLink::ETHERNET, &arp), None);
+        assert_eq!(ip_payload(DataLink::ETHERNET, &[0u8; 13]), None);
+        let mut sll = vec![0u8; 14];
+        sll.extend_from_slice(&[0x86, 0xdd]);
+        sll.extend_from_slice(&ip);
+        assert_eq!(ip_payload(DataLink::LINUX_SLL, &sll), Some(&ip[..]));
+        assert_eq!(ip_payload(DataLink::RAW, &ip), Some(&ip[..]));
+    }
 }

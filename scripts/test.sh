@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Build tunsec, run every Rust test, then the interop suite (tests/interop),
+# which checks tunsec against independent implementations: scapy, Python's
+# zlib, tshark and tcpdump.
+#
+#   scripts/test.sh [pytest arguments...]
+#
+# The Python side lives in .venv at the repository root, created on first
+# use from tests/interop/requirements.txt (and refreshed when that changes).
+# TUNSEC_BIN overrides the binary under test (default target/debug/tunsec).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+cargo build
+cargo test
+
+req=tests/interop/requirements.txt
+stamp=.venv/.requirements.installed
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! cmp -s "$req" "$stamp"; then
+    .venv/bin/python -m pip install -q -r "$req"
+    cp "$req" "$stamp"
+fi
+
+# tshark and tcpdump come from Debian; as root, install them when missing.
+missing=()
+for tool in tshark tcpdump; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "scripts/test.sh: tests/interop needs ${missing[*]} (apt-get install -y ${missing[*]})" >&2
+        exit 1
+    fi
+fi
+
+.venv/bin/python -m pytest -q tests/interop "$@"
