@@ -437,10 +437,31 @@ pub fn measure(t: &Transform, size: usize, d: Duration, rounds: usize) -> Result
     Ok([rows[0].clone(), rows[1].clone()])
 }
 
+/// The CPU features the crypto crates pick up at run time.
+pub fn cpu_features() -> Vec<(&'static str, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vec![
+            ("aes", std::arch::is_x86_feature_detected!("aes")),
+            ("pclmulqdq", std::arch::is_x86_feature_detected!("pclmulqdq")),
+            ("sha", std::arch::is_x86_feature_detected!("sha")),
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("vaes", std::arch::is_x86_feature_detected!("vaes")),
+        ]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        vec![]
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let d = Duration::from_millis(args.millis);
     let mut results = Vec::new();
+    let cpu = cpu_features();
     if !args.json {
+        let f: Vec<String> = cpu.iter().map(|(n, on)| format!("{}{n}", if *on { "+" } else { "-" })).collect();
+        println!("cpu: {} (detected at run time; no target-cpu flags needed)", f.join(" "));
         println!(
             "{:<58} {:>3} {:>6} {:>11} {:>9} {:>11} {:>6}",
             "transform", "dir", "size", "packets/s", "Gbit/s", "raw Gbit/s", "ratio"
