@@ -443,7 +443,10 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
     {
         vec![
             ("aes", std::arch::is_x86_feature_detected!("aes")),
-            ("pclmulqdq", std::arch::is_x86_feature_detected!("pclmulqdq")),
+            (
+                "pclmulqdq",
+                std::arch::is_x86_feature_detected!("pclmulqdq"),
+            ),
             ("sha", std::arch::is_x86_feature_detected!("sha")),
             ("avx2", std::arch::is_x86_feature_detected!("avx2")),
             ("vaes", std::arch::is_x86_feature_detected!("vaes")),
@@ -460,8 +463,14 @@ pub fn run(args: &Args) -> Result<()> {
     let mut results = Vec::new();
     let cpu = cpu_features();
     if !args.json {
-        let f: Vec<String> = cpu.iter().map(|(n, on)| format!("{}{n}", if *on { "+" } else { "-" })).collect();
-        println!("cpu: {} (detected at run time; no target-cpu flags needed)", f.join(" "));
+        let f: Vec<String> = cpu
+            .iter()
+            .map(|(n, on)| format!("{}{n}", if *on { "+" } else { "-" }))
+            .collect();
+        println!(
+            "cpu: {} (detected at run time; no target-cpu flags needed)",
+            f.join(" ")
+        );
         println!(
             "{:<58} {:>3} {:>6} {:>11} {:>9} {:>11} {:>6}",
             "transform", "dir", "size", "packets/s", "Gbit/s", "raw Gbit/s", "ratio"

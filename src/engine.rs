@@ -113,7 +113,7 @@ pub struct SaId {
 }
 
 impl SaId {
-    fn of(sa: &Sa) -> SaId {
+    pub fn of(sa: &Sa) -> SaId {
         SaId {
             src: sa.config.src,
             dst: sa.config.dst,

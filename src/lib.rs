@@ -9,6 +9,7 @@ pub mod ah;
 pub mod bench;
 pub mod buf;
 pub mod crypto;
+pub mod daemon;
 pub mod engine;
 pub mod esp;
 pub mod ipcomp;

@@ -44,6 +44,8 @@ enum Cmd {
     Check { config: PathBuf },
     /// Measure the engine against the raw crypto primitives (like `openssl speed`).
     Bench(tunsec::bench::Args),
+    /// Run the data plane: TUN device, raw sockets, routes and nftables.
+    Run(tunsec::daemon::Args),
 }
 
 fn load(path: &PathBuf) -> Result<State> {
@@ -102,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => tunsec::bench::run(&args),
+        Cmd::Run(args) => tunsec::daemon::run(&args),
     }
 }
 
@@ -110,8 +113,10 @@ fn main() -> ExitCode {
     // A one-shot command piped into `head` should end quietly, as Unix
     // tools do, not panic on a closed stdout.
     // SAFETY: setting a signal disposition before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    if !matches!(cli.cmd, Cmd::Run(_)) {
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,6 +48,13 @@ impl State {
         Ok((state, applied, parsed.warnings))
     }
 
+    /// This state with a new generation: for a snapshot changed other than
+    /// by [`State::apply`] (e.g. expired SAs reaped).
+    pub fn renewed(mut self) -> State {
+        self.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+        self
+    }
+
     /// Apply statements to a copy of this state.
     pub fn apply(
         &self,

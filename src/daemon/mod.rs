@@ -1,0 +1,386 @@
+//! `tunsec run`: the daemon. A thin shell around the engine: it creates
+//! the TUN device, the sockets and the plumbing, runs one worker per core,
+//! keeps time (lifetimes), reports events, and undoes everything at exit.
+
+pub mod lock;
+pub mod net;
+pub mod plumbing;
+pub mod tun;
+pub mod workers;
+
+use crate::engine::{DropReason, Event};
+use crate::sad::Expiry;
+use crate::state::State;
+use anyhow::{Context, Result, bail};
+use plumbing::Instance;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use workers::Shared;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// setkey(8) file: policies and (optionally) SAs.
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// Name of the TUN device to create.
+    #[arg(long, default_value = "tunsec0")]
+    pub tun: String,
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Control socket path (one per instance).
+    #[arg(long, default_value = "/run/tunsec/tunsec.sock")]
+    pub control: PathBuf,
+    /// Print every change to interfaces, routes, rules and nftables, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Bytes tunsec may add to a packet: AH with a 256-bit ICV padded for
+/// IPv6 (48), ESP header, IV, padding, trailer and ICV (8 + 16 + 15 + 2 +
+/// 32), IPComp (4), rounded up.
+pub const MAX_OVERHEAD: u16 = 128;
+
+fn log_init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+fn fnv16(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h ^ (h >> 16)) & 0xffff
+}
+
+/// The MTU of the interface the kernel would use to reach `dst` now.
+fn path_mtu(dst: std::net::IpAddr) -> Option<u16> {
+    let out = std::process::Command::new("ip")
+        .args(["route", "get", &dst.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dev = text
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)?
+        .to_string();
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn os_seed() -> Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    Ok(seed)
+}
+
+fn run_cmd(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    log_init();
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read {}", args.config.display()))?;
+    let file = args.config.display().to_string();
+    let (state, _, warnings) = State::default().apply_text(&text, &file, Duration::ZERO)?;
+    for w in &warnings {
+        tracing::warn!("{file}:{}: {}", w.line, w.message);
+    }
+    if args.tun.is_empty() || args.tun.len() > 15 || args.tun.contains(['/', ' ']) {
+        bail!(
+            "--tun {:?}: an interface name has 1 to 15 characters, without '/' or spaces",
+            args.tun
+        );
+    }
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if workers == 0 || workers > 256 {
+        bail!("--workers {workers}: give 1 to 256");
+    }
+    let h = fnv16(&args.tun);
+    let inst = Instance {
+        tun: args.tun.clone(),
+        mark: 0x7453_0000 | h,
+        table: 0x7453_0000 | h,
+        rule_priority: 1000 + h % 1000,
+    };
+    let peers = plumbing::routed_peers(&state);
+    if peers.is_empty() {
+        tracing::warn!(
+            "no outbound ipsec policy names a peer: nothing will be routed into {}",
+            inst.tun
+        );
+    }
+    let link_mtu = peers
+        .iter()
+        .filter_map(|(d, _)| path_mtu(d.addr))
+        .min()
+        .unwrap_or(1500);
+    let mut mtu = link_mtu.saturating_sub(MAX_OVERHEAD);
+    if peers.iter().any(|(d, _)| d.addr.is_ipv6()) && mtu < 1280 {
+        tracing::warn!(
+            "link MTU {link_mtu} leaves {mtu} for {}: raised to IPv6's minimum 1280",
+            inst.tun
+        );
+        mtu = 1280;
+    }
+    let plan = plumbing::plan(&state, &inst);
+    if args.dry_run {
+        println!("# tunsec run --dry-run: the changes a run would make");
+        println!(
+            "ip tuntap add mode tun multi_queue name {} ({workers} queues, by tunsec itself)",
+            inst.tun
+        );
+        println!("ip link set dev {} mtu {mtu} addrgenmode none", inst.tun);
+        println!("sysctl -w net.ipv4.conf.{}.rp_filter=0", inst.tun);
+        println!("ip link set dev {} up", inst.tun);
+        print!("{}", plan.describe());
+        println!(
+            "# sockets: raw IPv4/IPv6 senders with SO_MARK {:#x}; AF_PACKET receivers (fanout, ESP/AH/IPComp filter)",
+            inst.mark
+        );
+        println!(
+            "# at exit: the same, undone in reverse order; the TUN device goes with the process"
+        );
+        return Ok(());
+    }
+
+    // One instance per TUN name per network namespace, and per control path.
+    let _tun_lock = lock::take(
+        &PathBuf::from(lock::LOCK_DIR).join(format!("{}-{}.lock", lock::netns_id(), inst.tun)),
+        &format!("TUN device {}", inst.tun),
+    )?;
+    let mut control_lock = args.control.clone().into_os_string();
+    control_lock.push(".lock");
+    let _control_lock = lock::take(
+        &PathBuf::from(control_lock),
+        &format!("control path {}", args.control.display()),
+    )?;
+
+    let tun = tun::Tun::create(&inst.tun, workers, mtu)?;
+    run_cmd(&["ip", "link", "set", "dev", &inst.tun, "addrgenmode", "none"])?;
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/{}/rp_filter", inst.tun),
+        "0",
+    );
+    run_cmd(&["ip", "link", "set", "dev", &inst.tun, "up"])?;
+
+    let _claims = net::protocol_claims().context("cannot open raw sockets for ESP/AH/IPComp")?;
+    let group = (h ^ std::process::id()) as u16;
+    let mut ios = Vec::new();
+    for q in tun.queues {
+        ios.push(workers::Io {
+            tun: q,
+            packets: net::packet_socket(group).context("cannot open the packet socket")?,
+            sender: net::Sender::new(inst.mark).context("cannot open raw sending sockets")?,
+        });
+    }
+    let applied = plan.apply()?;
+
+    tracing::info!(
+        "tunsec {} up: {} policies, {} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}",
+        env!("CARGO_PKG_VERSION"),
+        state.spd.len(),
+        state.sad.len(),
+        inst.tun,
+        peers
+            .iter()
+            .map(|(d, _)| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for p in state.spd.iter() {
+        tracing::info!("policy {}: {p}", p.id);
+    }
+
+    let shared = Arc::new(Shared::new(state, workers));
+    let result = serve(&shared, ios);
+    shared.stop.store(true, Relaxed);
+    plumbing::undo(&applied);
+    let (c, io) = shared.totals();
+    tracing::info!("final counters: {}", describe_counters(&c, &io));
+    tracing::info!("tunsec down: routes, rules and nftables restored");
+    result
+}
+
+/// Counters as one log line.
+pub fn describe_counters(c: &crate::engine::Counters, io: &workers::IoCounters) -> String {
+    let mut s = format!(
+        "out {} packets {} bytes, in {} packets {} bytes, bypassed {}, tun rx {} tx {} (errors {}), net rx {} tx {} (errors {})",
+        c.out_packets,
+        c.out_bytes,
+        c.in_packets,
+        c.in_bytes,
+        c.bypassed,
+        io.tun_rx,
+        io.tun_tx,
+        io.tun_tx_errors,
+        io.net_rx,
+        io.net_tx,
+        io.net_tx_errors
+    );
+    let drops: Vec<String> = DropReason::ALL
+        .iter()
+        .filter(|r| c.drop_count(**r) > 0)
+        .map(|r| format!("{} {}", r.name(), c.drop_count(*r)))
+        .collect();
+    s.push_str(&format!(", dropped {}", c.total_drops()));
+    if !drops.is_empty() {
+        s.push_str(&format!(" ({})", drops.join(", ")));
+    }
+    s
+}
+
+fn serve(shared: &Arc<Shared>, ios: Vec<workers::Io>) -> Result<()> {
+    let term = Arc::new(AtomicBool::new(false));
+    let usr1 = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, term.clone())?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())?;
+    // The daemon writes to sockets only; a closed pipe must not kill it.
+    // SAFETY: setting a signal disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let mut handles = Vec::new();
+    for (i, io) in ios.into_iter().enumerate() {
+        let s = shared.clone();
+        let seed = os_seed()?;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("tunsec-w{i}"))
+                .spawn(move || workers::run(i, s, io, seed))?,
+        );
+    }
+    let mut acquires: HashMap<String, Instant> = HashMap::new();
+    let mut last_tick = Instant::now();
+    while !term.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if usr1.swap(false, Relaxed) {
+            let (c, io) = shared.totals();
+            tracing::info!("counters: {}", describe_counters(&c, &io));
+        }
+        let events: Vec<Event> =
+            std::mem::take(&mut *shared.events.lock().unwrap_or_else(|e| e.into_inner()));
+        for e in events {
+            report(e, &mut acquires);
+        }
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            expire(shared, &mut acquires);
+        }
+        if handles.iter().any(|h| h.is_finished()) {
+            shared.stop.store(true, Relaxed);
+            for h in handles {
+                let _ = h.join();
+            }
+            bail!("a worker stopped unexpectedly");
+        }
+    }
+    tracing::info!("signal received, stopping");
+    shared.stop.store(true, Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Log an event; ACQUIREs once per (policy, selector) every 10 seconds.
+fn report(e: Event, acquires: &mut HashMap<String, Instant>) {
+    match e {
+        Event::Acquire {
+            policy,
+            src,
+            dst,
+            proto,
+            reqid,
+        } => {
+            let key = format!("{policy} {src} {dst} {proto}");
+            let due = acquires
+                .get(&key)
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+            if due {
+                acquires.insert(key, Instant::now());
+                tracing::warn!(
+                    "ACQUIRE policy {policy}: no usable {proto} SA {src} -> {dst}{}; packets are dropped",
+                    reqid.map(|r| format!(" reqid {r}")).unwrap_or_default()
+                );
+            }
+        }
+        Event::SoftExpire(id) => {
+            tracing::info!(
+                "EXPIRE soft {} {} -> {} spi {:#x}",
+                id.proto,
+                id.src,
+                id.dst,
+                id.spi
+            )
+        }
+        Event::HardExpire(id) => {
+            tracing::warn!(
+                "EXPIRE hard {} {} -> {} spi {:#x}",
+                id.proto,
+                id.src,
+                id.dst,
+                id.spi
+            )
+        }
+    }
+}
+
+/// Lifetimes while no traffic flows: evaluate every SA, report crossings,
+/// and publish a state without the hard-expired ones.
+fn expire(shared: &Shared, acquires: &mut HashMap<String, Instant>) {
+    let now = shared.now();
+    let state = shared.state.load_full();
+    let mut dead = false;
+    for sa in state.sad.iter() {
+        match sa.expiry(now) {
+            (Expiry::Soft, true) => {
+                report(Event::SoftExpire(crate::engine::SaId::of(sa)), acquires)
+            }
+            (Expiry::Hard, first) => {
+                if first {
+                    report(Event::HardExpire(crate::engine::SaId::of(sa)), acquires);
+                }
+                dead = true;
+            }
+            _ => {}
+        }
+    }
+    if dead {
+        let mut next = (*state).clone();
+        let gone = next.sad.reap();
+        shared.state.store(Arc::new(next.renewed()));
+        tracing::info!("removed {} hard-expired SAs", gone.len());
+    }
+}

@@ -1,0 +1,302 @@
+//! The network side of the daemon: raw sockets that send protected (and
+//! bypassed) packets, and packet sockets that receive ESP, AH and IPComp.
+//!
+//! - Sending: `AF_INET`/`SOCK_RAW`/`IPPROTO_RAW` (header included) and the
+//!   IPv6 equivalent with `IPV6_HDRINCL`, both carrying tunsec's firewall
+//!   mark so that policy routing sends them out of the real interface,
+//!   never back into the TUN device.
+//! - Receiving: `AF_PACKET`/`SOCK_DGRAM` sockets, one per worker, joined in
+//!   a fanout group that hashes by flow and defragments first. They see the
+//!   whole IP packet, IPv6 extension headers included (an IPv6 raw socket
+//!   hands over the payload only, and AH needs the header). A classic BPF
+//!   filter passes only ESP, AH and IPComp.
+//! - Silencing: the kernel has no ESP/AH/IPComp handler here and would
+//!   answer "protocol unreachable"; a raw socket bound to each protocol
+//!   (with a drop-everything filter) tells it the protocol is taken.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
+    // SAFETY: `val` points to a live T of the size given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            val as *const T as *const libc::c_void,
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned by the returned OwnedFd.
+    let fd = cvt(unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn attach_filter(fd: RawFd, prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
+}
+
+const fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+// classic BPF opcodes
+const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const SKF_AD_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
+
+/// Pass IPv4 ESP/AH/IPComp, and IPv6 packets whose first next header is one
+/// of them or an extension header that may precede them.
+fn ipsec_filter() -> Vec<libc::sock_filter> {
+    vec![
+        /* 0 */ stmt(LD_H_ABS, SKF_AD_PROTOCOL),
+        /* 1 */ jump(JEQ, 0x0800, 0, 4),
+        /* 2 */ stmt(LD_B_ABS, 9),
+        /* 3 */ jump(JEQ, 50, 11, 0),
+        /* 4 */ jump(JEQ, 51, 10, 0),
+        /* 5 */ jump(JEQ, 108, 9, 10),
+        /* 6 */ jump(JEQ, 0x86dd, 0, 9),
+        /* 7 */ stmt(LD_B_ABS, 6),
+        /* 8 */ jump(JEQ, 50, 6, 0),
+        /* 9 */ jump(JEQ, 51, 5, 0),
+        /* 10 */ jump(JEQ, 108, 4, 0),
+        /* 11 */ jump(JEQ, 0, 3, 0),
+        /* 12 */ jump(JEQ, 60, 2, 0),
+        /* 13 */ jump(JEQ, 43, 1, 2),
+        /* 14 */ stmt(RET, 0), // unreachable filler keeps the offsets readable
+        /* 15 */ stmt(RET, 0x40000),
+        /* 16 */ stmt(RET, 0),
+    ]
+}
+
+/// A receiving packet socket, member of fanout group `group`.
+pub fn packet_socket(group: u16) -> io::Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+    let fd = socket(
+        libc::AF_PACKET,
+        libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+        proto,
+    )?;
+    let raw = fd.as_raw_fd();
+    attach_filter(raw, &ipsec_filter())?;
+    // Our own outgoing ESP is of no interest.
+    let one: libc::c_int = 1;
+    let _ = setsockopt(raw, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one);
+    let rcvbuf: libc::c_int = 8 << 20;
+    let _ = setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &rcvbuf)
+        .or_else(|_| setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf));
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex = 0;
+    cvt(unsafe {
+        libc::bind(
+            raw,
+            &sll as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    // Hash by flow, and reassemble fragments before choosing a member.
+    let fanout: libc::c_int = (group as libc::c_int)
+        | ((libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG) << 16) as libc::c_int;
+    setsockopt(raw, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout)?;
+    Ok(fd)
+}
+
+/// Raw sockets that claim ESP, AH and IPComp for IPv4 and IPv6 so that the
+/// kernel does not answer them with ICMP "protocol unreachable". They
+/// never deliver anything: their filter drops every packet.
+pub fn protocol_claims() -> io::Result<Vec<OwnedFd>> {
+    let mut v = Vec::new();
+    for domain in [libc::AF_INET, libc::AF_INET6] {
+        for proto in [50, 51, 108] {
+            let fd = socket(domain, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto)?;
+            attach_filter(fd.as_raw_fd(), &[stmt(RET, 0)])?;
+            v.push(fd);
+        }
+    }
+    Ok(v)
+}
+
+/// Sockets that send whole IP packets, marked with `mark`.
+pub struct Sender {
+    v4: OwnedFd,
+    v6: OwnedFd,
+}
+
+const IPV6_HDRINCL: libc::c_int = 36;
+
+impl Sender {
+    pub fn new(mark: u32) -> io::Result<Sender> {
+        let v4 = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+        let v6 = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+        let one: libc::c_int = 1;
+        setsockopt(v6.as_raw_fd(), libc::IPPROTO_IPV6, IPV6_HDRINCL, &one)?;
+        let sndbuf: libc::c_int = 8 << 20;
+        for fd in [&v4, &v6] {
+            setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, &mark)?;
+            let _ = setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                &sndbuf,
+            );
+        }
+        Ok(Sender { v4, v6 })
+    }
+
+    /// Send one IP packet to its destination address.
+    pub fn send(&self, pkt: &[u8], dst: IpAddr) -> io::Result<()> {
+        let addr = socket2::SockAddr::from(SocketAddr::new(dst, 0));
+        let fd = if dst.is_ipv4() { &self.v4 } else { &self.v6 };
+        // SAFETY: buffer and address are valid for the call.
+        let r = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                libc::MSG_DONTWAIT,
+                addr.as_ptr(),
+                addr.len(),
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Receive one packet from a packet socket into `buf`. Returns its length,
+/// or `None` when it was not addressed to this host (or nothing was ready).
+pub fn recv_host(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: zeroed sockaddr_ll is valid output space.
+    let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    let n = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            &mut sll as *mut _ as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if sll.sll_pkttype != libc::PACKET_HOST || n > buf.len() {
+        return Ok(None);
+    }
+    Ok(Some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_jumps_stay_inside_the_program() {
+        let p = ipsec_filter();
+        for (i, ins) in p.iter().enumerate() {
+            if ins.code == JEQ {
+                assert!(i + 1 + (ins.jt as usize) < p.len(), "jt of {i}");
+                assert!(i + 1 + (ins.jf as usize) < p.len(), "jf of {i}");
+            }
+        }
+        assert_eq!(p.last().unwrap().code, RET);
+    }
+
+    /// Run the classic BPF program the way the kernel would, on a packet
+    /// with the given ethertype.
+    fn run(prog: &[libc::sock_filter], ethertype: u16, pkt: &[u8]) -> u32 {
+        let mut a: u32 = 0;
+        let mut pc = 0;
+        loop {
+            let ins = prog[pc];
+            match ins.code {
+                LD_H_ABS if ins.k == SKF_AD_PROTOCOL => a = ethertype as u32,
+                LD_B_ABS => match pkt.get(ins.k as usize) {
+                    Some(b) => a = *b as u32,
+                    None => return 0,
+                },
+                JEQ => {
+                    pc += if a == ins.k {
+                        ins.jt as usize
+                    } else {
+                        ins.jf as usize
+                    };
+                }
+                RET => return ins.k,
+                c => panic!("opcode {c}"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn filter_passes_ipsec_only() {
+        let p = ipsec_filter();
+        let mut v4 = vec![0x45u8; 20];
+        for (proto, pass) in [
+            (50u8, true),
+            (51, true),
+            (108, true),
+            (6, false),
+            (17, false),
+            (1, false),
+        ] {
+            v4[9] = proto;
+            assert_eq!(run(&p, 0x0800, &v4) != 0, pass, "IPv4 proto {proto}");
+        }
+        let mut v6 = vec![0x60u8; 40];
+        for (nh, pass) in [
+            (50u8, true),
+            (51, true),
+            (108, true),
+            (0, true),
+            (60, true),
+            (43, true),
+            (6, false),
+            (58, false),
+        ] {
+            v6[6] = nh;
+            assert_eq!(run(&p, 0x86dd, &v6) != 0, pass, "IPv6 next header {nh}");
+        }
+        assert_eq!(run(&p, 0x0806, &v4), 0, "ARP");
+    }
+}

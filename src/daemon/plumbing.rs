@@ -1,0 +1,362 @@
+//! What the daemon changes in the host's networking, as a plan of commands
+//! with their undo: routes that send the protected peers' traffic into the
+//! TUN device, a policy-routing rule that lets tunsec's own (marked)
+//! packets bypass those routes, and an nftables table that refuses
+//! plaintext the inbound SPD says must be protected. `--dry-run` prints the
+//! plan; a run applies it and undoes it in reverse at exit. Undo commands
+//! are also run (errors ignored) before applying, so a crashed instance
+//! leaves nothing that blocks the next start.
+
+use crate::spd::{Action, Dir, Policy, Prefix};
+use crate::state::State;
+use anyhow::{Context, Result, bail};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+/// One change and how to take it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub apply: Vec<String>,
+    pub undo: Vec<String>,
+    /// Text fed to the command's standard input (nft rulesets).
+    pub stdin: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+/// Names and numbers owned by one instance.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub tun: String,
+    /// Firewall mark on tunsec's sending sockets.
+    pub mark: u32,
+    /// Routing table holding the routes into the TUN device.
+    pub table: u32,
+    /// Priority of the policy-routing rule.
+    pub rule_priority: u32,
+}
+
+impl Instance {
+    /// Numbers derived from the TUN device's interface index, which is
+    /// unique within the network namespace.
+    pub fn new(tun: &str, ifindex: u32) -> Instance {
+        Instance {
+            tun: tun.to_string(),
+            mark: 0x7453_0000 | (ifindex & 0xffff),
+            table: 0x7453_0000 | (ifindex & 0xffff),
+            rule_priority: 1000 + (ifindex % 1000),
+        }
+    }
+
+    pub fn nft_table(&self) -> String {
+        format!(
+            "tunsec_{}",
+            self.tun.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
+    }
+}
+
+fn argv(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn fam(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "-4" } else { "-6" }
+}
+
+/// Destinations (and the local source to use) of outbound policies that
+/// tunsec must see: `ipsec` ones and bypasses, except catch-all prefixes.
+pub fn routed_peers(state: &State) -> Vec<(Prefix, Option<IpAddr>)> {
+    let mut v: Vec<(Prefix, Option<IpAddr>)> = Vec::new();
+    for p in state.spd.iter().filter(|p| p.dir == Dir::Out) {
+        let s = &p.selector;
+        if s.dst.len == 0 || matches!(p.action, Action::Discard) {
+            continue;
+        }
+        if matches!(p.action, Action::Bypass)
+            && !state.spd.iter().any(|q| {
+                q.dir == Dir::Out && matches!(q.action, Action::Ipsec(_)) && q.selector.dst == s.dst
+            })
+        {
+            continue;
+        }
+        let src = s.src.is_host().then_some(s.src.addr);
+        if !v.iter().any(|(d, _)| *d == s.dst) {
+            v.push((s.dst, src));
+        }
+    }
+    v
+}
+
+/// The plan for `state` on this instance.
+pub fn plan(state: &State, inst: &Instance) -> Plan {
+    let mut steps = Vec::new();
+    let peers = routed_peers(state);
+    for fam_flag in ["-4", "-6"] {
+        if !peers.iter().any(|(d, _)| fam(d.addr) == fam_flag) {
+            continue;
+        }
+        let rule = format!(
+            "ip {fam_flag} rule add not fwmark {:#x} table {} priority {}",
+            inst.mark, inst.table, inst.rule_priority
+        );
+        steps.push(Step {
+            undo: argv(&rule.replace(" add ", " del ")),
+            apply: argv(&rule),
+            stdin: None,
+        });
+    }
+    for (dst, src) in &peers {
+        let mut r = format!(
+            "ip {} route replace {} dev {} table {}",
+            fam(dst.addr),
+            dst,
+            inst.tun,
+            inst.table
+        );
+        if let Some(src) = src {
+            write!(r, " src {src}").unwrap();
+        }
+        let undo = format!(
+            "ip {} route del {} dev {} table {}",
+            fam(dst.addr),
+            dst,
+            inst.tun,
+            inst.table
+        );
+        steps.push(Step {
+            apply: argv(&r),
+            undo: argv(&undo),
+            stdin: None,
+        });
+    }
+    let ruleset = nft_ruleset(state, inst);
+    steps.push(Step {
+        apply: argv("nft -f -"),
+        undo: argv(&format!("nft delete table inet {}", inst.nft_table())),
+        stdin: Some(ruleset),
+    });
+    Plan { steps }
+}
+
+fn addr_match(p: &Prefix, dir: &str) -> Option<String> {
+    if p.len == 0 {
+        return None;
+    }
+    let f = if p.addr.is_ipv4() { "ip" } else { "ip6" };
+    Some(if p.is_host() {
+        format!("{f} {dir} {}", p.addr)
+    } else {
+        format!("{f} {dir} {p}")
+    })
+}
+
+/// The nftables match for a policy's selector.
+fn nft_match(p: &Policy) -> String {
+    let s = &p.selector;
+    let mut m = Vec::new();
+    m.push(if s.src.addr.is_ipv4() {
+        "meta nfproto ipv4".to_string()
+    } else {
+        "meta nfproto ipv6".to_string()
+    });
+    m.extend(addr_match(&s.src, "saddr"));
+    m.extend(addr_match(&s.dst, "daddr"));
+    if let Some(proto) = s.proto {
+        m.push(format!("meta l4proto {proto}"));
+        match proto {
+            1 | 58 => {
+                let kw = if proto == 1 { "icmp" } else { "icmpv6" };
+                if let Some(t) = s.sport {
+                    m.push(format!("{kw} type {t}"));
+                }
+                if let Some(c) = s.dport {
+                    m.push(format!("{kw} code {c}"));
+                }
+            }
+            _ => {
+                if let Some(sp) = s.sport {
+                    m.push(format!("th sport {sp}"));
+                }
+                if let Some(dp) = s.dport {
+                    m.push(format!("th dport {dp}"));
+                }
+            }
+        }
+    }
+    m.join(" ")
+}
+
+/// The nftables table that enforces the inbound SPD on packets that did
+/// not come through tunsec: the kernel would otherwise hand plaintext from
+/// a peer straight to the application.
+pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
+    let t = inst.nft_table();
+    let mut r = String::new();
+    // Declaring, then deleting, then declaring again makes the load
+    // atomic and idempotent (a stale table from a crash is replaced).
+    writeln!(
+        r,
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "  chain input {{\n    type filter hook input priority filter - 10; policy accept;"
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    iifname \"{}\" accept comment \"decapsulated by tunsec\"",
+        inst.tun
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    meta l4proto {{ 50, 51, 108 }} accept comment \"ESP, AH, IPComp go to tunsec\""
+    )
+    .unwrap();
+    for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
+        let verdict = match &p.action {
+            Action::Bypass => "accept",
+            Action::Discard => "counter drop",
+            Action::Ipsec(rules)
+                if rules
+                    .iter()
+                    .any(|r| r.level.required() && r.proto != crate::sad::Proto::IpComp) =>
+            {
+                "counter drop"
+            }
+            Action::Ipsec(_) => "accept",
+        };
+        writeln!(
+            r,
+            "    {} {verdict} comment \"policy {}\"",
+            nft_match(p),
+            p.id
+        )
+        .unwrap();
+    }
+    writeln!(r, "  }}\n}}").unwrap();
+    r
+}
+
+impl Plan {
+    /// Shell-like lines for `--dry-run` and the log.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        for step in &self.steps {
+            writeln!(s, "{}", step.apply.join(" ")).unwrap();
+            if let Some(input) = &step.stdin {
+                for line in input.lines() {
+                    writeln!(s, "    {line}").unwrap();
+                }
+            }
+        }
+        s
+    }
+
+    /// Apply every step; on failure undo what was applied and report.
+    /// Returns the steps applied (to undo at exit).
+    pub fn apply(&self) -> Result<Vec<Step>> {
+        for step in self.steps.iter().rev() {
+            let _ = run(&step.undo, None);
+        }
+        let mut done = Vec::new();
+        for step in &self.steps {
+            if let Err(e) = run(&step.apply, step.stdin.as_deref()) {
+                undo(&done);
+                return Err(e);
+            }
+            done.push(step.clone());
+        }
+        Ok(done)
+    }
+}
+
+/// Undo applied steps in reverse order; errors are logged, not fatal.
+pub fn undo(done: &[Step]) {
+    for step in done.iter().rev() {
+        if let Err(e) = run(&step.undo, None) {
+            tracing::warn!("undo failed: {e:#}");
+        }
+    }
+}
+
+fn run(args: &[String], stdin: Option<&str>) -> Result<()> {
+    use std::io::Write;
+    let mut cmd = Command::new(&args[0]);
+    cmd.args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", args[0]))?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn seed() -> State {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/netns/seed-linux-windows.conf"
+        ))
+        .unwrap();
+        State::default()
+            .apply_text(&text, "seed", Duration::ZERO)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn seed_plan_routes_the_peers_and_refuses_their_plaintext() {
+        let inst = Instance::new("tunsec0", 7);
+        let p = plan(&seed(), &inst);
+        let d = p.describe();
+        assert!(
+            d.contains("ip -4 rule add not fwmark 0x74530007 table 1951596551 priority 1007"),
+            "{d}"
+        );
+        assert!(d.contains("ip -4 route replace 172.17.207.66/32 dev tunsec0 table 1951596551 src 172.17.207.12"), "{d}");
+        assert!(d.contains("ip -6 route replace 2001:470:1f09:11ed::42/128 dev tunsec0 table 1951596551 src 2001:470:1f09:11ed::c"), "{d}");
+        // ICMP bypass first (priority 10), then the ipsec policy refuses plaintext
+        let icmp = d.find("meta nfproto ipv4 meta l4proto 1 accept").expect(&d);
+        let drop = d
+            .find("meta nfproto ipv4 ip saddr 172.17.207.66 ip daddr 172.17.207.12 counter drop")
+            .expect(&d);
+        assert!(icmp < drop);
+        assert!(
+            !d.contains("0.0.0.0/0 dev"),
+            "catch-all bypasses are not routed"
+        );
+        assert!(p.steps.iter().all(|s| !s.undo.is_empty()));
+    }
+}
