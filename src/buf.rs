@@ -70,6 +70,19 @@ impl PacketBuf {
         &mut self.mem[HEADROOM..cap]
     }
 
+    /// The whole allocation but the tailroom, for batch readers that write
+    /// a packet at offset [`HEADROOM`] themselves; then call
+    /// [`PacketBuf::set_loaded`].
+    pub fn raw_mut(&mut self) -> &mut [u8] {
+        let cap = self.mem.len() - TAILROOM;
+        &mut self.mem[..cap]
+    }
+
+    /// See [`PacketBuf::raw_mut`].
+    pub fn raw(&self) -> &[u8] {
+        &self.mem[..self.mem.len() - TAILROOM]
+    }
+
     /// After writing `n` bytes into [`PacketBuf::load_area`].
     pub fn set_loaded(&mut self, n: usize) {
         self.start = HEADROOM;

@@ -199,7 +199,12 @@ pub fn run(args: &Args) -> Result<()> {
     for q in tun.queues {
         ios.push(workers::Io {
             tun: q,
-            packets: net::packet_socket(group).context("cannot open the packet socket")?,
+            packets: [
+                net::packet_socket(group, libc::ETH_P_IP as u16)
+                    .context("cannot open the IPv4 packet socket")?,
+                net::packet_socket(group.wrapping_add(1), libc::ETH_P_IPV6 as u16)
+                    .context("cannot open the IPv6 packet socket")?,
+            ],
             sender: net::Sender::new(inst.mark).context("cannot open raw sending sockets")?,
         });
     }

@@ -26,6 +26,7 @@ impl Tun {
             .name(name)
             .mtu(mtu)
             .multi_queue(true)
+            .offload(true)
             .enable(false)
             .build_sync()
             .with_context(|| {

@@ -5,7 +5,7 @@
 //! writes the results; it re-reads the state snapshot once per batch.
 
 use super::net::{self, Sender};
-use crate::buf::PacketBuf;
+use crate::buf::{HEADROOM, PacketBuf};
 use crate::engine::{self, Counters, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tun_rs::SyncDevice;
+use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 /// Packets taken from one side before looking at the other.
 pub const BATCH: usize = 64;
@@ -90,11 +90,12 @@ impl Shared {
 
 pub struct Io {
     pub tun: SyncDevice,
-    pub packets: OwnedFd,
+    /// Packet sockets for IPv4 and IPv6.
+    pub packets: [OwnedFd; 2],
     pub sender: Sender,
 }
 
-fn dst_of(pkt: &[u8]) -> Option<IpAddr> {
+pub fn dst_of(pkt: &[u8]) -> Option<IpAddr> {
     match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&pkt[16..20]).ok()?)),
         6 if pkt.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&pkt[24..40]).ok()?)),
@@ -114,14 +115,173 @@ fn ensure_ipv4_id(buf: &mut PacketBuf, next_id: &mut u16) {
     }
 }
 
+/// A packet buffer as the batch readers see it: the whole allocation,
+/// written at [`HEADROOM`].
+struct Slot(PacketBuf);
+
+impl AsRef<[u8]> for Slot {
+    fn as_ref(&self) -> &[u8] {
+        self.0.raw()
+    }
+}
+
+impl AsMut<[u8]> for Slot {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.0.raw_mut()
+    }
+}
+
+/// Rounds of batches taken from one side before turning to the other.
+const ROUNDS: usize = 8;
+
+struct Loop {
+    id: usize,
+    w: Worker,
+    ioc: IoCounters,
+    slots: Vec<Slot>,
+    sizes: [usize; BATCH],
+    /// TUN offload: the raw read (virtio header + up to 64 KiB), and the
+    /// coalescing state and buffers for writes.
+    offload: bool,
+    original: Vec<u8>,
+    gro: GROTable,
+    gro_bufs: Vec<Vec<u8>>,
+    ip_id: u16,
+}
+
+impl Loop {
+    /// TUN -> engine outbound -> raw sockets, in batches.
+    fn outbound(&mut self, io: &Io, state: &State, now: Duration) {
+        for _ in 0..ROUNDS {
+            let n = if self.offload {
+                match io.tun.recv_multiple(
+                    &mut self.original,
+                    &mut self.slots,
+                    &mut self.sizes,
+                    HEADROOM,
+                ) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) => {
+                        tracing::warn!("worker {}: TUN read: {e}", self.id);
+                        return;
+                    }
+                }
+            } else {
+                match io.tun.recv(self.slots[0].0.load_area()) {
+                    Ok(n) => {
+                        self.sizes[0] = n;
+                        1
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) => {
+                        tracing::warn!("worker {}: TUN read: {e}", self.id);
+                        return;
+                    }
+                }
+            };
+            let mut keep = [false; BATCH];
+            for (i, slot) in self.slots.iter_mut().enumerate().take(n) {
+                slot.0.set_loaded(self.sizes[i]);
+                self.ioc.tun_rx += 1;
+                ensure_ipv4_id(&mut slot.0, &mut self.ip_id);
+                keep[i] =
+                    engine::outbound(state, &mut self.w, &mut slot.0, now) == Verdict::Forward;
+            }
+            let mut out: [&[u8]; BATCH] = [&[]; BATCH];
+            let mut k = 0;
+            for (i, slot) in self.slots.iter().enumerate().take(n) {
+                if keep[i] {
+                    out[k] = slot.0.data();
+                    k += 1;
+                }
+            }
+            let (sent, failed) = io.sender.send_batch(&out[..k]);
+            self.ioc.net_tx += sent as u64;
+            self.ioc.net_tx_errors += failed as u64;
+        }
+    }
+
+    /// packet socket -> engine inbound -> TUN, in batches.
+    fn inbound(&mut self, io: &Io, fd: std::os::fd::RawFd, state: &State, now: Duration) {
+        for _ in 0..ROUNDS {
+            let n = match net::recv_batch(fd, &mut self.slots, HEADROOM, &mut self.sizes) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("worker {}: packet socket: {e}", self.id);
+                    return;
+                }
+            };
+            let mut k = 0;
+            for i in 0..n {
+                if self.sizes[i] == 0 {
+                    continue;
+                }
+                let buf = &mut self.slots[i].0;
+                buf.set_loaded(self.sizes[i]);
+                self.ioc.net_rx += 1;
+                if let Some(len) = packet::ip_len(buf.data())
+                    && len < buf.len()
+                {
+                    buf.truncate(len);
+                    self.ioc.net_rx_trimmed += 1;
+                }
+                if engine::inbound(state, &mut self.w, buf, now) != Verdict::Forward {
+                    continue;
+                }
+                if self.offload {
+                    // Coalesced writes want every packet at one offset, after
+                    // room for the virtio header.
+                    let g = &mut self.gro_bufs[k];
+                    g.clear();
+                    g.resize(VIRTIO_NET_HDR_LEN, 0);
+                    g.extend_from_slice(buf.data());
+                    k += 1;
+                } else {
+                    match io.tun.send(buf.data()) {
+                        Ok(_) => self.ioc.tun_tx += 1,
+                        Err(_) => self.ioc.tun_tx_errors += 1,
+                    }
+                }
+            }
+            if k > 0 {
+                match io.tun.send_multiple(
+                    &mut self.gro,
+                    &mut self.gro_bufs[..k],
+                    VIRTIO_NET_HDR_LEN,
+                ) {
+                    Ok(_) => self.ioc.tun_tx += k as u64,
+                    Err(_) => self.ioc.tun_tx_errors += k as u64,
+                }
+            }
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+}
+
 pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
-    let mut w = Worker::new(seed);
-    let mut ioc = IoCounters::default();
-    let mut buf = PacketBuf::new();
-    let mut ip_id: u16 = (seed[0] as u16) << 8 | seed[1] as u16;
+    let offload = io.tun.tcp_gso();
+    let mut l = Loop {
+        id,
+        w: Worker::new(seed),
+        ioc: IoCounters::default(),
+        slots: (0..BATCH).map(|_| Slot(PacketBuf::new())).collect(),
+        sizes: [0; BATCH],
+        offload,
+        original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
+        gro: GROTable::default(),
+        gro_bufs: (0..BATCH)
+            .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535))
+            .collect(),
+        ip_id: (seed[0] as u16) << 8 | seed[1] as u16,
+    };
     let mut last_publish = Instant::now();
     let tun_fd = io.tun.as_raw_fd();
-    let pkt_fd = io.packets.as_raw_fd();
+    let pkt_fds = [io.packets[0].as_raw_fd(), io.packets[1].as_raw_fd()];
     while !shared.stop.load(Relaxed) {
         let mut fds = [
             libc::pollfd {
@@ -130,13 +290,18 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
                 revents: 0,
             },
             libc::pollfd {
-                fd: pkt_fd,
+                fd: pkt_fds[0],
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pkt_fds[1],
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
         // SAFETY: fds is a valid array for the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, 100) };
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             tracing::error!("worker {id}: poll: {}", io::Error::last_os_error());
             break;
@@ -144,68 +309,25 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
         let state = shared.state.load();
         let now = shared.now();
         if fds[0].revents & libc::POLLIN != 0 {
-            for _ in 0..BATCH {
-                let n = match io.tun.recv(buf.load_area()) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::warn!("worker {id}: TUN read: {e}");
-                        break;
-                    }
-                };
-                buf.set_loaded(n);
-                ioc.tun_rx += 1;
-                ensure_ipv4_id(&mut buf, &mut ip_id);
-                if engine::outbound(&state, &mut w, &mut buf, now) == Verdict::Forward {
-                    let Some(dst) = dst_of(buf.data()) else {
-                        continue;
-                    };
-                    match io.sender.send(buf.data(), dst) {
-                        Ok(()) => ioc.net_tx += 1,
-                        Err(_) => ioc.net_tx_errors += 1,
-                    };
-                }
+            l.outbound(&io, &state, now);
+        }
+        for (i, fd) in pkt_fds.iter().enumerate() {
+            if fds[1 + i].revents & libc::POLLIN != 0 {
+                l.inbound(&io, *fd, &state, now);
             }
         }
-        if fds[1].revents & libc::POLLIN != 0 {
-            for _ in 0..BATCH {
-                let n = match net::recv_host(pkt_fd, buf.load_area()) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::warn!("worker {id}: packet socket: {e}");
-                        break;
-                    }
-                };
-                buf.set_loaded(n);
-                ioc.net_rx += 1;
-                if let Some(len) = packet::ip_len(buf.data())
-                    && len < buf.len()
-                {
-                    buf.truncate(len);
-                    ioc.net_rx_trimmed += 1;
-                }
-                if engine::inbound(&state, &mut w, &mut buf, now) == Verdict::Forward {
-                    match io.tun.send(buf.data()) {
-                        Ok(_) => ioc.tun_tx += 1,
-                        Err(_) => ioc.tun_tx_errors += 1,
-                    };
-                }
-            }
-        }
-        if !w.events.is_empty() {
+        if !l.w.events.is_empty() {
             shared
                 .events
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .append(&mut w.events);
+                .append(&mut l.w.events);
         }
         if last_publish.elapsed() >= Duration::from_millis(500) {
             shared.counters.lock().unwrap_or_else(|e| e.into_inner())[id] =
-                (w.counters.clone(), ioc.clone());
+                (l.w.counters.clone(), l.ioc.clone());
             last_publish = Instant::now();
         }
     }
-    shared.counters.lock().unwrap_or_else(|e| e.into_inner())[id] = (w.counters.clone(), ioc);
+    shared.counters.lock().unwrap_or_else(|e| e.into_inner())[id] = (l.w.counters.clone(), l.ioc);
 }
