@@ -1,47 +1,91 @@
 #!/usr/bin/env bash
-# tunsec's demo: the seed's Linux-to-Windows host-to-host setup (ESP+AH in
-# transport mode, ICMP bypassed, IPv4 and IPv6), run offline through
-# `tunsec pcap` on the shipped sample traffic: protect on one host, show the
-# wire as tcpdump sees it, recover on the peer and compare.
-# Keys are generated fresh in a temporary directory and never kept.
+# tunsec's main job, shown: two hosts in two network namespaces, each
+# running `tunsec run` with the seed's Linux-to-Windows policies (ESP
+# aes-cbc + hmac-sha1 under AH hmac-sha1, ICMP bypassed, IPv4 and IPv6) and
+# fresh keys. Real TCP goes both ways; tcpdump on the wire shows what the
+# seed's capture showed; everything is cleaned up at the end.
+# Needs root; installs iperf3/tcpdump via apt if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v tcpdump >/dev/null || { echo "demo: needs tcpdump (apt-get install -y tcpdump)" >&2; exit 1; }
-cargo build --release --quiet
-bin=target/release/tunsec
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-
-key() { echo "0x$(od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n')"; }
-A4=172.17.207.12 B4=172.17.207.66 A6=2001:470:1f09:11ed::c B6=2001:470:1f09:11ed::42
-# As racoon negotiated them in the seed: ESP aes-cbc + hmac-sha1, AH hmac-sha1.
-{
-  for pair in "$A4 $B4 0x1001" "$B4 $A4 0x2001" "$A6 $B6 0x1101" "$B6 $A6 0x2101"; do
-    set -- $pair
-    echo "add $1 $2 esp $3 -r 64 -E aes-cbc $(key 16) -A hmac-sha1 $(key 20);"
-    echo "add $1 $2 ah $(printf '0x%x' $(( $3 + 0x10 ))) -r 64 -A hmac-sha1 $(key 20);"
-  done
-} > "$tmp/sas.conf"
-cat netns/seed-linux-windows.conf "$tmp/sas.conf" > "$tmp/linux.conf"
-cat netns/seed-windows-peer.conf "$tmp/sas.conf" > "$tmp/windows.conf"
-
-echo "== Linux host protects its traffic (tunsec pcap --direction out)"
-$bin pcap --config "$tmp/linux.conf" --direction out tests/data/seed-a.pcap "$tmp/a-wire.pcap"
-echo "== Windows host protects its replies"
-$bin pcap --config "$tmp/windows.conf" --direction out tests/data/seed-b.pcap "$tmp/b-wire.pcap"
-echo "== On the wire (tcpdump -n), as in the seed: AH+ESP for TCP/UDP, ICMP in the clear"
-tcpdump -nr "$tmp/a-wire.pcap" 2>/dev/null | head -n 4
-tcpdump -nr "$tmp/b-wire.pcap" 2>/dev/null | head -n 2
-tcpdump -nr "$tmp/a-wire.pcap" 2>/dev/null | grep -E 'ICMP' | head -n 2
-if tcpdump -Ar "$tmp/a-wire.pcap" 2>/dev/null | grep -q TUNSEC-SAMPLE-MARKER; then
-  echo "demo: FAILED: the marker string is visible on the wire" >&2; exit 1
+[ "$(id -u)" = 0 ] || { echo "demo: run as root (network namespaces, TUN devices)" >&2; exit 1; }
+missing=()
+for t in iperf3 tcpdump ping nft; do command -v $t >/dev/null || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sed 's/^ping$/iputils-ping/; s/^nft$/nftables/' | tr '\n' ' ')
+  echo "demo: installing $pkgs"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
 fi
-echo "== Each peer verifies, decrypts and checks its inbound policy (--direction in)"
-$bin pcap --config "$tmp/windows.conf" --direction in "$tmp/a-wire.pcap" "$tmp/a-back.pcap"
-$bin pcap --config "$tmp/linux.conf" --direction in "$tmp/b-wire.pcap" "$tmp/b-back.pcap"
-for x in a b; do
-  if ! diff <(tcpdump -nxr tests/data/seed-$x.pcap 2>/dev/null) <(tcpdump -nxr "$tmp/$x-back.pcap" 2>/dev/null) >/dev/null; then
-    echo "demo: FAILED: recovered traffic differs from the original" >&2; exit 1
-  fi
-done
-echo "== Recovered packets are byte-identical to the originals. Demo OK."
+export NS_A=demoA NS_B=demoB
+. netns/lib.sh
+echo "== building tunsec (release)"
+cargo build --release --quiet
+bin=$PWD/target/release/tunsec
+tmp=$(mktemp -d)
+cleanup() {
+  for ns in "$NS_A" "$NS_B"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
+  sleep 0.5
+  netns/down.sh >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+echo "== two hosts: $NS_A ($A4, $A6) and $NS_B ($B4, $B6), joined by a veth pair"
+netns/up.sh >/dev/null
+netns/mkconf.sh windows "$tmp"
+echo "== policies (the seed's, for these addresses) and fresh SAs: $NS_A's file"
+grep -v '^add' "$tmp/a.conf" | sed 's/^/   /'
+grep '^add' "$tmp/a.conf" | sed -E 's/0x[0-9a-f]{16,}/<fresh key>/g; s/^/   /'
+rules_before=$(ip netns exec "$NS_A" ip rule)
+
+echo "== starting tunsec run in each namespace"
+ip netns exec "$NS_A" "$bin" run -c "$tmp/a.conf" --tun tsec0 --control "/run/tunsec/$NS_A.sock" >"$tmp/a.log" 2>&1 &
+pa=$!
+ip netns exec "$NS_B" "$bin" run -c "$tmp/b.conf" --tun tsec0 --control "/run/tunsec/$NS_B.sock" >"$tmp/b.log" 2>&1 &
+pb=$!
+for _ in $(seq 50); do grep -q " up: " "$tmp/a.log" && grep -q " up: " "$tmp/b.log" && break; sleep 0.1; done
+grep " up: " "$tmp/a.log" | sed 's/^.*INFO[^a-z]*/   /'
+
+ip netns exec "$NS_B" iperf3 -s -D -p 5201 >/dev/null 2>&1
+# Any TCP or UDP between the hosts in the clear, during the whole demo?
+ip netns exec "$NS_B" tcpdump -ni tsb0 -c 1 -w "$tmp/plain.pcap" 'tcp or udp' >/dev/null 2>&1 &
+tdp=$!
+# The first packets of each phase, for display.
+capture() { ip netns exec "$NS_B" tcpdump -ni tsb0 -c "$1" -w "$tmp/$2.pcap" "$3" >/dev/null 2>&1 & }
+sleep 1
+echo "== ping $B4 and $B6 (ICMP is bypassed: in the clear, as in the seed)"
+capture 8 icmp '(icmp or icmp6) and not ip6[40] > 129'
+sleep 1
+ip netns exec "$NS_A" ping -c 2 -W 2 "$B4" | tail -2 | sed 's/^/   /'
+ip netns exec "$NS_A" ping -c 2 -W 2 "$B6" | tail -2 | sed 's/^/   /'
+echo "== TCP $NS_A -> $NS_B over IPv4 (iperf3, 3 s)"
+capture 6 v4 'ip proto 51'
+sleep 0.5
+ip netns exec "$NS_A" iperf3 -c "$B4" -p 5201 -t 3 | grep -E 'receiver' | sed 's/^/   /'
+echo "== TCP $NS_B -> $NS_A over IPv6 (iperf3 -R, 3 s)"
+capture 6 v6 'ip6 proto 51'
+sleep 0.5
+ip netns exec "$NS_A" iperf3 -c "$B6" -p 5201 -t 3 -R | grep -E 'receiver' | sed 's/^/   /'
+sleep 0.5
+for ns in "$NS_B"; do ip netns pids "$ns" | xargs -r ps -o pid=,comm= -p 2>/dev/null | awk '$2=="tcpdump"{print $1}' | xargs -r kill -INT 2>/dev/null || true; done
+sleep 0.5
+
+echo "== on the wire (tcpdump -n on $NS_B's veth): AH(...): ESP(...) both ways, ICMP plain"
+show() { tcpdump -nr "$tmp/$1.pcap" 2>/dev/null | head -n "$2" | sed 's/^/   /' || true; }
+show v4 3
+show v6 3
+show icmp 8
+plain=$(tcpdump -nr "$tmp/plain.pcap" 2>/dev/null | wc -l)
+echo "   TCP/UDP packets in the clear between the hosts during the demo: $plain"
+
+echo "== stopping the daemons: counters, and everything restored"
+kill -TERM "$pa" "$pb"
+wait "$pa" "$pb" 2>/dev/null || true
+grep "final counters" "$tmp/a.log" | sed 's/^.*final/   A: final/'
+grep "final counters" "$tmp/b.log" | sed 's/^.*final/   B: final/'
+if [ "$(ip netns exec "$NS_A" ip rule)" = "$rules_before" ] && ! ip netns exec "$NS_A" nft list tables | grep -q tunsec; then
+  echo "   $NS_A's rules and nftables are as before"
+else
+  echo "demo: FAILED: $NS_A's plumbing was not restored" >&2; exit 1
+fi
+[ "$plain" = 0 ] || { echo "demo: FAILED: plaintext TCP/UDP on the wire" >&2; exit 1; }
+echo "== demo OK"

@@ -37,6 +37,10 @@ pub struct Args {
     /// Print every change to interfaces, routes, rules and nftables, and exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Open the TUN device without IFF_VNET_HDR offloads: one packet per
+    /// read and write (for comparison and for kernels without TUN offload).
+    #[arg(long)]
+    pub no_offload: bool,
 }
 
 /// Bytes tunsec may add to a packet: AH with a 256-bit ICV padded for
@@ -185,7 +189,7 @@ pub fn run(args: &Args) -> Result<()> {
         &format!("control path {}", args.control.display()),
     )?;
 
-    let tun = tun::Tun::create(&inst.tun, workers, mtu)?;
+    let tun = tun::Tun::create(&inst.tun, workers, mtu, !args.no_offload)?;
     run_cmd(&["ip", "link", "set", "dev", &inst.tun, "addrgenmode", "none"])?;
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv4/conf/{}/rp_filter", inst.tun),

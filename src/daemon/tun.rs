@@ -15,8 +15,9 @@ pub struct Tun {
 
 impl Tun {
     /// Create `name` with `queues` queues and the given MTU, down; the
-    /// caller configures and raises it.
-    pub fn create(name: &str, queues: usize, mtu: u16) -> Result<Tun> {
+    /// caller configures and raises it. With `offload`, reads may return
+    /// GSO super-packets and writes may coalesce (IFF_VNET_HDR).
+    pub fn create(name: &str, queues: usize, mtu: u16, offload: bool) -> Result<Tun> {
         if std::path::Path::new("/sys/class/net").join(name).exists() {
             bail!(
                 "interface {name} exists already (another tunsec instance, or pick another name with --tun)"
@@ -26,7 +27,7 @@ impl Tun {
             .name(name)
             .mtu(mtu)
             .multi_queue(true)
-            .offload(true)
+            .offload(offload)
             .enable(false)
             .build_sync()
             .with_context(|| {
