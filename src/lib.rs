@@ -8,6 +8,8 @@
 pub mod ah;
 pub mod bench;
 pub mod buf;
+pub mod client;
+pub mod control;
 pub mod crypto;
 pub mod daemon;
 pub mod engine;

@@ -46,6 +46,10 @@ enum Cmd {
     Bench(tunsec::bench::Args),
     /// Run the data plane: TUN device, raw sockets, routes and nftables.
     Run(tunsec::daemon::Args),
+    /// Talk to a running daemon like setkey(8): -f FILE, -c, -D, -DP, -F, -FP, -x.
+    Setkey(tunsec::client::SetkeyArgs),
+    /// Counters of a running daemon: traffic, drops by reason, per-SA rates.
+    Stats(tunsec::client::StatsArgs),
 }
 
 fn load(path: &PathBuf) -> Result<State> {
@@ -105,6 +109,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(args) => tunsec::bench::run(&args),
         Cmd::Run(args) => tunsec::daemon::run(&args),
+        Cmd::Setkey(args) => tunsec::client::setkey(&args),
+        Cmd::Stats(args) => tunsec::client::stats(&args),
     }
 }
 

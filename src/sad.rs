@@ -377,8 +377,14 @@ pub struct Sad {
     by_spi: FxHashMap<SpiKey, Arc<Sa>>,
     /// Outbound index: (src, dst, proto), newest last.
     by_pair: FxHashMap<(IpAddr, IpAddr, Proto), Vec<Arc<Sa>>>,
+    /// SPIs reserved by `getspi` (larval SAs): source and expiry time.
+    larval: FxHashMap<SpiKey, (IpAddr, Duration)>,
     next_serial: u64,
 }
+
+/// How long a larval SA waits for its `update` (Linux uses 30 s for SAs
+/// in ACQUIRE state).
+pub const LARVAL_LIFETIME: Duration = Duration::from_secs(30);
 
 impl Sad {
     pub fn len(&self) -> usize {
@@ -389,9 +395,55 @@ impl Sad {
         self.by_spi.is_empty()
     }
 
+    /// Is (dst, proto, spi) taken, by an SA or a reservation alive at `now`?
+    pub fn spi_in_use(&self, dst: IpAddr, proto: Proto, spi: u32, now: Duration) -> bool {
+        let k = SpiKey(dst, proto, spi);
+        self.by_spi.contains_key(&k) || self.larval.get(&k).is_some_and(|(_, exp)| *exp > now)
+    }
+
+    /// Reserve `spi` (setkey `getspi`) until `now + LARVAL_LIFETIME`.
+    pub fn reserve(&mut self, src: IpAddr, dst: IpAddr, proto: Proto, spi: u32, now: Duration) {
+        self.larval
+            .insert(SpiKey(dst, proto, spi), (src, now + LARVAL_LIFETIME));
+    }
+
+    /// Is there a live reservation for this SA?
+    pub fn is_larval(&self, config: &SaConfig, now: Duration) -> bool {
+        self.larval
+            .get(&SpiKey(config.dst, config.proto, config.wire_spi()))
+            .is_some_and(|(src, exp)| *src == config.src && *exp > now)
+    }
+
+    /// Larval SAs: (src, dst, proto, spi, expiry).
+    pub fn larval(&self) -> impl Iterator<Item = (IpAddr, IpAddr, Proto, u32, Duration)> + '_ {
+        self.larval
+            .iter()
+            .map(|(k, (src, exp))| (*src, k.0, k.1, k.2, *exp))
+    }
+
+    /// Forget reservations that expired by `now`; returns how many.
+    pub fn expire_larval(&mut self, now: Duration) -> usize {
+        let before = self.larval.len();
+        self.larval.retain(|_, (_, exp)| *exp > now);
+        before - self.larval.len()
+    }
+
+    /// Complete a larval SA (setkey `update` after `getspi`).
+    pub fn complete(&mut self, config: SaConfig, now: Duration) -> Result<Arc<Sa>, SaError> {
+        let key = SpiKey(config.dst, config.proto, config.wire_spi());
+        self.larval.remove(&key);
+        self.add(config, now)
+    }
+
     /// Add an SA; fails if (dst, proto, spi) exists (setkey `add`).
     pub fn add(&mut self, config: SaConfig, now: Duration) -> Result<Arc<Sa>, SaError> {
         let key = SpiKey(config.dst, config.proto, config.wire_spi());
+        if self.larval.get(&key).is_some_and(|(_, exp)| *exp > now) {
+            return Err(SaError::Invalid(format!(
+                "spi {:#x} to {} is reserved by getspi: complete it with update",
+                config.spi, config.dst
+            )));
+        }
         if self.by_spi.contains_key(&key) {
             return Err(SaError::Invalid(format!(
                 "an SA {} {} spi {:#x} exists already (delete it first)",

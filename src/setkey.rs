@@ -67,6 +67,14 @@ pub enum Command {
     Dump(Option<Proto>),
     /// `spddump;`
     SpdDump,
+    /// `getspi SRC DST PROTO [MIN-MAX];` (PF_KEY's SADB_GETSPI): reserve
+    /// an unused SPI for an SA to be completed by `update`.
+    GetSpi {
+        src: IpAddr,
+        dst: IpAddr,
+        proto: Proto,
+        range: Option<(u32, u32)>,
+    },
 }
 
 /// A command and the line it starts on (1-based).
@@ -350,7 +358,7 @@ fn parse_statement(
         return Err(c.err(c.line, "empty statement"));
     };
     let Some(word) = first.word() else {
-        return Err(c.err(first.line, format!("unknown command {} (expected add, update, get, delete, deleteall, flush, dump, spdadd, spdupdate, spddelete, spdflush or spddump)", first.show())));
+        return Err(c.err(first.line, format!("unknown command {} (expected add, update, get, getspi, delete, deleteall, flush, dump, spdadd, spdupdate, spddelete, spdflush or spddump)", first.show())));
     };
     let cmd = match word {
         "flush" | "dump" => {
@@ -397,6 +405,44 @@ fn parse_statement(
                 }
             }
         }
+        "getspi" => {
+            let (src, dst) = sa_addresses(c)?;
+            let proto = next_proto(c)?;
+            let range = match c.next() {
+                None => None,
+                Some(t) => {
+                    let bad = || {
+                        c.err(
+                            t.line,
+                            format!(
+                                "bad SPI range {} (expected MIN-MAX, e.g. 0x100-0xffffffff)",
+                                t.show()
+                            ),
+                        )
+                    };
+                    let (lo, hi) = t.word().and_then(|w| w.split_once('-')).ok_or_else(bad)?;
+                    let (lo, hi) = (
+                        parse_u32(lo).ok_or_else(bad)?,
+                        parse_u32(hi).ok_or_else(bad)?,
+                    );
+                    let floor = if proto == Proto::IpComp { 1 } else { 256 };
+                    if lo > hi || lo < floor {
+                        return Err(c.err(t.line, format!("bad SPI range {lo:#x}-{hi:#x}: MIN must be at least {floor:#x} and not above MAX")));
+                    }
+                    if proto == Proto::IpComp && hi > 0xffff {
+                        return Err(c.err(t.line, "an IPComp CPI range must stay below 0x10000"));
+                    }
+                    Some((lo, hi))
+                }
+            };
+            c.end("the SPI range")?;
+            Command::GetSpi {
+                src,
+                dst,
+                proto,
+                range,
+            }
+        }
         "deleteall" => {
             let (src, dst) = sa_addresses(c)?;
             let proto = next_proto(c)?;
@@ -428,7 +474,7 @@ fn parse_statement(
             Command::SpdDelete { dir, selector }
         }
         _ => {
-            return Err(c.err(first.line, format!("unknown command {} (expected add, update, get, delete, deleteall, flush, dump, spdadd, spdupdate, spddelete, spdflush or spddump)", first.show())));
+            return Err(c.err(first.line, format!("unknown command {} (expected add, update, get, getspi, delete, deleteall, flush, dump, spdadd, spdupdate, spddelete, spdflush or spddump)", first.show())));
         }
     };
     Ok(cmd)

@@ -20,6 +20,9 @@ pub struct State {
     /// Distinct for every state [`State::apply`] produces: workers key
     /// their per-flow caches on it.
     pub generation: u64,
+    /// State of the generator `getspi` draws SPIs from (xorshift). Seed it
+    /// from the OS with [`State::seeded`] so that SPIs are unpredictable.
+    spi_rng: u64,
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -32,6 +35,8 @@ pub struct Applied {
     /// SAs removed (deleted, flushed, replaced): their owners may report
     /// or zeroize them.
     pub removed: Vec<Arc<Sa>>,
+    /// SPIs reserved by `getspi`, in order.
+    pub spis: Vec<u32>,
 }
 
 impl State {
@@ -46,6 +51,25 @@ impl State {
         let parsed = setkey::parse(text, file)?;
         let (state, applied) = self.apply(&parsed.statements, file, now)?;
         Ok((state, applied, parsed.warnings))
+    }
+
+    /// An empty state whose `getspi` draws from `seed`.
+    pub fn seeded(seed: u64) -> State {
+        State {
+            spi_rng: seed | 1,
+            ..State::default()
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: enough to make SPIs unpredictable to a peer that
+        // does not know the OS seed; not used for anything secret.
+        let mut x = self.spi_rng | 1;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.spi_rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
     /// This state with a new generation: for a snapshot changed other than
@@ -64,6 +88,7 @@ impl State {
     ) -> Result<(State, Applied), ConfigError> {
         let mut s = self.clone();
         s.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+        s.sad.expire_larval(now);
         let mut applied = Applied::default();
         for st in statements {
             let err = |message: String| ConfigError {
@@ -80,19 +105,57 @@ impl State {
                         .map_err(|e| err(e.to_string()))?;
                 }
                 Command::Update(cfg) => {
-                    let old = s
-                        .sad
-                        .delete(cfg.src, cfg.dst, cfg.proto, cfg.spi)
-                        .ok_or_else(|| {
-                            err(format!(
-                                "no SA {} {} {} spi {:#x} to update",
-                                cfg.src, cfg.dst, cfg.proto, cfg.spi
-                            ))
-                        })?;
-                    applied.removed.push(old);
-                    s.sad
-                        .add(cfg.clone(), now)
-                        .map_err(|e| err(e.to_string()))?;
+                    if s.sad.is_larval(cfg, now) {
+                        s.sad
+                            .complete(cfg.clone(), now)
+                            .map_err(|e| err(e.to_string()))?;
+                    } else {
+                        let old = s
+                            .sad
+                            .delete(cfg.src, cfg.dst, cfg.proto, cfg.spi)
+                            .ok_or_else(|| {
+                                err(format!(
+                                    "no SA or getspi reservation {} {} {} spi {:#x} to update",
+                                    cfg.src, cfg.dst, cfg.proto, cfg.spi
+                                ))
+                            })?;
+                        applied.removed.push(old);
+                        s.sad
+                            .add(cfg.clone(), now)
+                            .map_err(|e| err(e.to_string()))?;
+                    }
+                }
+                Command::GetSpi {
+                    src,
+                    dst,
+                    proto,
+                    range,
+                } => {
+                    let (lo, hi) = range.unwrap_or(match proto {
+                        crate::sad::Proto::IpComp => (0x100, 0xffff),
+                        _ => (0x100, u32::MAX),
+                    });
+                    let span = (hi - lo) as u64 + 1;
+                    let mut spi = None;
+                    for _ in 0..64 {
+                        let c = lo + (s.next_random() % span) as u32;
+                        if !s.sad.spi_in_use(*dst, *proto, c, now) {
+                            spi = Some(c);
+                            break;
+                        }
+                    }
+                    // A nearly full range: look for any free value.
+                    if spi.is_none() && span <= 1 << 20 {
+                        spi = (lo..=hi).find(|c| !s.sad.spi_in_use(*dst, *proto, *c, now));
+                    }
+                    let spi = spi.ok_or_else(|| {
+                        err(format!("no free SPI in {lo:#x}-{hi:#x} for {dst} {proto}"))
+                    })?;
+                    s.sad.reserve(*src, *dst, *proto, spi, now);
+                    applied.spis.push(spi);
+                    applied
+                        .output
+                        .push(format!("{src} {dst} {proto} spi={spi} ({spi:#010x})"));
                 }
                 Command::Get {
                     src,
@@ -203,4 +266,74 @@ pub fn describe_sa(sa: &Sa, now: Duration) -> String {
         sa.counters.icv_failures.load(Relaxed),
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sad::Proto;
+
+    const K: &str = "-E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213";
+
+    fn apply(s: &State, text: &str, secs: u64) -> Result<(State, Applied), ConfigError> {
+        let p = crate::setkey::parse(text, "ctl").unwrap();
+        s.apply(&p.statements, "ctl", Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn getspi_reserves_then_update_completes() {
+        let s = State::seeded(42);
+        let (s, a) = apply(&s, "getspi 10.0.0.2 10.0.0.1 esp 0x1000-0x1fff;", 0).unwrap();
+        let spi = a.spis[0];
+        assert!((0x1000..=0x1fff).contains(&spi));
+        let dst = "10.0.0.1".parse().unwrap();
+        assert!(
+            s.sad
+                .spi_in_use(dst, Proto::Esp, spi, Duration::from_secs(1))
+        );
+        assert!(
+            s.sad.lookup_inbound(dst, Proto::Esp, spi).is_none(),
+            "a larval SA carries no traffic"
+        );
+        // add is refused for a reserved SPI, update completes it
+        let e = apply(&s, &format!("add 10.0.0.2 10.0.0.1 esp {spi:#x} {K};"), 1).unwrap_err();
+        assert!(e.message.contains("reserved by getspi"), "{e}");
+        let (s2, _) = apply(
+            &s,
+            &format!("update 10.0.0.2 10.0.0.1 esp {spi:#x} {K};"),
+            1,
+        )
+        .unwrap();
+        assert!(s2.sad.lookup_inbound(dst, Proto::Esp, spi).is_some());
+        assert_eq!(s2.sad.larval().count(), 0);
+        // a second getspi never hands out the same SPI
+        let (s3, a3) = apply(&s2, "getspi 10.0.0.2 10.0.0.1 esp 0x1000-0x1001;", 2).unwrap();
+        assert_ne!(a3.spis[0], spi);
+        // reservations lapse after 30 s; update then fails
+        let e = apply(
+            &s3,
+            &format!("update 10.0.0.2 10.0.0.1 esp {:#x} {K};", a3.spis[0]),
+            40,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("no SA or getspi reservation"), "{e}");
+        // a full range is an error naming it
+        let (s4, _) = apply(&s3, "getspi 10.0.0.2 10.0.0.1 esp 0x1000-0x1001;", 3).unwrap();
+        let e = apply(&s4, "getspi 10.0.0.2 10.0.0.1 esp 0x1000-0x1001;", 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ctl:1: no free SPI in 0x1000-0x1001 for 10.0.0.1 esp"
+        );
+    }
+
+    #[test]
+    fn a_failing_batch_changes_nothing() {
+        let s = State::seeded(1);
+        let text = format!(
+            "add 10.0.0.1 10.0.0.2 esp 0x1000 {K};\nspdadd 10.0.0.1 10.0.0.2 any -P out ipsec esp/transport//require;\ndelete 10.0.0.1 10.0.0.2 esp 0x9999;\n"
+        );
+        let e = apply(&s, &text, 0).unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(s.sad.is_empty() && s.spd.is_empty());
+    }
 }

@@ -2,6 +2,7 @@
 //! the TUN device, the sockets and the plumbing, runs one worker per core,
 //! keeps time (lifetimes), reports events, and undoes everything at exit.
 
+pub mod control;
 pub mod lock;
 pub mod net;
 pub mod plumbing;
@@ -111,7 +112,9 @@ pub fn run(args: &Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let file = args.config.display().to_string();
-    let (state, _, warnings) = State::default().apply_text(&text, &file, Duration::ZERO)?;
+    let seed = os_seed()?;
+    let base = State::seeded(u64::from_le_bytes(seed[..8].try_into().unwrap()));
+    let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
     for w in &warnings {
         tracing::warn!("{file}:{}: {}", w.line, w.message);
     }
@@ -212,10 +215,10 @@ pub fn run(args: &Args) -> Result<()> {
             sender: net::Sender::new(inst.mark).context("cannot open raw sending sockets")?,
         });
     }
-    let applied = plan.apply()?;
+    let plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
 
     tracing::info!(
-        "tunsec {} up: {} policies, {} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}",
+        "tunsec {} up: {} policies, {} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}, control {}",
         env!("CARGO_PKG_VERSION"),
         state.spd.len(),
         state.sad.len(),
@@ -224,16 +227,56 @@ pub fn run(args: &Args) -> Result<()> {
             .iter()
             .map(|(d, _)| d.to_string())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        args.control.display()
     );
     for p in state.spd.iter() {
         tracing::info!("policy {}: {p}", p.id);
     }
+    for sa in state.sad.iter() {
+        let c = &sa.config;
+        tracing::info!(
+            "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
+            c.proto,
+            c.src,
+            c.dst,
+            c.spi,
+            c.enc.name(),
+            c.auth.name(),
+            c.replay
+        );
+    }
 
     let shared = Arc::new(Shared::new(state, workers));
-    let result = serve(&shared, ios);
+    let listener = match control::listen(&args.control) {
+        Ok(l) => l,
+        Err(e) => {
+            let mut plumbing = plumbing;
+            plumbing.stop();
+            return Err(e);
+        }
+    };
+    let ctl = Arc::new(control::Control::new(shared.clone(), plumbing));
+    let ctl_thread = {
+        let c = ctl.clone();
+        let path = args.control.clone();
+        std::thread::Builder::new()
+            .name("tunsec-ctl".into())
+            .spawn(move || c.serve(listener, path))?
+    };
+    let result = serve(&shared, &ctl, ios);
     shared.stop.store(true, Relaxed);
-    plumbing::undo(&applied);
+    control::join(ctl_thread);
+    let _ = std::fs::remove_file(&args.control);
+    // Client threads notice the stop within their poll interval.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Arc::strong_count(&ctl) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ctl.plumbing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .stop();
     let (c, io) = shared.totals();
     tracing::info!("final counters: {}", describe_counters(&c, &io));
     tracing::info!("tunsec down: routes, rules and nftables restored");
@@ -268,7 +311,7 @@ pub fn describe_counters(c: &crate::engine::Counters, io: &workers::IoCounters) 
     s
 }
 
-fn serve(shared: &Arc<Shared>, ios: Vec<workers::Io>) -> Result<()> {
+fn serve(shared: &Arc<Shared>, ctl: &control::Control, ios: Vec<workers::Io>) -> Result<()> {
     let term = Arc::new(AtomicBool::new(false));
     let usr1 = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -298,14 +341,23 @@ fn serve(shared: &Arc<Shared>, ios: Vec<workers::Io>) -> Result<()> {
             let (c, io) = shared.totals();
             tracing::info!("counters: {}", describe_counters(&c, &io));
         }
+        if ctl.changed.swap(false, Relaxed) {
+            // New SAs or policies may resolve what was acquired.
+            acquires.clear();
+        }
         let events: Vec<Event> =
             std::mem::take(&mut *shared.events.lock().unwrap_or_else(|e| e.into_inner()));
         for e in events {
-            report(e, &mut acquires);
+            if report(e, &mut acquires) {
+                ctl.broadcast(&e);
+            }
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            expire(shared, &mut acquires);
+            for e in expire(shared, ctl) {
+                report(e, &mut acquires);
+                ctl.broadcast(&e);
+            }
         }
         if handles.iter().any(|h| h.is_finished()) {
             shared.stop.store(true, Relaxed);
@@ -323,8 +375,12 @@ fn serve(shared: &Arc<Shared>, ios: Vec<workers::Io>) -> Result<()> {
     Ok(())
 }
 
-/// Log an event; ACQUIREs once per (policy, selector) every 10 seconds.
-fn report(e: Event, acquires: &mut HashMap<String, Instant>) {
+/// How long an ACQUIRE stays pending before it is raised again.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Log an event and say whether to pass it on: an ACQUIRE goes out once per
+/// (policy, selector) until a change resolves it or it times out.
+fn report(e: Event, acquires: &mut HashMap<String, Instant>) -> bool {
     match e {
         Event::Acquire {
             policy,
@@ -336,7 +392,7 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) {
             let key = format!("{policy} {src} {dst} {proto}");
             let due = acquires
                 .get(&key)
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+                .is_none_or(|t| t.elapsed() >= ACQUIRE_TIMEOUT);
             if due {
                 acquires.insert(key, Instant::now());
                 tracing::warn!(
@@ -344,6 +400,7 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) {
                     reqid.map(|r| format!(" reqid {r}")).unwrap_or_default()
                 );
             }
+            due
         }
         Event::SoftExpire(id) => {
             tracing::info!(
@@ -352,7 +409,8 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) {
                 id.src,
                 id.dst,
                 id.spi
-            )
+            );
+            true
         }
         Event::HardExpire(id) => {
             tracing::warn!(
@@ -361,35 +419,42 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) {
                 id.src,
                 id.dst,
                 id.spi
-            )
+            );
+            true
         }
     }
 }
 
-/// Lifetimes while no traffic flows: evaluate every SA, report crossings,
-/// and publish a state without the hard-expired ones.
-fn expire(shared: &Shared, acquires: &mut HashMap<String, Instant>) {
+/// Lifetimes while no traffic flows: evaluate every SA, return crossings,
+/// and publish a state without the hard-expired ones (serialised with
+/// control changes through the plumbing lock).
+fn expire(shared: &Shared, ctl: &control::Control) -> Vec<Event> {
+    let _writer = ctl.plumbing.lock().unwrap_or_else(|e| e.into_inner());
     let now = shared.now();
     let state = shared.state.load_full();
+    let mut events = Vec::new();
     let mut dead = false;
     for sa in state.sad.iter() {
         match sa.expiry(now) {
-            (Expiry::Soft, true) => {
-                report(Event::SoftExpire(crate::engine::SaId::of(sa)), acquires)
-            }
+            (Expiry::Soft, true) => events.push(Event::SoftExpire(crate::engine::SaId::of(sa))),
             (Expiry::Hard, first) => {
                 if first {
-                    report(Event::HardExpire(crate::engine::SaId::of(sa)), acquires);
+                    events.push(Event::HardExpire(crate::engine::SaId::of(sa)));
                 }
                 dead = true;
             }
             _ => {}
         }
     }
-    if dead {
+    let larval_expired = state.sad.larval().any(|l| l.4 <= now);
+    if dead || larval_expired {
         let mut next = (*state).clone();
         let gone = next.sad.reap();
+        next.sad.expire_larval(now);
         shared.state.store(Arc::new(next.renewed()));
-        tracing::info!("removed {} hard-expired SAs", gone.len());
+        if !gone.is_empty() {
+            tracing::info!("removed {} hard-expired SAs", gone.len());
+        }
     }
+    events
 }

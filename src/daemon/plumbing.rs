@@ -278,6 +278,58 @@ impl Plan {
     }
 }
 
+/// The plumbing in force: what was applied, kept so that a policy change
+/// applies only the difference and exit undoes exactly what is there.
+pub struct Plumbing {
+    pub inst: Instance,
+    applied: Vec<Step>,
+}
+
+impl Plumbing {
+    /// Apply the plan for `state`.
+    pub fn start(state: &State, inst: Instance) -> Result<Plumbing> {
+        let applied = plan(state, &inst).apply()?;
+        Ok(Plumbing { inst, applied })
+    }
+
+    /// Move to the plan for `state`: apply new steps, undo vanished ones.
+    /// On failure, what this call applied is undone and the old plumbing
+    /// stays in force.
+    pub fn update(&mut self, state: &State) -> Result<()> {
+        let next = plan(state, &self.inst);
+        let mut added = Vec::new();
+        for step in &next.steps {
+            if self.applied.contains(step) {
+                continue;
+            }
+            if let Err(e) = run(&step.apply, step.stdin.as_deref()) {
+                undo(&added);
+                // The nft step replaces the table whole: put the old one back.
+                for old in self.applied.iter().filter(|s| s.stdin.is_some()) {
+                    let _ = run(&old.apply, old.stdin.as_deref());
+                }
+                return Err(e);
+            }
+            added.push(step.clone());
+        }
+        let stale: Vec<Step> = self
+            .applied
+            .iter()
+            .filter(|s| !next.steps.contains(s) && s.stdin.is_none())
+            .cloned()
+            .collect();
+        undo(&stale);
+        self.applied = next.steps;
+        Ok(())
+    }
+
+    /// Undo everything, in reverse order (once).
+    pub fn stop(&mut self) {
+        undo(&self.applied);
+        self.applied.clear();
+    }
+}
+
 /// Undo applied steps in reverse order; errors are logged, not fatal.
 pub fn undo(done: &[Step]) {
     for step in done.iter().rev() {

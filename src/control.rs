@@ -1,0 +1,303 @@
+//! The control protocol, without the socket: what a request is and how
+//! replies, dumps and events are rendered. See docs/control-protocol.md.
+//!
+//! One request is one message on a `SOCK_SEQPACKET` Unix socket: either
+//! setkey statements (applied as one atomic batch) or one control command
+//! (`stats;`, `monitor;`, `dump [proto] [-k];`, `spddump;`). Every reply is
+//! one JSON object in one message.
+
+use crate::engine::{Counters, DropReason, Event};
+use crate::sad::{Expiry, Sa};
+use crate::spd::{Action, Policy};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// What a message asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// setkey statements, applied all or nothing.
+    Setkey(String),
+    /// SAD dump; with keys when `keys`.
+    Dump {
+        proto: Option<crate::sad::Proto>,
+        keys: bool,
+    },
+    SpdDump,
+    Stats,
+    /// Register for events (ACQUIRE, EXPIRE); the connection then receives
+    /// one message per event.
+    Monitor,
+}
+
+/// Classify a message. Control commands stand alone in their message;
+/// anything else is setkey text (and errors are the parser's).
+pub fn parse_request(msg: &str) -> Result<Request, String> {
+    // Strip comments and surrounding space to see the words.
+    let body: String = msg
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let t = body.trim();
+    let words: Vec<&str> = t
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let single = t.matches(';').count() <= 1;
+    match (words.first().copied(), single) {
+        (Some("stats"), true) if words.len() == 1 => Ok(Request::Stats),
+        (Some("monitor" | "register"), true) if words.len() == 1 => Ok(Request::Monitor),
+        (Some("spddump"), true) if words.len() == 1 => Ok(Request::SpdDump),
+        (Some("dump"), true) => {
+            let mut proto = None;
+            let mut keys = false;
+            for w in &words[1..] {
+                match *w {
+                    "-k" => keys = true,
+                    p => {
+                        proto = Some(crate::sad::Proto::from_name(p).ok_or_else(|| {
+                            format!(
+                                "dump: unknown protocol \"{p}\" (expected esp, ah, ipcomp or -k)"
+                            )
+                        })?)
+                    }
+                }
+            }
+            Ok(Request::Dump { proto, keys })
+        }
+        (Some("stats" | "monitor" | "register" | "spddump" | "dump"), false) => {
+            Err(format!("{} must be alone in its request", words[0]))
+        }
+        (None, _) => Err("empty request".to_string()),
+        _ => Ok(Request::Setkey(msg.to_string())),
+    }
+}
+
+pub fn ok(output: &[String]) -> Value {
+    json!({ "ok": true, "output": output })
+}
+
+pub fn error(message: &str) -> Value {
+    json!({ "ok": false, "error": message })
+}
+
+fn state_name(sa: &Sa, now: Duration) -> &'static str {
+    match sa.expiry(now).0 {
+        _ if sa.is_dead() => "dead",
+        Expiry::Hard => "dead",
+        Expiry::Soft => "dying",
+        Expiry::Alive => "mature",
+    }
+}
+
+/// One SA as JSON (keys only when `keys`).
+pub fn sa_json(sa: &Sa, now: Duration, keys: bool) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &sa.config;
+    let lt = &c.lifetime;
+    let mut v = json!({
+        "src": c.src.to_string(),
+        "dst": c.dst.to_string(),
+        "proto": c.proto.name(),
+        "spi": c.spi,
+        "reqid": c.reqid,
+        "mode": "transport",
+        "enc": c.enc.name(),
+        "auth": c.auth.name(),
+        "replay": c.replay,
+        "esn": c.esn,
+        "state": state_name(sa, now),
+        "age_secs": now.saturating_sub(sa.added).as_secs(),
+        "seq": sa.last_seq(),
+        "packets": sa.counters.packets.load(Relaxed),
+        "bytes": sa.counters.bytes.load(Relaxed),
+        "replay_drops": sa.counters.replay_drops.load(Relaxed),
+        "icv_failures": sa.counters.icv_failures.load(Relaxed),
+        "format_errors": sa.counters.format_errors.load(Relaxed),
+        "lifetime": {
+            "soft_secs": lt.soft_secs, "hard_secs": lt.hard_secs,
+            "soft_bytes": lt.soft_bytes, "hard_bytes": lt.hard_bytes,
+            "soft_packets": lt.soft_packets, "hard_packets": lt.hard_packets,
+        },
+    });
+    if c.proto == crate::sad::Proto::IpComp {
+        v["cpi"] = json!(c.wire_cpi());
+    }
+    if keys {
+        v["enc_key"] = json!(hex_of(&c.enc_key));
+        v["auth_key"] = json!(hex_of(&c.auth_key));
+    }
+    v
+}
+
+fn hex_of(b: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + b.len() * 2);
+    s.push_str("0x");
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+pub fn policy_json(p: &Policy) -> Value {
+    let s = &p.selector;
+    let (action, rules) = match &p.action {
+        Action::Bypass => ("none", vec![]),
+        Action::Discard => ("discard", vec![]),
+        Action::Ipsec(r) => (
+            "ipsec",
+            r.iter()
+                .map(|r| format!("{}/transport//{}", r.proto, r.level))
+                .collect(),
+        ),
+    };
+    json!({
+        "id": p.id,
+        "dir": p.dir.name(),
+        "src": s.src.to_string(),
+        "dst": s.dst.to_string(),
+        "proto": s.proto,
+        "sport": s.sport,
+        "dport": s.dport,
+        "priority": p.priority,
+        "action": action,
+        "rules": rules,
+        "text": p.to_string(),
+    })
+}
+
+pub fn counters_json(c: &Counters) -> Value {
+    let drops: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.name().to_string(), json!(c.drop_count(*r))))
+        .collect();
+    json!({
+        "out_packets": c.out_packets,
+        "out_bytes": c.out_bytes,
+        "in_packets": c.in_packets,
+        "in_bytes": c.in_bytes,
+        "bypassed": c.bypassed,
+        "dropped": c.total_drops(),
+        "drops": drops,
+    })
+}
+
+/// An event as sent to monitors: `{"event": "ACQUIRE", ...}`.
+pub fn event_json(e: &Event) -> Value {
+    match e {
+        Event::Acquire {
+            policy,
+            src,
+            dst,
+            proto,
+            reqid,
+        } => json!({
+            "event": "ACQUIRE", "policy": policy, "src": src.to_string(), "dst": dst.to_string(),
+            "proto": proto.name(), "reqid": reqid,
+        }),
+        Event::SoftExpire(id) | Event::HardExpire(id) => json!({
+            "event": "EXPIRE",
+            "kind": if matches!(e, Event::SoftExpire(_)) { "soft" } else { "hard" },
+            "src": id.src.to_string(), "dst": id.dst.to_string(), "proto": id.proto.name(), "spi": id.spi,
+        }),
+    }
+}
+
+/// The `setkey -x` style line for an event.
+pub fn event_line(v: &Value) -> String {
+    let g = |k: &str| {
+        v.get(k)
+            .map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    match v.get("event").and_then(Value::as_str) {
+        Some("ACQUIRE") => format!(
+            "ACQUIRE {} {} {} policy {}{}",
+            g("src"),
+            g("dst"),
+            g("proto"),
+            g("policy"),
+            v.get("reqid")
+                .and_then(Value::as_u64)
+                .map(|r| format!(" reqid {r}"))
+                .unwrap_or_default()
+        ),
+        Some("EXPIRE") => format!(
+            "EXPIRE {} {} {} {} spi {:#x}",
+            g("kind"),
+            g("src"),
+            g("dst"),
+            g("proto"),
+            v.get("spi").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        _ => v.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_classified() {
+        assert_eq!(parse_request("stats;"), Ok(Request::Stats));
+        assert_eq!(parse_request("  monitor ;\n"), Ok(Request::Monitor));
+        assert_eq!(parse_request("spddump;"), Ok(Request::SpdDump));
+        assert_eq!(
+            parse_request("dump esp -k;"),
+            Ok(Request::Dump {
+                proto: Some(crate::sad::Proto::Esp),
+                keys: true
+            })
+        );
+        assert_eq!(
+            parse_request("# hello\ndump;"),
+            Ok(Request::Dump {
+                proto: None,
+                keys: false
+            })
+        );
+        assert!(
+            parse_request("dump bogus;")
+                .unwrap_err()
+                .contains("unknown protocol")
+        );
+        assert!(
+            parse_request("stats; flush;")
+                .unwrap_err()
+                .contains("alone")
+        );
+        assert!(parse_request("  \n# only a comment\n").is_err());
+        let t = "flush;\nadd 1.1.1.1 2.2.2.2 esp 0x1000 -E null -A hmac-sha1 0x00;";
+        assert_eq!(parse_request(t), Ok(Request::Setkey(t.to_string())));
+    }
+
+    #[test]
+    fn event_lines_read_like_setkey_x() {
+        let e = Event::Acquire {
+            policy: 3,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: crate::sad::Proto::Esp,
+            reqid: None,
+        };
+        assert_eq!(
+            event_line(&event_json(&e)),
+            "ACQUIRE 10.0.0.1 10.0.0.2 esp policy 3"
+        );
+        let x = Event::SoftExpire(crate::engine::SaId {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: crate::sad::Proto::Ah,
+            spi: 0x1234,
+        });
+        assert_eq!(
+            event_line(&event_json(&x)),
+            "EXPIRE soft 10.0.0.1 10.0.0.2 ah spi 0x1234"
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! The control socket: a Unix `SOCK_SEQPACKET` socket (mode 0600, root
+//! only, peers checked with SO_PEERCRED) through which an IKE daemon or
+//! `tunsec setkey` changes SAs and policies, reads counters and listens
+//! for events. The protocol itself (requests, JSON replies) is
+//! `crate::control`; docs/control-protocol.md describes it.
+//!
+//! A slow or dead client never stalls the data plane: workers never touch
+//! this module, replies are sent with a timeout, and events are sent
+//! without blocking (a monitor that does not keep up loses events, and is
+//! dropped after many).
+
+use super::plumbing::Plumbing;
+use super::workers::Shared;
+use crate::control::{self, Request};
+use crate::engine::Event;
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Largest request accepted (a setkey batch).
+pub const MAX_REQUEST: usize = 1 << 20;
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 32;
+/// Consecutive failed requests after which a client is disconnected.
+pub const MAX_ERRORS: u32 = 20;
+
+pub struct Control {
+    pub shared: Arc<Shared>,
+    /// Serialises changes: state and plumbing move together.
+    pub plumbing: Mutex<Plumbing>,
+    monitors: Mutex<Vec<Monitor>>,
+    clients: AtomicUsize,
+    /// Set when a change may resolve pending ACQUIREs.
+    pub changed: std::sync::atomic::AtomicBool,
+}
+
+struct Monitor {
+    fd: OwnedFd,
+    lost: u64,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Create the listening socket at `path`, replacing a stale one (the caller
+/// holds the instance lock for this path, so no live instance owns it).
+pub fn listen(path: &Path) -> Result<OwnedFd> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    // SAFETY: plain socket calls on an fd we own; sockaddr_un filled below.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut addr: libc::sockaddr_un = unsafe { zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        anyhow::bail!(
+            "control path {} is too long for a Unix socket",
+            path.display()
+        );
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // Created 0600 from the start: no window where others may connect.
+    let old = unsafe { libc::umask(0o177) };
+    let r = cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_un>() as u32,
+        )
+    });
+    unsafe { libc::umask(old) };
+    r.with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 16) })?;
+    Ok(fd)
+}
+
+fn peer_uid(fd: RawFd) -> Option<u32> {
+    let mut cred: libc::ucred = unsafe { zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred/len are valid output space.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+fn send_msg(fd: RawFd, v: &Value, flags: libc::c_int) -> io::Result<()> {
+    let text = v.to_string();
+    // SAFETY: buffer valid for the call.
+    let r = unsafe {
+        libc::send(
+            fd,
+            text.as_ptr() as *const libc::c_void,
+            text.len(),
+            flags | libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn poll_in(fd: RawFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+impl Control {
+    pub fn new(shared: Arc<Shared>, plumbing: Plumbing) -> Control {
+        Control {
+            shared,
+            plumbing: Mutex::new(plumbing),
+            monitors: Mutex::new(Vec::new()),
+            clients: AtomicUsize::new(0),
+            changed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Accept clients until the daemon stops.
+    pub fn serve(self: Arc<Self>, listener: OwnedFd, path: PathBuf) {
+        let lfd = listener.as_raw_fd();
+        while !self.shared.stop.load(Relaxed) {
+            if !poll_in(lfd, 200) {
+                continue;
+            }
+            // SAFETY: accept on our listening socket.
+            let c = unsafe {
+                libc::accept4(
+                    lfd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                continue;
+            }
+            let client = unsafe { OwnedFd::from_raw_fd(c) };
+            let euid = unsafe { libc::geteuid() };
+            if peer_uid(c) != Some(euid) {
+                tracing::warn!("control: refused a connection from uid {:?}", peer_uid(c));
+                let _ = send_msg(
+                    c,
+                    &control::error(
+                        "permission denied: only the daemon's own user (root) may use the control socket",
+                    ),
+                    0,
+                );
+                continue;
+            }
+            if self.clients.load(Relaxed) >= MAX_CLIENTS {
+                let _ = send_msg(c, &control::error("too many control clients"), 0);
+                continue;
+            }
+            let snd: libc::c_int = 16 << 20;
+            // SAFETY: setting a buffer size on our fd (large dumps).
+            unsafe {
+                libc::setsockopt(
+                    c,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUFFORCE,
+                    &snd as *const _ as *const libc::c_void,
+                    4,
+                );
+            }
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            // SAFETY: setting a send timeout on our fd.
+            unsafe {
+                libc::setsockopt(
+                    c,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    size_of::<libc::timeval>() as u32,
+                );
+            }
+            self.clients.fetch_add(1, Relaxed);
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tunsec-ctl".into())
+                .spawn(move || {
+                    me.client(client);
+                    me.clients.fetch_sub(1, Relaxed);
+                });
+            if spawned.is_err() {
+                self.clients.fetch_sub(1, Relaxed);
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    fn client(&self, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        let mut buf = vec![0u8; MAX_REQUEST + 1];
+        let mut errors = 0u32;
+        while !self.shared.stop.load(Relaxed) {
+            if !poll_in(raw, 200) {
+                continue;
+            }
+            // SAFETY: buffer valid for the call.
+            let n = unsafe {
+                libc::recv(
+                    raw,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                )
+            };
+            if n <= 0 {
+                return; // closed or broken
+            }
+            let n = n as usize;
+            let reply = if n > MAX_REQUEST {
+                control::error(&format!("request larger than {MAX_REQUEST} bytes"))
+            } else {
+                match std::str::from_utf8(&buf[..n]) {
+                    Err(_) => control::error("request is not UTF-8 text"),
+                    Ok(text) => match control::parse_request(text) {
+                        Err(e) => control::error(&e),
+                        Ok(Request::Monitor) => {
+                            // SAFETY: dup of our own fd; the copy is owned.
+                            let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+                            if dup >= 0 {
+                                let m = Monitor {
+                                    fd: unsafe { OwnedFd::from_raw_fd(dup) },
+                                    lost: 0,
+                                };
+                                self.monitors
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(m);
+                                control::ok(&[
+                                    "monitoring: events follow, one message each".to_string()
+                                ])
+                            } else {
+                                control::error("cannot register for events")
+                            }
+                        }
+                        Ok(r) => self.handle(r),
+                    },
+                }
+            };
+            if reply["ok"] == json!(false) {
+                errors += 1;
+            } else {
+                errors = 0;
+            }
+            if send_msg(raw, &reply, 0).is_err() {
+                return;
+            }
+            if errors >= MAX_ERRORS {
+                let _ = send_msg(
+                    raw,
+                    &control::error("too many failed requests: disconnecting"),
+                    0,
+                );
+                tracing::warn!("control: disconnected a client after {errors} failed requests");
+                return;
+            }
+        }
+    }
+
+    /// Handle one request (not Monitor).
+    pub fn handle(&self, r: Request) -> Value {
+        let now = self.shared.now();
+        match r {
+            Request::Setkey(text) => self.apply(&text),
+            Request::Dump { proto, keys } => {
+                let state = self.shared.state.load();
+                let sas: Vec<Value> = state
+                    .sad
+                    .iter()
+                    .filter(|sa| proto.is_none_or(|p| sa.config.proto == p))
+                    .map(|sa| control::sa_json(sa, now, keys))
+                    .collect();
+                let larval: Vec<Value> = state
+                    .sad
+                    .larval()
+                    .filter(|l| l.4 > now)
+                    .map(|(src, dst, proto, spi, exp)| {
+                        json!({"src": src.to_string(), "dst": dst.to_string(), "proto": proto.name(), "spi": spi,
+                               "state": "larval", "expires_in_secs": exp.saturating_sub(now).as_secs()})
+                    })
+                    .collect();
+                json!({"ok": true, "sas": sas, "larval": larval})
+            }
+            Request::SpdDump => {
+                let state = self.shared.state.load();
+                let ps: Vec<Value> = state.spd.iter().map(|p| control::policy_json(p)).collect();
+                json!({"ok": true, "policies": ps})
+            }
+            Request::Stats => {
+                let (c, io) = self.shared.totals();
+                let state = self.shared.state.load();
+                let sas: Vec<Value> = state
+                    .sad
+                    .iter()
+                    .map(|sa| control::sa_json(sa, now, false))
+                    .collect();
+                json!({
+                    "ok": true,
+                    "uptime_secs": now.as_secs_f64(),
+                    "counters": control::counters_json(&c),
+                    "io": {
+                        "tun_rx": io.tun_rx, "tun_tx": io.tun_tx, "tun_tx_errors": io.tun_tx_errors,
+                        "net_rx": io.net_rx, "net_tx": io.net_tx, "net_tx_errors": io.net_tx_errors,
+                    },
+                    "plaintext_refused": self.plaintext_refused(),
+                    "sas": sas,
+                })
+            }
+            Request::Monitor => control::error("monitor is handled by the connection"),
+        }
+    }
+
+    /// Packets the nftables table dropped (plaintext that had to be
+    /// protected), read from its rule counters.
+    fn plaintext_refused(&self) -> u64 {
+        let table = self
+            .plumbing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .inst
+            .nft_table();
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .output();
+        let Ok(out) = out else { return 0 };
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("packets ")
+            .skip(1)
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Apply setkey text atomically: state and plumbing change together or
+    /// not at all.
+    fn apply(&self, text: &str) -> Value {
+        let mut plumbing = self.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.shared.now();
+        let cur = self.shared.state.load_full();
+        let (next, applied, warnings) = match cur.apply_text(text, "control", now) {
+            Ok(x) => x,
+            Err(e) => return control::error(&e.to_string()),
+        };
+        let spd_changed = cur
+            .spd
+            .iter()
+            .map(|p| p.id)
+            .ne(next.spd.iter().map(|p| p.id));
+        if spd_changed && let Err(e) = plumbing.update(&next) {
+            return control::error(&format!("policies not applied: {e:#}"));
+        }
+        self.shared.state.store(Arc::new(next));
+        self.changed.store(true, Relaxed);
+        let mut v = control::ok(&applied.output);
+        v["spis"] = json!(applied.spis);
+        v["warnings"] = json!(
+            warnings
+                .iter()
+                .map(|w| format!("control:{}: {}", w.line, w.message))
+                .collect::<Vec<_>>()
+        );
+        v
+    }
+
+    /// Send an event to every monitor without blocking.
+    pub fn broadcast(&self, e: &Event) {
+        let v = control::event_json(e);
+        let mut ms = self.monitors.lock().unwrap_or_else(|e| e.into_inner());
+        ms.retain_mut(
+            |m| match send_msg(m.fd.as_raw_fd(), &v, libc::MSG_DONTWAIT) {
+                Ok(()) => true,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    m.lost += 1;
+                    m.lost < 10_000
+                }
+                Err(_) => false,
+            },
+        );
+    }
+}
+
+/// Wait for the control thread (bounded).
+pub fn join(h: std::thread::JoinHandle<()>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !h.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if h.is_finished() {
+        let _ = h.join();
+    }
+}
