@@ -150,6 +150,13 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Take back a drop the shell did not carry out after all (a packet
+    /// held while its SA is being negotiated).
+    pub fn uncount_drop(&mut self, r: DropReason) {
+        let c = &mut self.drops[r.index()];
+        *c = c.saturating_sub(1);
+    }
+
     pub fn count_drop(&mut self, r: DropReason) {
         self.drops[r.index()] += 1;
     }

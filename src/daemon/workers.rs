@@ -6,7 +6,7 @@
 
 use super::net::{self, Sender};
 use crate::buf::{HEADROOM, PacketBuf};
-use crate::engine::{self, Counters, Event, Verdict, Worker};
+use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
 use arc_swap::ArcSwap;
@@ -131,6 +131,84 @@ impl AsMut<[u8]> for Slot {
     }
 }
 
+/// Packets that met `require` without an SA wait here, briefly, for the
+/// keying daemon to answer the ACQUIRE; the rest are dropped. Buffers are
+/// swapped in and out, never copied.
+struct Hold {
+    bufs: Vec<PacketBuf>,
+    /// (since, generation seen) per held packet, parallel to `bufs[..n]`.
+    meta: Vec<(Duration, u64)>,
+    n: usize,
+}
+
+/// How many packets wait, and for how long.
+pub const HOLD_PACKETS: usize = 8;
+pub const HOLD_TIME: Duration = Duration::from_secs(1);
+
+impl Hold {
+    fn new() -> Hold {
+        Hold {
+            bufs: (0..HOLD_PACKETS).map(|_| PacketBuf::new()).collect(),
+            meta: vec![(Duration::ZERO, 0); HOLD_PACKETS],
+            n: 0,
+        }
+    }
+
+    /// Keep the packet in `buf` (which gets an empty buffer in exchange),
+    /// if there is room; the drop the engine counted is then taken back.
+    fn keep(&mut self, buf: &mut PacketBuf, w: &mut Worker, generation: u64, now: Duration) {
+        if self.n == HOLD_PACKETS {
+            return;
+        }
+        std::mem::swap(&mut self.bufs[self.n], buf);
+        self.meta[self.n] = (now, generation);
+        self.n += 1;
+        w.counters.uncount_drop(DropReason::NoSa);
+    }
+
+    /// Retry held packets when the state changed; drop those that waited
+    /// too long. Returns the packets to send (indices into `bufs`).
+    fn retry(
+        &mut self,
+        state: &State,
+        w: &mut Worker,
+        now: Duration,
+        sender: &Sender,
+        ioc: &mut IoCounters,
+    ) {
+        let mut i = 0;
+        while i < self.n {
+            let (since, seen) = self.meta[i];
+            let mut done = false;
+            if seen != state.generation {
+                self.meta[i].1 = state.generation;
+                match engine::outbound(state, w, &mut self.bufs[i], now) {
+                    Verdict::Forward => {
+                        let (sent, failed) = sender.send_batch(&[self.bufs[i].data()]);
+                        ioc.net_tx += sent as u64;
+                        ioc.net_tx_errors += failed as u64;
+                        done = true;
+                    }
+                    Verdict::Drop(DropReason::NoSa) if now.saturating_sub(since) < HOLD_TIME => {
+                        w.counters.uncount_drop(DropReason::NoSa);
+                    }
+                    Verdict::Drop(_) => done = true,
+                }
+            } else if now.saturating_sub(since) >= HOLD_TIME {
+                w.counters.count_drop(DropReason::NoSa);
+                done = true;
+            }
+            if done {
+                self.n -= 1;
+                self.bufs.swap(i, self.n);
+                self.meta.swap(i, self.n);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
 /// Rounds of batches taken from one side before turning to the other.
 const ROUNDS: usize = 8;
 
@@ -147,6 +225,7 @@ struct Loop {
     gro: GROTable,
     gro_bufs: Vec<Vec<u8>>,
     ip_id: u16,
+    hold: Hold,
 }
 
 impl Loop {
@@ -185,8 +264,12 @@ impl Loop {
                 slot.0.set_loaded(self.sizes[i]);
                 self.ioc.tun_rx += 1;
                 ensure_ipv4_id(&mut slot.0, &mut self.ip_id);
-                keep[i] =
-                    engine::outbound(state, &mut self.w, &mut slot.0, now) == Verdict::Forward;
+                let v = engine::outbound(state, &mut self.w, &mut slot.0, now);
+                keep[i] = v == Verdict::Forward;
+                if v == Verdict::Drop(DropReason::NoSa) {
+                    self.hold
+                        .keep(&mut slot.0, &mut self.w, state.generation, now);
+                }
             }
             let mut out: [&[u8]; BATCH] = [&[]; BATCH];
             let mut k = 0;
@@ -278,6 +361,7 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
             .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535))
             .collect(),
         ip_id: (seed[0] as u16) << 8 | seed[1] as u16,
+        hold: Hold::new(),
     };
     let mut last_publish = Instant::now();
     let tun_fd = io.tun.as_raw_fd();
@@ -315,6 +399,9 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
             if fds[1 + i].revents & libc::POLLIN != 0 {
                 l.inbound(&io, *fd, &state, now);
             }
+        }
+        if l.hold.n > 0 {
+            l.hold.retry(&state, &mut l.w, now, &io.sender, &mut l.ioc);
         }
         if !l.w.events.is_empty() {
             shared
