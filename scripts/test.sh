@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Build tunsec, run every Rust test, then the interop suite (tests/interop),
 # which checks tunsec against independent implementations: scapy, Python's
-# zlib, tshark and tcpdump.
+# zlib, tshark and tcpdump; then, as root, the end-to-end suite (tests/e2e):
+# `tunsec run` daemons in two network namespaces with real traffic between
+# them (release build; skipped with a message when not root).
 #
 #   scripts/test.sh [pytest arguments...]
 #
 # The Python side lives in .venv at the repository root, created on first
 # use from tests/interop/requirements.txt (and refreshed when that changes).
-# TUNSEC_BIN overrides the binary under test (default target/debug/tunsec).
+# TUNSEC_BIN overrides the binary under test (default target/debug/tunsec for
+# the interop suite, target/release/tunsec for the e2e suite).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,3 +44,20 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 .venv/bin/python -m pytest -q tests/interop "$@"
+
+# The end-to-end suite needs root: network namespaces, TUN devices,
+# nftables, raw and packet sockets.
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: skipping tests/e2e: the end-to-end suite needs root (network namespaces, TUN devices, nftables)" >&2
+    exit 0
+fi
+missing=()
+for pair in nft:nftables ip:iproute2 ping:iputils-ping; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+cargo build --release
+.venv/bin/python -m pytest -q tests/e2e

@@ -15,18 +15,33 @@ const B6: &str = "fd00:9::2";
 
 /// Algorithm parts of `add` lines for one bundle, innermost first.
 const BUNDLES: &[&[(&str, &str)]] = &[
-    &[("esp", "-E aes-cbc 0x000102030405060708090a0b0c0d0e0f -A hmac-sha1 0x000102030405060708090a0b0c0d0e0f10111213")],
-    &[("esp", "-E aes-cbc 0x000102030405060708090a0b0c0d0e0f1011121314151617 -A hmac-sha384 0x{48}")],
+    &[(
+        "esp",
+        "-E aes-cbc 0x000102030405060708090a0b0c0d0e0f -A hmac-sha1 0x000102030405060708090a0b0c0d0e0f10111213",
+    )],
+    &[(
+        "esp",
+        "-E aes-cbc 0x000102030405060708090a0b0c0d0e0f1011121314151617 -A hmac-sha384 0x{48}",
+    )],
     &[("esp", "-E aes-gcm-16 0x{36}")],
     &[("esp", "-f esn -E chacha20-poly1305 0x{36}")],
     &[("esp", "-E null -A hmac-sha256 0x{32}")],
     &[("ah", "-A hmac-sha512 0x{64}")],
-    &[("esp", "-E aes-cbc 0x{16} -A hmac-sha256 0x{32}"), ("ah", "-f esn -A hmac-sha256 0x{32}")],
-    &[("ipcomp", "-C deflate"), ("esp", "-E aes-gcm-16 0x{20}"), ("ah", "-A hmac-sha1 0x{20}")],
+    &[
+        ("esp", "-E aes-cbc 0x{16} -A hmac-sha256 0x{32}"),
+        ("ah", "-f esn -A hmac-sha256 0x{32}"),
+    ],
+    &[
+        ("ipcomp", "-C deflate"),
+        ("esp", "-E aes-gcm-16 0x{20}"),
+        ("ah", "-A hmac-sha1 0x{20}"),
+    ],
 ];
 
 fn key(n: usize) -> String {
-    (0..n).map(|i| format!("{:02x}", (i * 7 + 3) as u8)).collect()
+    (0..n)
+        .map(|i| format!("{:02x}", (i * 7 + 3) as u8))
+        .collect()
 }
 
 fn config(bundle: &[(&str, &str)]) -> String {
@@ -71,7 +86,12 @@ fn payload_strategy() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..2000),
         // text-like, so that IPComp kicks in
-        (0usize..3000).prop_map(|n| b"lorem ipsum dolor sit amet ".iter().cycle().take(n).cloned().collect()),
+        (0usize..3000).prop_map(|n| b"lorem ipsum dolor sit amet "
+            .iter()
+            .cycle()
+            .take(n)
+            .cloned()
+            .collect()),
     ]
 }
 

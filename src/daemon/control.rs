@@ -273,20 +273,22 @@ impl Control {
                     },
                 }
             };
+            let mut reply = reply;
             if reply["ok"] == json!(false) {
                 errors += 1;
             } else {
                 errors = 0;
             }
+            let closing = errors >= MAX_ERRORS;
+            if closing {
+                // One reply per request: the last one says why it is the last.
+                let e = reply["error"].as_str().unwrap_or("").to_string();
+                reply["error"] = json!(format!("{e}; too many failed requests: disconnecting"));
+            }
             if send_msg(raw, &reply, 0).is_err() {
                 return;
             }
-            if errors >= MAX_ERRORS {
-                let _ = send_msg(
-                    raw,
-                    &control::error("too many failed requests: disconnecting"),
-                    0,
-                );
+            if closing {
                 tracing::warn!("control: disconnected a client after {errors} failed requests");
                 return;
             }

@@ -360,6 +360,10 @@ fn serve(shared: &Arc<Shared>, ctl: &control::Control, ios: Vec<workers::Io>) ->
             }
         }
         if handles.iter().any(|h| h.is_finished()) {
+            ctl.plumbing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stop();
             shared.stop.store(true, Relaxed);
             for h in handles {
                 let _ = h.join();
@@ -368,6 +372,12 @@ fn serve(shared: &Arc<Shared>, ctl: &control::Control, ios: Vec<workers::Io>) ->
         }
     }
     tracing::info!("signal received, stopping");
+    // Undo the plumbing while the workers still hold the TUN device: its
+    // routes go with it, and deleting them afterwards would fail.
+    ctl.plumbing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .stop();
     shared.stop.store(true, Relaxed);
     for h in handles {
         let _ = h.join();

@@ -283,19 +283,28 @@ impl Plan {
 pub struct Plumbing {
     pub inst: Instance,
     applied: Vec<Step>,
+    /// Set by `stop`: the daemon is going down, no more changes.
+    closed: bool,
 }
 
 impl Plumbing {
     /// Apply the plan for `state`.
     pub fn start(state: &State, inst: Instance) -> Result<Plumbing> {
         let applied = plan(state, &inst).apply()?;
-        Ok(Plumbing { inst, applied })
+        Ok(Plumbing {
+            inst,
+            applied,
+            closed: false,
+        })
     }
 
     /// Move to the plan for `state`: apply new steps, undo vanished ones.
     /// On failure, what this call applied is undone and the old plumbing
     /// stays in force.
     pub fn update(&mut self, state: &State) -> Result<()> {
+        if self.closed {
+            bail!("tunsec is shutting down");
+        }
         let next = plan(state, &self.inst);
         let mut added = Vec::new();
         for step in &next.steps {
@@ -327,6 +336,7 @@ impl Plumbing {
     pub fn stop(&mut self) {
         undo(&self.applied);
         self.applied.clear();
+        self.closed = true;
     }
 }
 

@@ -1,0 +1,110 @@
+"""Plaintext from the peer, where the inbound policy requires IPsec, never
+reaches B's applications: tunsec's nftables table drops it and counts it.
+
+The plaintext is written onto A's veth directly (AF_PACKET), so A's TUN
+device and daemon never see it; later A's daemon is stopped and A's own
+kernel sends in the clear.
+"""
+
+import secrets
+import time
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from e2elib import (
+    A4, A6, B4, B6, IFACE_A, IFACE_B, make_topology, mkconf, nft_drop_counters, ping, tcp_snmp, write_pcap,
+)
+
+V4_RULE = f"ip saddr {A4} ip daddr {B4}"
+V6_RULE = f"ip6 saddr {A6} ip6 daddr {B6}"
+TCP_PORT, UDP_PORT = 7001, 7002
+
+
+@pytest.fixture(scope="module")
+def net(request, tmp_path_factory):
+    topo = make_topology(request, tmp_path_factory, "2")
+    a_conf, b_conf = mkconf("windows", topo.workdir / "conf")
+    topo.da = topo.daemon(topo.a, a_conf).start()
+    topo.db = topo.daemon(topo.b, b_conf).start()
+    return topo
+
+
+def start_probe(net, duration: float, max_events: int = 0):
+    """B's application: a dual-stack TCP listener and UDP socket that report
+    everything that reaches them."""
+    p = net.tool(net.b, "probe", "--bind", "::", "--tcp-port", str(TCP_PORT), "--udp-port", str(UDP_PORT),
+                 "--duration", str(duration), "--max-events", str(max_events))
+    p.wait_ready()
+    return p
+
+
+def hello(net, a: str, b: str, text: str) -> None:
+    net.tool(net.a, "tcp-hello", "--to", b, "--port", str(TCP_PORT), "--udp-port", str(UDP_PORT),
+             "--data", text).result(30)
+
+
+def v4mapped(a: str) -> str:
+    return a if ":" in a else f"::ffff:{a}"
+
+
+def test_injected_plaintext_is_dropped_and_counted(net, tmp_path):
+    marker = "TUNSEC-E2E-PLAINTEXT-" + secrets.token_hex(6)
+    mac_a, mac_b = net.mac(net.a, IFACE_A), net.mac(net.b, IFACE_B)
+    frames = {"v4": [], "v6": []}
+    for fam, l3 in (("v4", lambda: IP(src=A4, dst=B4)), ("v6", lambda: IPv6(src=A6, dst=B6))):
+        eth = Ether(src=mac_a, dst=mac_b)
+        for i in range(3):
+            frames[fam].append(eth / l3() / TCP(sport=41000 + i, dport=TCP_PORT, flags="S", seq=1000 + i))
+        frames[fam].append(eth / l3() / TCP(sport=41010, dport=TCP_PORT, flags="PA", seq=5, ack=7) / marker)
+        for i in range(2):
+            frames[fam].append(eth / l3() / UDP(sport=42000 + i, dport=UDP_PORT) / f"{marker}-{i}")
+    pcap = write_pcap(tmp_path / "plain.pcap", [bytes(f) for f in frames["v4"] + frames["v6"]])
+
+    # it stops after the 4 positive controls, or after 20 s
+    probe = start_probe(net, duration=20, max_events=4)
+    nft0, snmp0, cb0 = nft_drop_counters(net, net.b), tcp_snmp(net, net.b), net.db.counters(settle=0)
+    assert set(nft0) == {V4_RULE, V6_RULE}, f"tunsec's drop rules in {net.b}: {nft0}"
+    sent = net.tool(net.a, "inject", "--iface", IFACE_A, str(pcap)).result(30)
+    assert sent["sent"] == 12
+    time.sleep(0.5)
+    nft1, snmp1 = nft_drop_counters(net, net.b), tcp_snmp(net, net.b)
+    assert nft1[V4_RULE] - nft0[V4_RULE] == len(frames["v4"]), f"{nft0} -> {nft1}"
+    assert nft1[V6_RULE] - nft0[V6_RULE] == len(frames["v6"]), f"{nft0} -> {nft1}"
+    assert snmp1["InSegs"] == snmp0["InSegs"], "plaintext TCP reached B's TCP stack"
+    # Positive control: the same sockets do get what comes through tunsec.
+    hello(net, A4, B4, "via-tunsec-v4")
+    hello(net, A6, B6, "via-tunsec-v6")
+    got = probe.result(30)
+    assert got["tcp"] == [{"peer": v4mapped(A4), "data": "via-tunsec-v4"}, {"peer": A6, "data": "via-tunsec-v6"}]
+    assert got["udp"] == [{"peer": v4mapped(A4), "data": "via-tunsec-v4"}, {"peer": A6, "data": "via-tunsec-v6"}]
+    cb1 = net.db.counters()
+    assert cb1["dropped"] == cb0["dropped"], f"{cb0.line} -> {cb1.line}"
+    assert cb1["in_packets"] > cb0["in_packets"], f"{cb0.line} -> {cb1.line}"
+
+
+def test_peer_without_daemon_sends_plaintext_that_is_dropped(net):
+    """With A's daemon stopped, A's kernel talks to B in the clear: B's
+    application sees nothing, B's nftables counters count every datagram."""
+    net.da.stop()
+    for b in (B4, B6):  # neighbours resolved, so that no datagram waits for ARP/ND
+        ping(net, net.a, b, count=1)
+    probe = start_probe(net, duration=4)
+    nft0 = nft_drop_counters(net, net.b)
+    for a, b in ((A4, B4), (A6, B6)):
+        r = net.run(net.a, "python3", "-c", (
+            "import socket,sys\n"
+            f"s=socket.socket(socket.AF_INET{'6' if ':' in b else ''},socket.SOCK_DGRAM)\n"
+            f"[s.sendto(b'clear-%d' % i, ('{b}', {UDP_PORT})) for i in range(5)]\n"
+            f"t=socket.socket(s.family,socket.SOCK_STREAM); t.settimeout(1.5)\n"
+            f"t.connect(('{b}', {TCP_PORT}))\n"), check=False)
+        assert r.returncode != 0 and "timed out" in r.stderr, f"TCP connect in the clear to {b}: {r.stderr}"
+    time.sleep(0.3)
+    nft1 = nft_drop_counters(net, net.b)
+    got = probe.result(30)
+    assert got == {"tcp": [], "udp": []}, got
+    # 5 datagrams and at least one SYN per family
+    assert nft1[V4_RULE] - nft0[V4_RULE] >= 6, f"{nft0} -> {nft1}"
+    assert nft1[V6_RULE] - nft0[V6_RULE] >= 6, f"{nft0} -> {nft1}"
