@@ -58,15 +58,6 @@ fn log_init() {
         .try_init();
 }
 
-fn fnv16(s: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    (h ^ (h >> 16)) & 0xffff
-}
-
 /// The MTU of the interface the kernel would use to reach `dst` now.
 fn path_mtu(dst: std::net::IpAddr) -> Option<u16> {
     let out = std::process::Command::new("ip")
@@ -92,19 +83,10 @@ fn os_seed() -> Result<[u8; 32]> {
     Ok(seed)
 }
 
-fn run_cmd(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("cannot run {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// Run a command given as words (e.g. `ip link set …`).
+fn run_cmd(words: &[&str]) -> Result<()> {
+    let argv: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+    plumbing::run(&argv, None)
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -132,13 +114,7 @@ pub fn run(args: &Args) -> Result<()> {
     if workers == 0 || workers > 256 {
         bail!("--workers {workers}: give 1 to 256");
     }
-    let h = fnv16(&args.tun);
-    let inst = Instance {
-        tun: args.tun.clone(),
-        mark: 0x7453_0000 | h,
-        table: 0x7453_0000 | h,
-        rule_priority: 1000 + h % 1000,
-    };
+    let inst = Instance::new(&args.tun);
     let peers = plumbing::routed_peers(&state);
     if peers.is_empty() {
         tracing::warn!(
@@ -201,7 +177,7 @@ pub fn run(args: &Args) -> Result<()> {
     run_cmd(&["ip", "link", "set", "dev", &inst.tun, "up"])?;
 
     let _claims = net::protocol_claims().context("cannot open raw sockets for ESP/AH/IPComp")?;
-    let group = (h ^ std::process::id()) as u16;
+    let group = (Instance::hash(&inst.tun) ^ std::process::id()) as u16;
     let mut ios = Vec::new();
     for q in tun.queues {
         ios.push(workers::Io {
@@ -360,20 +336,23 @@ fn serve(shared: &Arc<Shared>, ctl: &control::Control, ios: Vec<workers::Io>) ->
             }
         }
         if handles.iter().any(|h| h.is_finished()) {
-            ctl.plumbing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .stop();
-            shared.stop.store(true, Relaxed);
-            for h in handles {
-                let _ = h.join();
-            }
+            stop_workers(shared, ctl, handles);
             bail!("a worker stopped unexpectedly");
         }
     }
     tracing::info!("signal received, stopping");
-    // Undo the plumbing while the workers still hold the TUN device: its
-    // routes go with it, and deleting them afterwards would fail.
+    stop_workers(shared, ctl, handles);
+    Ok(())
+}
+
+/// Undo the plumbing while the workers still hold the TUN device (its
+/// routes go with it, and deleting them afterwards would fail), then stop
+/// and join the workers.
+fn stop_workers(
+    shared: &Shared,
+    ctl: &control::Control,
+    handles: Vec<std::thread::JoinHandle<()>>,
+) {
     ctl.plumbing
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -382,7 +361,6 @@ fn serve(shared: &Arc<Shared>, ctl: &control::Control, ios: Vec<workers::Io>) ->
     for h in handles {
         let _ = h.join();
     }
-    Ok(())
 }
 
 /// How long an ACQUIRE stays pending before it is raised again.

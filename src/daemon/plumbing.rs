@@ -41,15 +41,27 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Numbers derived from the TUN device's interface index, which is
-    /// unique within the network namespace.
-    pub fn new(tun: &str, ifindex: u32) -> Instance {
+    /// Numbers derived from a 16-bit hash of the TUN device's name, which
+    /// is unique within the network namespace (and known before the device
+    /// exists, for --dry-run).
+    pub fn new(tun: &str) -> Instance {
+        let h = Self::hash(tun);
         Instance {
             tun: tun.to_string(),
-            mark: 0x7453_0000 | (ifindex & 0xffff),
-            table: 0x7453_0000 | (ifindex & 0xffff),
-            rule_priority: 1000 + (ifindex % 1000),
+            mark: 0x7453_0000 | h,
+            table: 0x7453_0000 | h,
+            rule_priority: 1000 + h % 1000,
         }
+    }
+
+    /// FNV-1a folded to 16 bits.
+    pub fn hash(s: &str) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in s.bytes() {
+            h ^= b as u32;
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        (h ^ (h >> 16)) & 0xffff
     }
 
     pub fn nft_table(&self) -> String {
@@ -349,7 +361,8 @@ pub fn undo(done: &[Step]) {
     }
 }
 
-fn run(args: &[String], stdin: Option<&str>) -> Result<()> {
+/// Run a command, feeding `stdin`; its stderr becomes the error.
+pub fn run(args: &[String], stdin: Option<&str>) -> Result<()> {
     use std::io::Write;
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..])
@@ -400,15 +413,26 @@ mod tests {
 
     #[test]
     fn seed_plan_routes_the_peers_and_refuses_their_plaintext() {
-        let inst = Instance::new("tunsec0", 7);
+        let inst = Instance::new("tunsec0");
+        assert_eq!(inst.mark, 0x7453_0000 | Instance::hash("tunsec0"));
+        assert_ne!(Instance::hash("tunsec0"), Instance::hash("tunsec1"));
         let p = plan(&seed(), &inst);
         let d = p.describe();
         assert!(
-            d.contains("ip -4 rule add not fwmark 0x74530007 table 1951596551 priority 1007"),
+            d.contains(&format!(
+                "ip -4 rule add not fwmark {:#x} table {} priority {}",
+                inst.mark, inst.table, inst.rule_priority
+            )),
             "{d}"
         );
-        assert!(d.contains("ip -4 route replace 172.17.207.66/32 dev tunsec0 table 1951596551 src 172.17.207.12"), "{d}");
-        assert!(d.contains("ip -6 route replace 2001:470:1f09:11ed::42/128 dev tunsec0 table 1951596551 src 2001:470:1f09:11ed::c"), "{d}");
+        assert!(
+            d.contains(&format!(
+                "ip -4 route replace 172.17.207.66/32 dev tunsec0 table {} src 172.17.207.12",
+                inst.table
+            )),
+            "{d}"
+        );
+        assert!(d.contains(&format!("ip -6 route replace 2001:470:1f09:11ed::42/128 dev tunsec0 table {} src 2001:470:1f09:11ed::c", inst.table)), "{d}");
         // ICMP bypass first (priority 10), then the ipsec policy refuses plaintext
         let icmp = d.find("meta nfproto ipv4 meta l4proto 1 accept").expect(&d);
         let drop = d
