@@ -182,3 +182,31 @@ def test_strangers_and_hostile_clients_are_refused(net):
     assert len(replies) <= 21
     assert net.db.alive()
     assert ctl(c, "stats;")["ok"]
+
+
+def test_policy_changes_reach_routes_and_nftables(net):
+    """An SPD change through the control socket updates tunsec's nftables
+    table (and routes) in the same step; a refused change leaves both."""
+    c = net.db.control
+
+    def table():
+        return net.run(net.b, "nft", "list", "table", "inet", "tunsec_tsec0").stdout
+
+    assert "dport 7777" not in table()
+    r = ctl(c, "spdadd 10.77.0.1[any] 10.77.0.2[7777] tcp -P in priority 1 discard;")
+    assert r["ok"], r
+    t = table()
+    assert re.search(r"dport 7777 counter packets \d+ bytes \d+ drop", t), t
+    # a new peer gets a route into the TUN device
+    r = ctl(c, "spdadd 10.77.0.2 10.77.0.99 any -P out ipsec esp/transport//require;")
+    assert r["ok"], r
+    routes = net.run(net.b, "ip", "route", "show", "table", "all").stdout
+    assert "10.77.0.99 dev tsec0" in routes, routes
+    # a batch that fails halfway changes neither
+    r = ctl(c, "spddelete 10.77.0.1[any] 10.77.0.2[7777] tcp -P in;\nspddelete 10.77.0.5 10.77.0.6 any -P in;")
+    assert not r["ok"] and r["error"].startswith("control:2: no policy"), r
+    assert "dport 7777" in table()
+    r = ctl(c, "spddelete 10.77.0.1[any] 10.77.0.2[7777] tcp -P in;\nspddelete 10.77.0.2 10.77.0.99 any -P out;")
+    assert r["ok"], r
+    assert "dport 7777" not in table()
+    assert "10.77.0.99" not in net.run(net.b, "ip", "route", "show", "table", "all").stdout
