@@ -3,9 +3,10 @@
 //! no policy), like `openssl speed`. The ratio is the engine's efficiency.
 //!
 //! Both loops start each packet by copying it into the working buffer (as a
-//! packet read from the kernel would arrive), engine and primitive rounds
-//! alternate, and the median of the rounds is reported, so the ratio holds
-//! on a noisy machine.
+//! packet read from the kernel would arrive). Engine and primitive run in
+//! short alternating slices; the ratio reported is the median of the ratios
+//! of adjacent slices, so that a noisy neighbour slows both sides of a pair
+//! alike.
 
 use crate::buf::PacketBuf;
 use crate::crypto::{Auth, Cipher};
@@ -26,8 +27,8 @@ pub struct Args {
     /// Measuring time per case (engine and primitive each), in ms.
     #[arg(long, default_value_t = 300)]
     pub millis: u64,
-    /// Rounds per case; the median is reported.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds per case (engine and primitive slices alternate); medians are reported.
+    #[arg(long, default_value_t = 15)]
     pub rounds: usize,
     /// IP packet sizes in bytes.
     #[arg(long, value_delimiter = ',', default_values_t = vec![64, 512, 1400, 9000])]
@@ -399,25 +400,43 @@ pub fn measure(t: &Transform, size: usize, d: Duration, rounds: usize) -> Result
         let mut eng = Vec::new();
         let mut raw = Vec::new();
         let mut k = 0usize;
-        for _ in 0..rounds.max(1) {
-            eng.push(if out_dir {
-                rate(d / rounds.max(1) as u32, || {
-                    buf.load(&plain);
-                    black_box(engine::outbound(&state, &mut w, &mut buf, Duration::ZERO));
-                })
+        let slice = d / rounds.max(1) as u32;
+        let mut ratios = Vec::new();
+        for round in 0..rounds.max(1) {
+            let mut run_engine = || {
+                if out_dir {
+                    rate(slice, || {
+                        buf.load(&plain);
+                        black_box(engine::outbound(&state, &mut w, &mut buf, Duration::ZERO));
+                    })
+                } else {
+                    rate(slice, || {
+                        k = (k + 1) % pool.len();
+                        buf.load(&pool[k]);
+                        black_box(engine::inbound(&state, &mut w, &mut buf, Duration::ZERO));
+                    })
+                }
+            };
+            // Alternate which goes first, so that drift in the machine's
+            // speed does not favour one side.
+            let (e, r) = if round % 2 == 0 {
+                let e = run_engine();
+                (e, rate(slice, || prim.run()))
             } else {
-                rate(d / rounds.max(1) as u32, || {
-                    k = (k + 1) % pool.len();
-                    buf.load(&pool[k]);
-                    black_box(engine::inbound(&state, &mut w, &mut buf, Duration::ZERO));
-                })
-            });
-            raw.push(rate(d / rounds.max(1) as u32, || prim.run()));
+                let r = rate(slice, || prim.run());
+                (run_engine(), r)
+            };
+            eng.push(e);
+            raw.push(r);
+            ratios.push(e / r);
         }
         let pps = median(eng);
         let raw_pps = median(raw);
         let gbps = pps * size as f64 * 8.0 / 1e9;
         let primitive_gbps = raw_pps * size as f64 * 8.0 / 1e9;
+        // The ratio is the median of ratios of adjacent slices: noise from
+        // other tenants hits both sides of a pair alike.
+        let ratio = median(ratios);
         rows.push(Row {
             transform: t.name.to_string(),
             direction: if out_dir { "out" } else { "in" },
@@ -425,7 +444,7 @@ pub fn measure(t: &Transform, size: usize, d: Duration, rounds: usize) -> Result
             pps,
             gbps,
             primitive_gbps,
-            ratio: gbps / primitive_gbps,
+            ratio,
         });
     }
     if w.counters.total_drops() > 0 {
