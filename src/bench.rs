@@ -213,10 +213,18 @@ fn rate(d: Duration, mut f: impl FnMut()) -> f64 {
 struct Primitive {
     steps: Vec<Step>,
     scratch: Vec<u8>,
-    src: Vec<u8>,
+    /// The input bytes: one buffer outbound (the engine protects the same
+    /// plaintext each time); inbound, as many distinct buffers as the
+    /// engine's pool of sealed packets, walked in turn, so that both sides
+    /// read the same amount of memory.
+    srcs: Vec<Vec<u8>>,
+    k: usize,
     comp: Compress,
     decomp: Decompress,
 }
+
+/// Distinct sealed packets the inbound loops cycle through.
+const POOL: usize = 16;
 
 enum Step {
     Deflate(usize),
@@ -224,63 +232,67 @@ enum Step {
     CbcEnc(Cipher, usize),
     CbcDec(Cipher, usize),
     Seal(Cipher, usize),
-    /// Ciphertext and its valid tag: the AEADs check the tag before
-    /// decrypting, so a wrong one would skip half the work.
-    Open(Cipher, Vec<u8>, [u8; 16]),
+    /// Ciphertexts and their valid tags (one per pooled input): the AEADs
+    /// check the tag before decrypting, so a wrong one would skip half the
+    /// work.
+    Open(Cipher, Vec<(Vec<u8>, [u8; 16])>),
     Mac(Auth, usize),
 }
 
 impl Primitive {
     fn run(&mut self) {
-        let s = &mut self.scratch;
-        for step in &self.steps {
+        let Primitive {
+            steps,
+            scratch: s,
+            srcs,
+            k,
+            comp,
+            decomp,
+        } = self;
+        let i = *k;
+        *k = (*k + 1) % srcs.len();
+        let src = &srcs[i];
+        for step in steps.iter() {
             match step {
                 Step::Deflate(n) => {
-                    self.comp.reset();
-                    let mut out = std::mem::take(s);
-                    out.clear();
-                    let _ =
-                        self.comp
-                            .compress_vec(&self.src[..*n], &mut out, FlushCompress::Finish);
-                    *s = out;
+                    comp.reset();
+                    s.clear();
+                    let _ = comp.compress_vec(&src[..*n], s, FlushCompress::Finish);
                 }
                 Step::Inflate(data) => {
-                    self.decomp.reset(false);
-                    let mut out = std::mem::take(s);
-                    out.clear();
-                    let _ = self
-                        .decomp
-                        .decompress_vec(data, &mut out, FlushDecompress::Finish);
-                    *s = out;
+                    decomp.reset(false);
+                    s.clear();
+                    let _ = decomp.decompress_vec(data, s, FlushDecompress::Finish);
                 }
                 Step::CbcEnc(c, n) => {
                     s.clear();
-                    s.extend_from_slice(&self.src[..*n]);
+                    s.extend_from_slice(&src[..*n]);
                     c.cbc_encrypt(&[7; 16], s);
                 }
                 Step::CbcDec(c, n) => {
                     s.clear();
-                    s.extend_from_slice(&self.src[..*n]);
+                    s.extend_from_slice(&src[..*n]);
                     c.cbc_decrypt(&[7; 16], s);
                 }
                 Step::Seal(c, n) => {
                     s.clear();
-                    s.extend_from_slice(&self.src[..*n]);
+                    s.extend_from_slice(&src[..*n]);
                     black_box(c.aead_seal(&[1; 8], &[2; 8], s));
                 }
-                Step::Open(c, ct, tag) => {
+                Step::Open(c, sealed) => {
+                    let (ct, tag) = &sealed[i % sealed.len()];
                     s.clear();
                     s.extend_from_slice(ct);
                     assert!(c.aead_open(&[1; 8], &[2; 8], s, tag));
                 }
                 Step::Mac(a, n) => {
                     let mut out = [0u8; 32];
-                    a.compute(&[&self.src[..*n]], &mut out[..a.icv_len()]);
+                    a.compute(&[&src[..*n]], &mut out[..a.icv_len()]);
                     black_box(out);
                 }
             }
         }
-        black_box(&self.scratch);
+        black_box(&s);
     }
 }
 
@@ -314,10 +326,15 @@ fn primitive(sas: &[Arc<Sa>], plain: &[u8], out_dir: bool) -> Primitive {
                 let ct = payload + ovh - 8 - sa.cipher.iv_len() - icv;
                 if sa.cipher.is_aead() {
                     steps.push(Step::Seal(sa.cipher.clone(), ct));
-                    let mut sealed = plain.to_vec();
-                    sealed.resize(ct, 0x5a);
-                    let tag = sa.cipher.aead_seal(&[1; 8], &[2; 8], &mut sealed);
-                    inbound_steps.push(Step::Open(sa.cipher.clone(), sealed, tag));
+                    let sealed = (0..POOL)
+                        .map(|j| {
+                            let mut b = plain.to_vec();
+                            b.resize(ct, j as u8);
+                            let tag = sa.cipher.aead_seal(&[1; 8], &[2; 8], &mut b);
+                            (b, tag)
+                        })
+                        .collect();
+                    inbound_steps.push(Step::Open(sa.cipher.clone(), sealed));
                 } else {
                     if sa.cipher.iv_len() > 0 {
                         steps.push(Step::CbcEnc(sa.cipher.clone(), ct));
@@ -342,12 +359,19 @@ fn primitive(sas: &[Arc<Sa>], plain: &[u8], out_dir: bool) -> Primitive {
         inbound_steps.reverse();
         steps = inbound_steps;
     }
-    let mut src = plain.to_vec();
-    src.resize(total.max(plain.len()) + 64, 0);
+    let copies = if out_dir { 1 } else { POOL };
+    let srcs = (0..copies)
+        .map(|j| {
+            let mut src = plain.to_vec();
+            src.resize(total.max(plain.len()) + 64, j as u8);
+            src
+        })
+        .collect();
     Primitive {
         steps,
         scratch: Vec::with_capacity(65536 + 256),
-        src,
+        srcs,
+        k: 0,
         comp: Compress::new(Compression::default(), false),
         decomp: Decompress::new(false),
     }
@@ -361,7 +385,7 @@ pub fn measure(t: &Transform, size: usize, d: Duration, rounds: usize) -> Result
     let mut buf = PacketBuf::new();
     // A pool of sealed packets for the inbound loop.
     let mut pool = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..POOL {
         buf.load(&plain);
         if engine::outbound(&state, &mut w, &mut buf, Duration::ZERO) != Verdict::Forward {
             bail!("{}: the engine dropped the benchmark packet", t.name);
