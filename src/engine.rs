@@ -232,6 +232,7 @@ impl Worker {
     }
 }
 
+#[inline]
 fn flow_of(info: &IpInfo, pkt: &[u8]) -> Flow {
     Flow {
         src: info.src,

@@ -63,6 +63,7 @@ impl IpInfo {
 
     /// Ports (or ICMP type and code, as PF_KEY encodes them) of the upper
     /// layer, if this packet carries them.
+    #[inline]
     pub fn ports(&self, pkt: &[u8]) -> Option<(u16, u16)> {
         if self.later_fragment {
             return None;
@@ -125,6 +126,7 @@ fn v6_ext_len(proto: u8, b: &[u8]) -> Result<usize, ParseError> {
 /// Parse the IP header(s) of `pkt`. The packet must be exactly as long as
 /// its length field says (trailing bytes, e.g. Ethernet padding, are an
 /// error: callers trim them with [`ip_len`] first).
+#[inline]
 pub fn parse(pkt: &[u8]) -> Result<IpInfo, ParseError> {
     match pkt.first().map(|b| b >> 4) {
         Some(4) => parse_v4(pkt),
@@ -144,6 +146,7 @@ pub fn ip_len(pkt: &[u8]) -> Option<usize> {
     }
 }
 
+#[inline]
 fn parse_v4(pkt: &[u8]) -> Result<IpInfo, ParseError> {
     if pkt.len() < 20 {
         return Err(ParseError::Truncated);
@@ -240,6 +243,7 @@ fn routing_follows(pkt: &[u8], mut off: usize) -> Result<bool, ParseError> {
 /// Find the first AH/ESP/IPComp header in the chain: `(offset, position of
 /// the next-header byte naming it, protocol)`. `None` when the packet
 /// carries none.
+#[inline]
 pub fn find_ipsec_header(
     pkt: &[u8],
     info: &IpInfo,
