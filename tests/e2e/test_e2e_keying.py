@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from e2elib import A4, B4, REPO_ROOT, make_topology, mkconf, tcp_transfer_check, tcp_transfer_start, tunsec_bin
+from e2elib import A4, B4, REPO_ROOT, make_topology, mkconf, ping, tcp_transfer_check, tcp_transfer_start, tunsec_bin
 
 KEYD = REPO_ROOT / "scripts" / "keyd.py"
 
@@ -210,3 +210,35 @@ def test_policy_changes_reach_routes_and_nftables(net):
     assert r["ok"], r
     assert "dport 7777" not in table()
     assert "10.77.0.99" not in net.run(net.b, "ip", "route", "show", "table", "all").stdout
+
+
+def test_dead_and_silent_clients_stall_nothing(net):
+    """Clients that connect and never speak, and a monitor that never reads
+    its events, neither delay other clients nor the data plane."""
+    c = net.db.control
+    idle = []
+    for _ in range(8):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(str(c))
+        idle.append(s)
+    mon = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mon.connect(str(c))
+    mon.send(b"monitor;")
+    assert json.loads(mon.recv(65536))["ok"]
+    # events the monitor will never read: ACQUIREs for a policy without SAs
+    assert ctl(c, "spdadd 10.77.0.2 10.77.0.1 udp -P out priority 3 ipsec ah/transport//require;")["ok"]
+    for port in range(20):
+        net.run(net.b, sys.executable, "-c",
+                f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('10.77.0.1', {9000 + port}))",
+                check=False)
+    try:
+        t = time.monotonic()
+        assert ctl(c, "stats;")["ok"]
+        assert time.monotonic() - t < 1.0, "a stats request waited behind silent clients"
+        # the workers still move packets: ICMP goes through tunsec's bypass path
+        ping(net, net.b, A4, count=3)
+        assert net.db.alive()
+    finally:
+        assert ctl(c, "spddelete 10.77.0.2 10.77.0.1 udp -P out;")["ok"]
+        for s in idle + [mon]:
+            s.close()
