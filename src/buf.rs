@@ -105,11 +105,6 @@ impl PacketBuf {
         self.end == self.start
     }
 
-    /// Room available in front of the packet.
-    pub fn headroom(&self) -> usize {
-        self.start
-    }
-
     /// Room available behind the packet.
     pub fn tailroom(&self) -> usize {
         self.mem.len() - self.end

@@ -7,13 +7,13 @@ use anyhow::{Context, Result, bail};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const LOCK_DIR: &str = "/run/tunsec";
 
+/// Held for the life of the instance; the kernel releases it at exit.
 pub struct Lock {
     _file: File,
-    pub path: PathBuf,
 }
 
 /// The network namespace we run in, as the inode of /proc/self/ns/net.
@@ -47,8 +47,5 @@ pub fn take(path: &Path, what: &str) -> Result<Lock> {
     }
     f.set_len(0)?;
     writeln!(f, "{}", std::process::id())?;
-    Ok(Lock {
-        _file: f,
-        path: path.to_path_buf(),
-    })
+    Ok(Lock { _file: f })
 }

@@ -5,7 +5,6 @@
 //! has no IFF_VNET_HDR offloads and no batch I/O; see the README.
 
 use anyhow::{Context, Result, bail};
-use std::os::fd::{AsRawFd, RawFd};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 pub struct Tun {
@@ -48,8 +47,4 @@ impl Tun {
             queues: qs,
         })
     }
-}
-
-pub fn fd(dev: &SyncDevice) -> RawFd {
-    dev.as_raw_fd()
 }
