@@ -174,6 +174,7 @@ pub fn seal(
 }
 
 /// SPI and low sequence number of the AH header at `at`.
+#[inline]
 pub fn peek(pkt: &[u8], at: usize) -> Option<(u32, u32)> {
     if pkt.len() < at + FIXED {
         return None;

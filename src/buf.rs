@@ -51,6 +51,7 @@ impl PacketBuf {
 
     /// Replace the contents with `pkt`, placed after the headroom.
     /// Returns false (and leaves the buffer empty) if it does not fit.
+    #[inline]
     pub fn load(&mut self, pkt: &[u8]) -> bool {
         self.start = HEADROOM;
         if pkt.len() > self.mem.len() - HEADROOM - TAILROOM {
@@ -88,24 +89,29 @@ impl PacketBuf {
         self.start = HEADROOM;
         self.end = HEADROOM + n.min(self.mem.len() - HEADROOM - TAILROOM);
     }
+    #[inline]
 
     pub fn data(&self) -> &[u8] {
         &self.mem[self.start..self.end]
     }
+    #[inline]
 
     pub fn data_mut(&mut self) -> &mut [u8] {
         &mut self.mem[self.start..self.end]
     }
+    #[inline]
 
     pub fn len(&self) -> usize {
         self.end - self.start
     }
+    #[inline]
 
     pub fn is_empty(&self) -> bool {
         self.end == self.start
     }
 
     /// Room available behind the packet.
+    #[inline]
     pub fn tailroom(&self) -> usize {
         self.mem.len() - self.end
     }
@@ -113,6 +119,7 @@ impl PacketBuf {
     /// Open a gap of `n` bytes at offset `at` by moving the first `at`
     /// bytes of the packet `n` bytes towards the front. The gap's contents
     /// are unspecified. Returns false if there is not enough headroom.
+    #[inline]
     #[must_use]
     pub fn insert_gap(&mut self, at: usize, n: usize) -> bool {
         if n > self.start || at > self.len() {
@@ -126,6 +133,7 @@ impl PacketBuf {
 
     /// Remove `n` bytes at offset `at` by moving the first `at` bytes `n`
     /// bytes towards the back.
+    #[inline]
     pub fn remove_gap(&mut self, at: usize, n: usize) {
         debug_assert!(at + n <= self.len());
         let s = self.start;
@@ -134,6 +142,7 @@ impl PacketBuf {
     }
 
     /// Grow the packet by `n` bytes at the end (contents unspecified).
+    #[inline]
     #[must_use]
     pub fn extend(&mut self, n: usize) -> bool {
         if n > self.tailroom() {
@@ -144,6 +153,7 @@ impl PacketBuf {
     }
 
     /// Cut the packet to `len` bytes.
+    #[inline]
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {
             self.end = self.start + len;
@@ -151,6 +161,7 @@ impl PacketBuf {
     }
 
     /// Maximum length the packet may grow to at the back.
+    #[inline]
     pub fn max_len(&self) -> usize {
         self.mem.len() - self.start
     }

@@ -235,8 +235,8 @@ impl Worker {
 #[inline]
 fn flow_of(info: &IpInfo, pkt: &[u8]) -> Flow {
     Flow {
-        src: info.src,
-        dst: info.dst,
+        src: info.src(pkt),
+        dst: info.dst(pkt),
         proto: info.upper_proto,
         ports: info.ports(pkt),
     }
@@ -264,12 +264,7 @@ struct InCache {
 
 /// Find the policy and SAs for an outbound flow, or the verdict when the
 /// packet is not to be protected.
-fn resolve_out(
-    state: &State,
-    w: &mut Worker,
-    info: &IpInfo,
-    flow: &Flow,
-) -> Result<OutCache, Verdict> {
+fn resolve_out(state: &State, w: &mut Worker, flow: &Flow) -> Result<OutCache, Verdict> {
     let Some(policy) = state.spd.lookup(Dir::Out, flow) else {
         w.counters.bypassed += 1;
         return Err(Verdict::Forward);
@@ -280,7 +275,7 @@ fn resolve_out(
         for r in rules.iter().take(MAX_BUNDLE) {
             match state
                 .sad
-                .lookup_outbound(info.src, info.dst, r.proto, r.level.reqid())
+                .lookup_outbound(flow.src, flow.dst, r.proto, r.level.reqid())
             {
                 Some(sa) => {
                     sas[n] = Some(sa.clone());
@@ -289,8 +284,8 @@ fn resolve_out(
                 None if r.level.required() => {
                     w.events.push(Event::Acquire {
                         policy: policy.id,
-                        src: info.src,
-                        dst: info.dst,
+                        src: flow.src,
+                        dst: flow.dst,
                         proto: r.proto,
                         reqid: r.level.reqid(),
                     });
@@ -321,7 +316,7 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
             && c.sas.iter().flatten().all(|sa| !sa.is_dead())
     });
     if !hit {
-        match resolve_out(state, w, &info, &flow) {
+        match resolve_out(state, w, &flow) {
             Ok(c) => w.out_cache = Some(c),
             Err(v) => return v,
         }
@@ -496,7 +491,7 @@ fn decap_one<'s>(
         let cpi = Codec::peek(buf.data(), at).ok_or(DropReason::Malformed)?;
         let sa = state
             .sad
-            .lookup_inbound(info.dst, Proto::IpComp, cpi as u32)
+            .lookup_inbound(info.dst(buf.data()), Proto::IpComp, cpi as u32)
             .ok_or(DropReason::UnknownSpi)?;
         w.codec.decompress(buf, at, nh_pos).map_err(|e| {
             sa.counters.format_errors.fetch_add(1, Relaxed);
@@ -517,9 +512,9 @@ fn decap_one<'s>(
     .ok_or(DropReason::Malformed)?;
     let sa = state
         .sad
-        .lookup_inbound(info.dst, proto, spi)
+        .lookup_inbound(info.dst(buf.data()), proto, spi)
         .ok_or(DropReason::UnknownSpi)?;
-    if sa.config.src != info.src {
+    if sa.config.src != info.src(buf.data()) {
         return Err(DropReason::UnknownSpi);
     }
     if sa.is_dead() {

@@ -131,6 +131,7 @@ pub fn seal<R: RngCore>(
 }
 
 /// SPI and low 32 bits of the sequence number of the ESP header at `at`.
+#[inline]
 pub fn peek(pkt: &[u8], at: usize) -> Option<(u32, u32)> {
     if pkt.len() < at + HEADER {
         return None;

@@ -35,8 +35,10 @@ pub enum ParseError {
 /// What the engine needs to know about an IP packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpInfo {
-    pub src: IpAddr,
-    pub dst: IpAddr,
+    /// IPv6 (else IPv4). The addresses are read from the packet when
+    /// needed ([`IpInfo::src`]): copying `IpAddr`s built from narrow
+    /// stores through the stack cost a store-forwarding stall per packet.
+    pub v6: bool,
     /// Offset at which a transport-mode AH/ESP/IPComp header goes (IPv4:
     /// after the header and its options; IPv6: after hop-by-hop, routing,
     /// fragment and destination options that precede a routing header).
@@ -57,8 +59,30 @@ pub struct IpInfo {
 }
 
 impl IpInfo {
+    #[inline]
     pub fn is_v6(&self) -> bool {
-        self.src.is_ipv6()
+        self.v6
+    }
+
+    /// Source address of `pkt`, the packet this was parsed from (or the
+    /// same packet after headers behind the IP header changed).
+    #[inline]
+    pub fn src(&self, pkt: &[u8]) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[8..24]).unwrap()))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[12..16]).unwrap()))
+        }
+    }
+
+    /// Destination address of `pkt` (see [`IpInfo::src`]).
+    #[inline]
+    pub fn dst(&self, pkt: &[u8]) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap()))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap()))
+        }
     }
 
     /// Ports (or ICMP type and code, as PF_KEY encodes them) of the upper
@@ -159,12 +183,9 @@ fn parse_v4(pkt: &[u8]) -> Result<IpInfo, ParseError> {
     let frag = be16(pkt, 6);
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
-    let src = Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[12..16]).unwrap());
-    let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap());
     let proto = pkt[9];
     Ok(IpInfo {
-        src: IpAddr::V4(src),
-        dst: IpAddr::V4(dst),
+        v6: false,
         insert_at: ihl,
         next_hdr_pos: 9,
         next_hdr: proto,
@@ -182,8 +203,6 @@ fn parse_v6(pkt: &[u8]) -> Result<IpInfo, ParseError> {
     if be16(pkt, 4) as usize + 40 != pkt.len() {
         return Err(ParseError::BadLength);
     }
-    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[8..24]).unwrap());
-    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap());
 
     // Where does the transport-mode header go? After hop-by-hop, routing
     // and fragment headers, and after destination options only when a
@@ -214,8 +233,7 @@ fn parse_v6(pkt: &[u8]) -> Result<IpInfo, ParseError> {
     }
     let (insert_at, next_hdr_pos, next_hdr) = insert.unwrap_or((off, nh_pos, nh));
     Ok(IpInfo {
-        src: IpAddr::V6(src),
-        dst: IpAddr::V6(dst),
+        v6: true,
         insert_at,
         next_hdr_pos,
         next_hdr,
@@ -275,6 +293,7 @@ pub fn find_ipsec_header(
         off += len;
     }
 }
+#[inline]
 
 pub fn is_ipsec(proto: u8) -> bool {
     matches!(proto, PROTO_ESP | PROTO_AH | PROTO_IPCOMP)
@@ -282,12 +301,14 @@ pub fn is_ipsec(proto: u8) -> bool {
 
 /// After the packet changed length: set IPv4 total length and header
 /// checksum, or IPv6 payload length.
+#[inline]
 pub fn fix_lengths(pkt: &mut [u8]) {
     fix(pkt, None);
 }
 
 /// Write `next` into the next-header byte at `nh_pos` and fix lengths and
 /// checksum: what every transform does last.
+#[inline]
 pub fn set_next_header(pkt: &mut [u8], nh_pos: usize, next: u8) {
     fix(pkt, Some((nh_pos, next)));
 }
@@ -394,8 +415,8 @@ mod tests {
     #[test]
     fn ipv4_fields() {
         let i = parse(&ICMP4).unwrap();
-        assert_eq!(i.src, "192.0.2.1".parse::<IpAddr>().unwrap());
-        assert_eq!(i.dst, "192.0.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(i.src(&ICMP4), "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(i.dst(&ICMP4), "192.0.2.2".parse::<IpAddr>().unwrap());
         assert_eq!(
             (i.insert_at, i.next_hdr_pos, i.next_hdr),
             (20, 9, PROTO_ICMP)

@@ -11,6 +11,7 @@ pub const MAX_WINDOW: u32 = 65536;
 /// The full sequence number a received low half stands for, given the
 /// highest number accepted so far (`top`) and the window size (RFC 4303
 /// Appendix A2.2). Without ESN it is the low half itself.
+#[inline]
 pub fn infer(top: u64, size: u32, seq_lo: u32, esn: bool) -> u64 {
     if !esn {
         return seq_lo as u64;

@@ -266,6 +266,7 @@ impl Sa {
     pub fn set_last_seq(&self, s: u64) {
         self.seq.store(s, Relaxed);
     }
+    #[inline]
 
     pub fn is_dead(&self) -> bool {
         self.dead.load(Relaxed)
@@ -278,6 +279,7 @@ impl Sa {
     /// Account one packet of `bytes` and evaluate the lifetimes at `now`.
     /// Returns the state and whether this call is the one that crossed a
     /// limit (so that an event is reported once).
+    #[inline]
     pub fn account(&self, bytes: usize, now: Duration) -> (Expiry, bool) {
         let packets = self.counters.packets.fetch_add(1, Relaxed) + 1;
         let total = self.counters.bytes.fetch_add(bytes as u64, Relaxed) + bytes as u64;
@@ -290,6 +292,7 @@ impl Sa {
         let b = self.counters.bytes.load(Relaxed);
         self.evaluate(p, b, now)
     }
+    #[inline]
 
     fn evaluate(&self, packets: u64, bytes: u64, now: Duration) -> (Expiry, bool) {
         let lt = &self.config.lifetime;
@@ -313,6 +316,7 @@ impl Sa {
 
     /// Check a received sequence number against the replay window (before
     /// the ICV is verified). Returns the full (ESN-inferred) number.
+    #[inline]
     pub fn replay_check(&self, seq_lo: u32) -> Result<u64, ReplayError> {
         let top = self.replay_top.load(Relaxed);
         let full = crate::replay::infer(top, self.config.replay, seq_lo, self.config.esn);
