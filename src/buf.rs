@@ -89,23 +89,23 @@ impl PacketBuf {
         self.start = HEADROOM;
         self.end = HEADROOM + n.min(self.mem.len() - HEADROOM - TAILROOM);
     }
-    #[inline]
 
+    #[inline]
     pub fn data(&self) -> &[u8] {
         &self.mem[self.start..self.end]
     }
-    #[inline]
 
+    #[inline]
     pub fn data_mut(&mut self) -> &mut [u8] {
         &mut self.mem[self.start..self.end]
     }
-    #[inline]
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.end - self.start
     }
-    #[inline]
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.end == self.start
     }

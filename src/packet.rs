@@ -293,8 +293,8 @@ pub fn find_ipsec_header(
         off += len;
     }
 }
-#[inline]
 
+#[inline]
 pub fn is_ipsec(proto: u8) -> bool {
     matches!(proto, PROTO_ESP | PROTO_AH | PROTO_IPCOMP)
 }

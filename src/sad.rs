@@ -266,8 +266,8 @@ impl Sa {
     pub fn set_last_seq(&self, s: u64) {
         self.seq.store(s, Relaxed);
     }
-    #[inline]
 
+    #[inline]
     pub fn is_dead(&self) -> bool {
         self.dead.load(Relaxed)
     }
@@ -292,8 +292,8 @@ impl Sa {
         let b = self.counters.bytes.load(Relaxed);
         self.evaluate(p, b, now)
     }
-    #[inline]
 
+    #[inline]
     fn evaluate(&self, packets: u64, bytes: u64, now: Duration) -> (Expiry, bool) {
         let lt = &self.config.lifetime;
         let age = now.saturating_sub(self.added).as_secs();
