@@ -235,14 +235,15 @@ const POOL: usize = 16;
 /// 83% to 93% from one run to the next, and 83-88% every time with ASLR
 /// off. Placing every source relative to its destination removes that
 /// lottery.
-struct Placed {
+pub struct Placed {
     mem: Vec<u8>,
     off: usize,
     len: usize,
 }
 
 impl Placed {
-    fn new(bytes: &[u8], dst: *const u8) -> Placed {
+    /// A copy of `bytes` at an address 2048 bytes from `dst` modulo 4096.
+    pub fn new(bytes: &[u8], dst: *const u8) -> Placed {
         let mut mem = vec![0u8; bytes.len() + 4096];
         let base = mem.as_ptr() as usize;
         let off = (dst as usize + 2048).wrapping_sub(base) % 4096;
@@ -254,7 +255,7 @@ impl Placed {
         }
     }
 
-    fn get(&self) -> &[u8] {
+    pub fn get(&self) -> &[u8] {
         &self.mem[self.off..self.off + self.len]
     }
 }
