@@ -100,6 +100,11 @@ impl DropReason {
 pub enum Verdict {
     /// Send the buffer's contents on (protected, decapsulated or bypassed).
     Forward,
+    /// A `require` rule found no SA. An ACQUIRE event was raised and no drop
+    /// was counted: the shell decides. It may hold the packet (unchanged) and
+    /// run it through [`outbound`] again once the state changes, or give up
+    /// with [`Worker::give_up`], which counts the `no-sa` drop.
+    Pending,
     Drop(DropReason),
 }
 
@@ -150,13 +155,6 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Take back a drop the shell did not carry out after all (a packet
-    /// held while its SA is being negotiated).
-    pub fn uncount_drop(&mut self, r: DropReason) {
-        let c = &mut self.drops[r.index()];
-        *c = c.saturating_sub(1);
-    }
-
     pub fn count_drop(&mut self, r: DropReason) {
         self.drops[r.index()] += 1;
     }
@@ -211,6 +209,11 @@ impl Worker {
     fn drop(&mut self, r: DropReason) -> Verdict {
         self.counters.count_drop(r);
         Verdict::Drop(r)
+    }
+
+    /// The shell drops a packet that got [`Verdict::Pending`]: count it.
+    pub fn give_up(&mut self) -> Verdict {
+        self.drop(DropReason::NoSa)
     }
 
     fn expiry(&mut self, sa: &Sa, e: (Expiry, bool)) -> Result<(), DropReason> {
@@ -289,7 +292,7 @@ fn resolve_out(state: &State, w: &mut Worker, flow: &Flow) -> Result<OutCache, V
                         proto: r.proto,
                         reqid: r.level.reqid(),
                     });
-                    return Err(w.drop(DropReason::NoSa));
+                    return Err(Verdict::Pending);
                 }
                 None => {}
             }

@@ -215,6 +215,12 @@ pub fn run(
             Direction::Out => engine::outbound(state, &mut w, &mut buf, now),
             Direction::In => engine::inbound(state, &mut w, &mut buf, now),
         };
+        // Offline, nobody answers the ACQUIRE: the packet is dropped.
+        let v = if v == Verdict::Pending {
+            w.give_up()
+        } else {
+            v
+        };
         if v == Verdict::Forward {
             let pkt = PcapPacket::new(p.timestamp, buf.len() as u32, buf.data());
             writer

@@ -82,6 +82,7 @@ impl Pair {
         assert!(self.buf.load(p));
         match engine::outbound(&self.a, &mut self.wa, &mut self.buf, Duration::ZERO) {
             Verdict::Forward => Ok(self.buf.data().to_vec()),
+            Verdict::Pending => Err(DropReason::NoSa),
             Verdict::Drop(r) => Err(r),
         }
     }
@@ -90,6 +91,7 @@ impl Pair {
         assert!(self.buf.load(p));
         match engine::inbound(&self.b, &mut self.wb, &mut self.buf, Duration::ZERO) {
             Verdict::Forward => Ok(self.buf.data().to_vec()),
+            Verdict::Pending => panic!("inbound never leaves a packet pending"),
             Verdict::Drop(r) => Err(r),
         }
     }
@@ -271,11 +273,18 @@ fn missing_sa_raises_acquire_and_use_skips() {
     let a = state(&text);
     let mut w = Worker::new([0; 32]);
     let mut buf = PacketBuf::new();
-    buf.load(&tcp(A4, B4, b"x"));
+    let held = tcp(A4, B4, b"x");
+    buf.load(&held);
     assert_eq!(
         engine::outbound(&a, &mut w, &mut buf, Duration::ZERO),
-        Verdict::Drop(DropReason::NoSa)
+        Verdict::Pending
     );
+    // Nothing counted and the packet untouched: the shell may hold it and
+    // try again, or give up, which counts the drop.
+    assert_eq!(buf.data(), held);
+    assert_eq!(w.counters.total_drops(), 0);
+    assert_eq!(w.give_up(), Verdict::Drop(DropReason::NoSa));
+    assert_eq!(w.counters.drop_count(DropReason::NoSa), 1);
     assert!(matches!(
         w.events[0],
         Event::Acquire {
@@ -316,10 +325,7 @@ fn lifetimes_expire_soft_then_hard() {
     // gone from the outbound lookup, so the next packet asks for a new one.
     assert_eq!(
         verdicts[3..],
-        [
-            Verdict::Drop(DropReason::SaExpired),
-            Verdict::Drop(DropReason::NoSa)
-        ]
+        [Verdict::Drop(DropReason::SaExpired), Verdict::Pending]
     );
     assert_eq!(w.events.len(), 3, "{:?}", w.events);
     assert!(matches!(w.events[0], Event::SoftExpire(id) if id.spi == 0x500));

@@ -6,7 +6,7 @@
 
 use super::net::{self, Sender};
 use crate::buf::{HEADROOM, PacketBuf};
-use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
+use crate::engine::{self, Counters, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
 use arc_swap::ArcSwap;
@@ -154,16 +154,16 @@ impl Hold {
         }
     }
 
-    /// Keep the packet in `buf` (which gets an empty buffer in exchange),
-    /// if there is room; the drop the engine counted is then taken back.
+    /// Keep a packet the engine left pending in `buf` (which gets an empty
+    /// buffer in exchange) if there is room; otherwise it is dropped.
     fn keep(&mut self, buf: &mut PacketBuf, w: &mut Worker, generation: u64, now: Duration) {
         if self.n == HOLD_PACKETS {
+            w.give_up();
             return;
         }
         std::mem::swap(&mut self.bufs[self.n], buf);
         self.meta[self.n] = (now, generation);
         self.n += 1;
-        w.counters.uncount_drop(DropReason::NoSa);
     }
 
     /// Retry held packets when the state changed; drop those that waited
@@ -189,13 +189,15 @@ impl Hold {
                         ioc.net_tx_errors += failed as u64;
                         done = true;
                     }
-                    Verdict::Drop(DropReason::NoSa) if now.saturating_sub(since) < HOLD_TIME => {
-                        w.counters.uncount_drop(DropReason::NoSa);
+                    Verdict::Pending if now.saturating_sub(since) < HOLD_TIME => {}
+                    Verdict::Pending => {
+                        w.give_up();
+                        done = true;
                     }
                     Verdict::Drop(_) => done = true,
                 }
             } else if now.saturating_sub(since) >= HOLD_TIME {
-                w.counters.count_drop(DropReason::NoSa);
+                w.give_up();
                 done = true;
             }
             if done {
@@ -266,7 +268,7 @@ impl Loop {
                 ensure_ipv4_id(&mut slot.0, &mut self.ip_id);
                 let v = engine::outbound(state, &mut self.w, &mut slot.0, now);
                 keep[i] = v == Verdict::Forward;
-                if v == Verdict::Drop(DropReason::NoSa) {
+                if v == Verdict::Pending {
                     self.hold
                         .keep(&mut slot.0, &mut self.w, state.generation, now);
                 }

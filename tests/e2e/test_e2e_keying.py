@@ -134,7 +134,10 @@ def test_setkey_client_like_setkey8(net, tmp_path):
 
 def test_monitor_prints_acquire_once(net):
     # A fresh policy to a peer with no SA: repeated packets, one ACQUIRE.
+    # Nobody answers, so the packets wait (up to 8 for 1 s) and are then
+    # dropped, each counted once as no-sa.
     c = net.da.control
+    before = net.da.counters()["no-sa"]
     mon = subprocess.Popen([str(tunsec_bin()), "setkey", "-x", "--control", str(c)], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
@@ -152,6 +155,7 @@ def test_monitor_prints_acquire_once(net):
         ctl(c, "spddelete 10.77.0.1 10.77.0.2 udp -P out;")
     lines = [l for l in out.splitlines() if l.startswith("ACQUIRE")]
     assert lines == [lines[0]] and lines[0].startswith("ACQUIRE 10.77.0.1 10.77.0.2 ah policy"), out
+    assert net.da.counters()["no-sa"] - before == 5
 
 
 def test_strangers_and_hostile_clients_are_refused(net):
