@@ -9,6 +9,8 @@ Also checks where tunsec puts AH/ESP in an IPv6 chain: after hop-by-hop,
 and after destination options only when a routing header follows them.
 """
 
+import socket
+
 import pytest
 from scapy.layers.inet import IP, UDP, IPOption
 from scapy.layers.inet6 import (
@@ -24,6 +26,7 @@ from scapy.layers.ipsec import IPSecIntegrityError
 from scapy.packet import Raw
 
 from helpers import (
+    SA,
     SUITES,
     ah_header,
     ah_sign,
@@ -32,11 +35,13 @@ from helpers import (
     fix_ipv4_checksum,
     header_chain,
     host_pair,
+    parse_ip,
     run_tunsec,
     scapy_open,
     scapy_seal,
     scapy_verify_ah,
     text_payload,
+    write_config,
 )
 
 A4, B4 = "192.0.2.1", "192.0.2.2"
@@ -290,3 +295,108 @@ def test_v6_extension_headers_scapy_signs(work, suite_name):
     if extra:
         assert run.packets[n] == bytes(cases["hbh-dst"])
         assert run.packets[n + 1] == router_mutates_v6(bytes(cases["hbh-dst-rt-dst"]))
+
+
+# ---------------------------------------------------------------------------
+# Source routes: the destination is mutable but predictable (RFC 4302
+# 3.3.3.1). The sender computes the ICV over the header as it will arrive;
+# the receiver over the header as it arrived.
+# ---------------------------------------------------------------------------
+
+R4_1, R4_2 = "198.51.100.1", "198.51.100.2"  # the route's hops (never contacted)
+R6_1, R6_2 = "2001:db8:1::1", "2001:db8:1::2"
+
+
+def route_configs(work, src, first_hop, final):
+    """tunsec's outbound policy selects on the header's destination (the
+    first hop); the receiver's SA is keyed on itself. One key for both."""
+    out_sa = SA.ah(src, first_hop, 0x3001, "hmac-sha256", label="routed")
+    in_sa = SA.ah(src, final, 0x3001, "hmac-sha256", label="routed")
+    cfg_out = write_config(work / "route-out.conf", [out_sa],
+                           [f"spdadd {src} {first_hop} any -P out ipsec ah/transport//require;"])
+    cfg_in = write_config(work / "route-in.conf", [in_sa],
+                          [f"spdadd {src} {final} any -P in ipsec ah/transport//require;"])
+    return out_sa, cfg_out, cfg_in
+
+
+def lsrr(hops: list[str]) -> bytes:
+    return bytes([131, 3 + 4 * len(hops), 4]) + b"".join(socket.inet_aton(h) for h in hops) + b"\x00"
+
+
+def lsrr_route(b: bytes) -> bytes:
+    """Carry an IPv4 packet along its loose source route (RFC 791 3.1):
+    at each hop the next address becomes the destination and the hop
+    records its own address in its place."""
+    x = bytearray(b)
+    i = 20
+    assert x[i] == 131
+    ln = x[i + 1]
+    while x[i + 2] <= ln:
+        slot = i + x[i + 2] - 1
+        nxt = bytes(x[slot: slot + 4])
+        x[slot: slot + 4] = x[16:20]  # a hop's own address, near enough
+        x[16:20] = nxt
+        x[i + 2] += 4
+        x[8] -= 1
+    return fix_ipv4_checksum(bytes(x))
+
+
+def test_v4_loose_source_route(work):
+    out_sa, cfg_out, cfg_in = route_configs(work, A4, R4_1, B4)
+    plain = canonical(IP(src=A4, dst=R4_1, id=0x5151, options=[IPOption(lsrr([R4_2, B4]))])
+                      / UDP(sport=7100, dport=7) / Raw(text_payload(200, 9)))
+    run = run_tunsec(cfg_out, "out", [plain], work)
+    expect_summary(run, read=1, written=1)
+    sent = run.packets[0]
+    assert sent[16:20] == socket.inet_aton(R4_1), "sent to the first hop"
+    routed = lsrr_route(sent)
+    assert routed[16:20] == socket.inet_aton(B4)
+    # scapy zeroes the option and takes the destination as it arrived.
+    scapy_verify_ah(routed, out_sa)
+    with pytest.raises(IPSecIntegrityError):
+        scapy_verify_ah(sent, out_sa)  # not routed: the destination differs
+    run2 = run_tunsec(cfg_in, "in", [sent, routed], work)
+    expect_summary(run2, read=2, written=1, unknown_spi=1)
+    assert run2.packets == [lsrr_route(bytes(plain))]
+    # scapy signs a packet as it arrives at B; tunsec verifies it.
+    arrived = canonical(parse_ip(lsrr_route(bytes(plain))))
+    signed = bytes(canonical(out_sa.scapy().encrypt(arrived, seq_num=2)))
+    run3 = run_tunsec(cfg_in, "in", [signed], work)
+    expect_summary(run3, read=1, written=1)
+    assert run3.packets == [bytes(arrived)]
+
+
+def rh_route(b: bytes) -> bytes:
+    """Carry an IPv6 packet along a type 0 or 2 routing header (RFC 2460
+    4.4): each hop swaps the destination with the next address."""
+    p = IPv6(b)
+    rh = p[IPv6ExtHdrRouting]
+    while rh.segleft:
+        addrs = list(rh.addresses)
+        k = len(addrs) - rh.segleft
+        addrs[k], p.dst = p.dst, addrs[k]
+        rh.addresses = addrs
+        rh.segleft -= 1
+        p.hlim -= 1
+    return bytes(p)
+
+
+@pytest.mark.parametrize("rtype,hops", [(0, [R6_2, B6]), (2, [B6])])
+def test_v6_routing_header(work, rtype, hops):
+    out_sa, cfg_out, cfg_in = route_configs(work, A6, R6_1, B6)
+    plain = canonical(IPv6(src=A6, dst=R6_1) / IPv6ExtHdrRouting(type=rtype, addresses=hops)
+                      / UDP(sport=7200, dport=7) / Raw(text_payload(200, 10)))
+    run = run_tunsec(cfg_out, "out", [plain], work)
+    expect_summary(run, read=1, written=1)
+    sent = run.packets[0]
+    assert header_chain(sent) == ["IPv6", "RT", "AH", "UDP"]
+    # scapy, as the sender, rearranges the routing header for the ICV
+    # (zero_mutable_fields(sending=True)): the same bytes.
+    assert sent == bytes(canonical(out_sa.scapy().encrypt(plain, seq_num=1)))
+    routed = rh_route(sent)
+    scapy_verify_ah(routed, out_sa)
+    with pytest.raises(IPSecIntegrityError):
+        scapy_verify_ah(sent, out_sa)
+    run2 = run_tunsec(cfg_in, "in", [routed], work)
+    expect_summary(run2, read=1, written=1)
+    assert run2.packets == [rh_route(bytes(plain))]
