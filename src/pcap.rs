@@ -1,7 +1,8 @@
 //! `tunsec pcap`: run the engine over a capture file, no kernel involved.
 //!
-//! Reads pcap (linktype RAW, Ethernet, Linux cooked v1/v2, IPv4, IPv6),
-//! writes pcap with linktype RAW (bare IP packets). Packet timestamps are
+//! Reads pcap and pcapng (link types RAW, Ethernet, Linux cooked v1/v2,
+//! IPv4, IPv6, BSD loopback), writes pcap with linktype RAW (bare IP
+//! packets). Packet timestamps are
 //! the engine's clock, relative to the first packet, so SA lifetimes play
 //! out as they would have live.
 
@@ -9,9 +10,12 @@ use crate::buf::PacketBuf;
 use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
+use pcap_file::pcapng::{
+    Block, PcapNgReader, blocks::interface_description::InterfaceDescriptionOption,
+};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read};
 use std::path::Path;
@@ -132,29 +136,8 @@ fn lenient_header<R: Read>(r: &mut R) -> std::io::Result<Vec<u8>> {
     Ok(h)
 }
 
-/// Run the engine in `dir` over `input`, writing what it emits to `output`.
-pub fn run(
-    state: &State,
-    dir: Direction,
-    input: &Path,
-    output: &Path,
-    seed: [u8; 32],
-) -> Result<Summary> {
-    let f = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
-    let mut f = BufReader::new(f);
-    let header =
-        lenient_header(&mut f).with_context(|| format!("cannot read {}", input.display()))?;
-    if header.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
-        bail!(
-            "{}: pcapng is not supported; convert it with `editcap -F pcap {} OUT.pcap` (or capture with `tshark -F pcap`)",
-            input.display(),
-            input.display()
-        );
-    }
-    let mut reader = PcapReader::new(std::io::Cursor::new(header).chain(f))
-        .with_context(|| format!("{}: not a readable pcap file", input.display()))?;
-    let link = reader.header().datalink;
-    if !matches!(
+fn supported(link: DataLink) -> bool {
+    matches!(
         link,
         DataLink::RAW
             | DataLink::IPV4
@@ -164,42 +147,158 @@ pub fn run(
             | DataLink::LINUX_SLL2
             | DataLink::NULL
             | DataLink::LOOP
-    ) {
-        bail!(
-            "{}: unsupported link type {:?} (use RAW or Ethernet)",
-            input.display(),
-            link
-        );
-    }
-    let out =
-        File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
-    let header = PcapHeader {
-        datalink: DataLink::RAW,
-        snaplen: 65535 + 40,
-        ..PcapHeader::default()
-    };
-    let mut writer = PcapWriter::with_header(BufWriter::new(out), header)
-        .with_context(|| format!("cannot write {}", output.display()))?;
+    )
+}
 
+fn unsupported(input: &Path, link: DataLink) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: unsupported link type {:?} (use RAW or Ethernet)",
+        input.display(),
+        link
+    )
+}
+
+/// A pcapng timestamp in units of `if_tsresol` (RFC-to-be
+/// draft-ietf-opsawg-pcapng 4.2: 10^-n seconds, or 2^-n with the top bit
+/// set; microseconds by default). pcap-file hands the raw count over as
+/// nanoseconds, whatever the interface said.
+fn pcapng_time(raw: u64, tsresol: u8) -> Duration {
+    let n = (tsresol & 0x7f) as u32;
+    let nanos: u128 = if tsresol & 0x80 != 0 {
+        (raw as u128 * 1_000_000_000) >> n.min(127)
+    } else if n <= 9 {
+        raw as u128 * 10u128.pow(9 - n)
+    } else {
+        raw as u128 / 10u128.pow((n - 9).min(38))
+    };
+    Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
+}
+
+/// Call `f` with (timestamp, link type, frame) for every packet of a pcap
+/// or pcapng file. Errors in the file's header are returned; a damaged
+/// record ends the walk with a message, as a truncated capture would.
+fn for_each_frame(
+    input: &Path,
+    mut f: impl FnMut(Duration, DataLink, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let file = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+    let mut file = BufReader::new(file);
+    let header =
+        lenient_header(&mut file).with_context(|| format!("cannot read {}", input.display()))?;
+    let damaged = |e: &dyn std::fmt::Display| {
+        eprintln!("{}: stopped at a damaged record: {e}", input.display());
+    };
+    if header.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
+        let mut reader = PcapNgReader::new(std::io::Cursor::new(header).chain(file))
+            .with_context(|| format!("{}: not a readable pcapng file", input.display()))?;
+        // (link type, if_tsresol) per interface of the current section.
+        let mut ifaces: Vec<(DataLink, u8)> = Vec::new();
+        let mut last = Duration::ZERO;
+        while let Some(block) = reader.next_block() {
+            let block = match block {
+                Ok(b) => b,
+                Err(e) => {
+                    damaged(&e);
+                    break;
+                }
+            };
+            let (iface, raw, data) = match block {
+                Block::SectionHeader(_) => {
+                    ifaces.clear();
+                    continue;
+                }
+                Block::InterfaceDescription(idb) => {
+                    if !supported(idb.linktype) {
+                        return Err(unsupported(input, idb.linktype));
+                    }
+                    let res = idb
+                        .options
+                        .iter()
+                        .find_map(|o| match o {
+                            InterfaceDescriptionOption::IfTsResol(r) => Some(*r),
+                            _ => None,
+                        })
+                        .unwrap_or(6);
+                    ifaces.push((idb.linktype, res));
+                    continue;
+                }
+                Block::EnhancedPacket(p) => (
+                    p.interface_id as usize,
+                    Some(p.timestamp.as_nanos() as u64),
+                    p.data,
+                ),
+                Block::Packet(p) => (p.interface_id as usize, Some(p.timestamp), p.data),
+                // No timestamp: the previous packet's time.
+                Block::SimplePacket(p) => (0, None, p.data),
+                _ => continue,
+            };
+            let Some(&(link, res)) = ifaces.get(iface) else {
+                damaged(&format!(
+                    "a packet names interface {iface}, which is not described"
+                ));
+                break;
+            };
+            if let Some(raw) = raw {
+                last = pcapng_time(raw, res);
+            }
+            f(last, link, &data)?;
+        }
+        return Ok(());
+    }
+    let mut reader = PcapReader::new(std::io::Cursor::new(header).chain(file))
+        .with_context(|| format!("{}: not a readable pcap file", input.display()))?;
+    let link = reader.header().datalink;
+    if !supported(link) {
+        return Err(unsupported(input, link));
+    }
+    while let Some(p) = reader.next_packet() {
+        match p {
+            Ok(p) => f(p.timestamp, link, &p.data)?,
+            Err(e) => {
+                damaged(&e);
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run the engine in `dir` over `input`, writing what it emits to `output`.
+pub fn run(
+    state: &State,
+    dir: Direction,
+    input: &Path,
+    output: &Path,
+    seed: [u8; 32],
+) -> Result<Summary> {
+    // The output is created with the first frame (or at the end), so that
+    // an unreadable input leaves no empty output behind.
+    let create = || -> Result<PcapWriter<BufWriter<File>>> {
+        let out =
+            File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+        let header = PcapHeader {
+            datalink: DataLink::RAW,
+            snaplen: 65535 + 40,
+            ..PcapHeader::default()
+        };
+        PcapWriter::with_header(BufWriter::new(out), header)
+            .with_context(|| format!("cannot write {}", output.display()))
+    };
+    let mut writer = None;
     let mut w = Worker::new(seed);
     let mut buf = PacketBuf::new();
     let mut summary = Summary::default();
     let mut first: Option<Duration> = None;
-    while let Some(p) = reader.next_packet() {
-        let p = match p {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("{}: stopped at a damaged record: {e}", input.display());
-                break;
-            }
+    for_each_frame(input, |timestamp, link, data| {
+        let writer = match &mut writer {
+            Some(wr) => wr,
+            None => writer.insert(create()?),
         };
         summary.read += 1;
-        let now = p
-            .timestamp
-            .saturating_sub(*first.get_or_insert(p.timestamp));
-        let Some(ip) = ip_payload(link, &p.data) else {
+        let now = timestamp.saturating_sub(*first.get_or_insert(timestamp));
+        let Some(ip) = ip_payload(link, data) else {
             summary.not_ip += 1;
-            continue;
+            return Ok(());
         };
         // Trim link-layer padding; a short packet stays short and is
         // reported malformed by the engine.
@@ -209,7 +308,7 @@ pub fn run(
         };
         if !buf.load(ip) {
             summary.counters.count_drop(DropReason::TooBig);
-            continue;
+            return Ok(());
         }
         let v = match dir {
             Direction::Out => engine::outbound(state, &mut w, &mut buf, now),
@@ -222,13 +321,18 @@ pub fn run(
             v
         };
         if v == Verdict::Forward {
-            let pkt = PcapPacket::new(p.timestamp, buf.len() as u32, buf.data());
+            let pkt = PcapPacket::new(timestamp, buf.len() as u32, buf.data());
             writer
                 .write_packet(&pkt)
                 .with_context(|| format!("cannot write {}", output.display()))?;
             summary.written += 1;
         }
-    }
+        Ok(())
+    })?;
+    let writer = match writer {
+        Some(wr) => wr,
+        None => create()?,
+    };
     use std::io::Write;
     writer
         .into_writer()
@@ -242,6 +346,97 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcapng_timestamp_resolutions() {
+        let s = |secs: f64| Duration::from_secs_f64(secs);
+        assert_eq!(pcapng_time(1_500_000, 6), s(1.5)); // the default: µs
+        assert_eq!(pcapng_time(1_500_000_000, 9), s(1.5));
+        assert_eq!(pcapng_time(15, 1), s(1.5));
+        assert_eq!(pcapng_time(3, 0x81), s(1.5)); // 2^-1 s
+        assert_eq!(pcapng_time(3 << 19, 0x94), s(1.5)); // 2^-20 s
+        assert_eq!(pcapng_time(1_500_000_000_000, 12), s(1.5)); // ps
+        // Absurd resolutions saturate instead of overflowing.
+        assert_eq!(pcapng_time(u64::MAX, 0), Duration::from_nanos(u64::MAX));
+        assert_eq!(pcapng_time(u64::MAX, 0xff), Duration::ZERO);
+        assert_eq!(pcapng_time(u64::MAX, 127), Duration::ZERO);
+    }
+
+    /// A pcapng file: section header, one interface of `link` (with an
+    /// if_tsresol option when given), then enhanced packets.
+    fn pcapng(link: u16, tsresol: Option<u8>, packets: &[(u32, u64, &[u8])]) -> Vec<u8> {
+        fn block(t: u32, body: &[u8]) -> Vec<u8> {
+            let len = 12 + body.len().div_ceil(4) * 4;
+            let mut b = t.to_le_bytes().to_vec();
+            b.extend_from_slice(&(len as u32).to_le_bytes());
+            b.extend_from_slice(body);
+            b.resize(len - 4, 0);
+            b.extend_from_slice(&(len as u32).to_le_bytes());
+            b
+        }
+        let mut f = block(
+            0x0a0d0d0a,
+            &[
+                0x4d, 0x3c, 0x2b, 0x1a, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        );
+        let mut idb = link.to_le_bytes().to_vec();
+        idb.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        if let Some(r) = tsresol {
+            idb.extend_from_slice(&[9, 0, 1, 0, r, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        f.extend(block(1, &idb));
+        for (iface, ts, data) in packets {
+            let mut epb = iface.to_le_bytes().to_vec();
+            epb.extend_from_slice(&((ts >> 32) as u32).to_le_bytes());
+            epb.extend_from_slice(&(*ts as u32).to_le_bytes());
+            epb.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            epb.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            epb.extend_from_slice(data);
+            f.extend(block(6, &epb));
+        }
+        f
+    }
+
+    type Frame = (Duration, DataLink, Vec<u8>);
+
+    fn frames(file: &[u8]) -> (Result<()>, Vec<Frame>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.pcapng");
+        std::fs::write(&p, file).unwrap();
+        let mut got = Vec::new();
+        let r = for_each_frame(&p, |t, l, d| {
+            got.push((t, l, d.to_vec()));
+            Ok(())
+        });
+        (r, got)
+    }
+
+    #[test]
+    fn pcapng_frames_carry_their_interface_and_time() {
+        let (r, got) = frames(&pcapng(
+            101,
+            Some(3),
+            &[(0, 2500, b"abc"), (0, 4000, b"de")],
+        ));
+        r.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (Duration::from_millis(2500), DataLink::RAW, b"abc".to_vec()),
+                (Duration::from_secs(4), DataLink::RAW, b"de".to_vec()),
+            ]
+        );
+        // An unsupported link type is an error naming it.
+        let (r, _) = frames(&pcapng(105, None, &[(0, 1, b"x")]));
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("unsupported link type"), "{e}");
+        // A packet naming an interface never described ends the walk
+        // after the good ones.
+        let (r, got) = frames(&pcapng(1, None, &[(0, 1, b"ok"), (3, 2, b"bad")]));
+        r.unwrap();
+        assert_eq!(got.len(), 1);
+    }
 
     #[test]
     fn small_snaplen_is_raised_in_either_byte_order() {

@@ -48,3 +48,8 @@ def tshark() -> str:
 @pytest.fixture(scope="session")
 def tcpdump() -> str:
     return _need("tcpdump")
+
+
+@pytest.fixture(scope="session")
+def editcap() -> str:
+    return _need("editcap")
