@@ -10,8 +10,8 @@ use crate::buf::PacketBuf;
 use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
-use anyhow::{Context, Result};
-use pcap_file::DataLink;
+use anyhow::{Context, Result, bail};
+use pcap_file::{DataLink, Endianness};
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use pcap_file::pcapng::{
     Block, PcapNgReader, blocks::interface_description::InterfaceDescriptionOption,
@@ -150,14 +150,6 @@ fn supported(link: DataLink) -> bool {
     )
 }
 
-fn unsupported(input: &Path, link: DataLink) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{}: unsupported link type {:?} (use RAW or Ethernet)",
-        input.display(),
-        link
-    )
-}
-
 /// A pcapng timestamp in units of `if_tsresol` (RFC-to-be
 /// draft-ietf-opsawg-pcapng 4.2: 10^-n seconds, or 2^-n with the top bit
 /// set; microseconds by default). pcap-file hands the raw count over as
@@ -174,12 +166,23 @@ fn pcapng_time(raw: u64, tsresol: u8) -> Duration {
     Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
 }
 
+/// Per pcapng interface: link type, if_tsresol, if_tsoffset (seconds).
+#[derive(Clone, Copy)]
+struct Iface {
+    link: DataLink,
+    tsresol: u8,
+    tsoffset: u64,
+}
+
 /// Call `f` with (timestamp, link type, frame) for every packet of a pcap
-/// or pcapng file. Errors in the file's header are returned; a damaged
+/// or pcapng file; the timestamp is `None` for pcapng simple packet blocks,
+/// which carry none. Errors in the file's header are returned; a damaged
 /// record ends the walk with a message, as a truncated capture would.
+/// Frames of a link type tunsec cannot read reach `f` too (and are counted
+/// as not IP): a pcapng file may describe interfaces it never uses.
 fn for_each_frame(
     input: &Path,
-    mut f: impl FnMut(Duration, DataLink, &[u8]) -> Result<()>,
+    mut f: impl FnMut(Option<Duration>, DataLink, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let file = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     let mut file = BufReader::new(file);
@@ -191,9 +194,8 @@ fn for_each_frame(
     if header.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
         let mut reader = PcapNgReader::new(std::io::Cursor::new(header).chain(file))
             .with_context(|| format!("{}: not a readable pcapng file", input.display()))?;
-        // (link type, if_tsresol) per interface of the current section.
-        let mut ifaces: Vec<(DataLink, u8)> = Vec::new();
-        let mut last = Duration::ZERO;
+        let mut little = reader.section().endianness == Endianness::Little;
+        let mut ifaces: Vec<Iface> = Vec::new();
         while let Some(block) = reader.next_block() {
             let block = match block {
                 Ok(b) => b,
@@ -203,45 +205,60 @@ fn for_each_frame(
                 }
             };
             let (iface, raw, data) = match block {
-                Block::SectionHeader(_) => {
+                Block::SectionHeader(shb) => {
+                    little = shb.endianness == Endianness::Little;
                     ifaces.clear();
                     continue;
                 }
                 Block::InterfaceDescription(idb) => {
-                    if !supported(idb.linktype) {
-                        return Err(unsupported(input, idb.linktype));
+                    let mut i = Iface {
+                        link: idb.linktype,
+                        tsresol: 6,
+                        tsoffset: 0,
+                    };
+                    for o in &idb.options {
+                        match o {
+                            InterfaceDescriptionOption::IfTsResol(r) => i.tsresol = *r,
+                            InterfaceDescriptionOption::IfTsOffset(s) => i.tsoffset = *s,
+                            _ => {}
+                        }
                     }
-                    let res = idb
-                        .options
-                        .iter()
-                        .find_map(|o| match o {
-                            InterfaceDescriptionOption::IfTsResol(r) => Some(*r),
-                            _ => None,
-                        })
-                        .unwrap_or(6);
-                    ifaces.push((idb.linktype, res));
+                    ifaces.push(i);
                     continue;
                 }
+                // pcap-file hands the raw count over as nanoseconds.
                 Block::EnhancedPacket(p) => (
                     p.interface_id as usize,
                     Some(p.timestamp.as_nanos() as u64),
                     p.data,
                 ),
-                Block::Packet(p) => (p.interface_id as usize, Some(p.timestamp), p.data),
-                // No timestamp: the previous packet's time.
-                Block::SimplePacket(p) => (0, None, p.data),
+                // The obsolete packet block: pcap-file reads its two 32-bit
+                // halves as one 64-bit number, swapped in little-endian
+                // sections.
+                Block::Packet(p) => {
+                    let t = if little {
+                        p.timestamp.rotate_left(32)
+                    } else {
+                        p.timestamp
+                    };
+                    (p.interface_id as usize, Some(t), p.data)
+                }
+                // No timestamp, and the data runs to the end of the block:
+                // the packet is its original length, padding aside.
+                Block::SimplePacket(p) => {
+                    let n = p.data.len().min(p.original_len as usize);
+                    (0, None, std::borrow::Cow::Owned(p.data[..n].to_vec()))
+                }
                 _ => continue,
             };
-            let Some(&(link, res)) = ifaces.get(iface) else {
+            let Some(&i) = ifaces.get(iface) else {
                 damaged(&format!(
                     "a packet names interface {iface}, which is not described"
                 ));
                 break;
             };
-            if let Some(raw) = raw {
-                last = pcapng_time(raw, res);
-            }
-            f(last, link, &data)?;
+            let t = raw.map(|r| pcapng_time(r, i.tsresol) + Duration::from_secs(i.tsoffset));
+            f(t, i.link, &data)?;
         }
         return Ok(());
     }
@@ -249,11 +266,15 @@ fn for_each_frame(
         .with_context(|| format!("{}: not a readable pcap file", input.display()))?;
     let link = reader.header().datalink;
     if !supported(link) {
-        return Err(unsupported(input, link));
+        bail!(
+            "{}: unsupported link type {:?} (use RAW or Ethernet)",
+            input.display(),
+            link
+        );
     }
     while let Some(p) = reader.next_packet() {
         match p {
-            Ok(p) => f(p.timestamp, link, &p.data)?,
+            Ok(p) => f(Some(p.timestamp), link, &p.data)?,
             Err(e) => {
                 damaged(&e);
                 break;
@@ -288,14 +309,20 @@ pub fn run(
     let mut w = Worker::new(seed);
     let mut buf = PacketBuf::new();
     let mut summary = Summary::default();
+    // Engine time is relative to the first timestamp; a packet without one
+    // (pcapng simple packet block) takes the previous packet's.
     let mut first: Option<Duration> = None;
+    let mut last = (Duration::ZERO, Duration::ZERO); // (timestamp, now)
     for_each_frame(input, |timestamp, link, data| {
         let writer = match &mut writer {
             Some(wr) => wr,
             None => writer.insert(create()?),
         };
         summary.read += 1;
-        let now = timestamp.saturating_sub(*first.get_or_insert(timestamp));
+        if let Some(t) = timestamp {
+            last = (t, t.saturating_sub(*first.get_or_insert(t)));
+        }
+        let (timestamp, now) = last;
         let Some(ip) = ip_payload(link, data) else {
             summary.not_ip += 1;
             return Ok(());
@@ -362,43 +389,62 @@ mod tests {
         assert_eq!(pcapng_time(u64::MAX, 127), Duration::ZERO);
     }
 
-    /// A pcapng file: section header, one interface of `link` (with an
-    /// if_tsresol option when given), then enhanced packets.
-    fn pcapng(link: u16, tsresol: Option<u8>, packets: &[(u32, u64, &[u8])]) -> Vec<u8> {
-        fn block(t: u32, body: &[u8]) -> Vec<u8> {
-            let len = 12 + body.len().div_ceil(4) * 4;
-            let mut b = t.to_le_bytes().to_vec();
-            b.extend_from_slice(&(len as u32).to_le_bytes());
-            b.extend_from_slice(body);
-            b.resize(len - 4, 0);
-            b.extend_from_slice(&(len as u32).to_le_bytes());
-            b
-        }
+    /// A pcapng block of type `t` (little-endian).
+    fn block(t: u32, body: &[u8]) -> Vec<u8> {
+        let len = 12 + body.len().div_ceil(4) * 4;
+        let mut b = t.to_le_bytes().to_vec();
+        b.extend_from_slice(&(len as u32).to_le_bytes());
+        b.extend_from_slice(body);
+        b.resize(len - 4, 0);
+        b.extend_from_slice(&(len as u32).to_le_bytes());
+        b
+    }
+
+    /// Section header and one interface of `link` (with if_tsresol and
+    /// if_tsoffset options when given).
+    fn section(link: u16, tsresol: Option<u8>, tsoffset: Option<u64>) -> Vec<u8> {
         let mut f = block(
             0x0a0d0d0a,
-            &[
-                0x4d, 0x3c, 0x2b, 0x1a, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            ],
+            &[0x4d, 0x3c, 0x2b, 0x1a, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
         );
         let mut idb = link.to_le_bytes().to_vec();
         idb.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
         if let Some(r) = tsresol {
-            idb.extend_from_slice(&[9, 0, 1, 0, r, 0, 0, 0, 0, 0, 0, 0]);
+            idb.extend_from_slice(&[9, 0, 1, 0, r, 0, 0, 0]);
         }
+        if let Some(o) = tsoffset {
+            idb.extend_from_slice(&[14, 0, 8, 0]);
+            idb.extend_from_slice(&o.to_le_bytes());
+        }
+        idb.extend_from_slice(&[0, 0, 0, 0]);
         f.extend(block(1, &idb));
-        for (iface, ts, data) in packets {
-            let mut epb = iface.to_le_bytes().to_vec();
-            epb.extend_from_slice(&((ts >> 32) as u32).to_le_bytes());
-            epb.extend_from_slice(&(*ts as u32).to_le_bytes());
-            epb.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            epb.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            epb.extend_from_slice(data);
-            f.extend(block(6, &epb));
-        }
         f
     }
 
-    type Frame = (Duration, DataLink, Vec<u8>);
+    /// Enhanced packet block (type 6) or the obsolete packet block (type 2).
+    fn packet(t: u32, iface: u32, ts: u64, data: &[u8]) -> Vec<u8> {
+        let mut b = if t == 6 {
+            iface.to_le_bytes().to_vec()
+        } else {
+            let mut b = (iface as u16).to_le_bytes().to_vec();
+            b.extend_from_slice(&[0, 0]); // drops
+            b
+        };
+        b.extend_from_slice(&((ts >> 32) as u32).to_le_bytes());
+        b.extend_from_slice(&(ts as u32).to_le_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(data);
+        block(t, &b)
+    }
+
+    fn simple(data: &[u8]) -> Vec<u8> {
+        let mut b = (data.len() as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(data);
+        block(3, &b)
+    }
+
+    type Frame = (Option<Duration>, DataLink, Vec<u8>);
 
     fn frames(file: &[u8]) -> (Result<()>, Vec<Frame>) {
         let dir = tempfile::tempdir().unwrap();
@@ -414,26 +460,41 @@ mod tests {
 
     #[test]
     fn pcapng_frames_carry_their_interface_and_time() {
-        let (r, got) = frames(&pcapng(
-            101,
-            Some(3),
-            &[(0, 2500, b"abc"), (0, 4000, b"de")],
-        ));
+        let ms = |m| Some(Duration::from_millis(m));
+        // if_tsresol 3 (ms); an enhanced block, the obsolete packet block
+        // (its halves read the right way round: 2^32 + 5 ms), a simple one.
+        let mut f = section(101, Some(3), None);
+        f.extend(packet(6, 0, 2500, b"abc"));
+        f.extend(packet(2, 0, (1 << 32) + 5, b"de"));
+        f.extend(simple(b"fg"));
+        let (r, got) = frames(&f);
         r.unwrap();
         assert_eq!(
             got,
             vec![
-                (Duration::from_millis(2500), DataLink::RAW, b"abc".to_vec()),
-                (Duration::from_secs(4), DataLink::RAW, b"de".to_vec()),
+                (ms(2500), DataLink::RAW, b"abc".to_vec()),
+                (ms((1 << 32) + 5), DataLink::RAW, b"de".to_vec()),
+                (None, DataLink::RAW, b"fg".to_vec()),
             ]
         );
-        // An unsupported link type is an error naming it.
-        let (r, _) = frames(&pcapng(105, None, &[(0, 1, b"x")]));
-        let e = r.unwrap_err().to_string();
-        assert!(e.contains("unsupported link type"), "{e}");
+        // if_tsoffset adds whole seconds; the default resolution is µs.
+        let mut f = section(1, None, Some(100));
+        f.extend(packet(6, 0, 1_500_000, b"x"));
+        assert_eq!(frames(&f).1[0].0, ms(101_500));
+        // A link type tunsec cannot read still yields its frames (the run
+        // counts them as not IP) rather than failing the file.
+        let mut f = section(105, None, None);
+        f.extend(packet(6, 0, 1, b"x"));
+        let (r, got) = frames(&f);
+        r.unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(ip_payload(got[0].1, &got[0].2).is_none());
         // A packet naming an interface never described ends the walk
         // after the good ones.
-        let (r, got) = frames(&pcapng(1, None, &[(0, 1, b"ok"), (3, 2, b"bad")]));
+        let mut f = section(1, None, None);
+        f.extend(packet(6, 0, 1, b"ok"));
+        f.extend(packet(6, 3, 2, b"bad"));
+        let (r, got) = frames(&f);
         r.unwrap();
         assert_eq!(got.len(), 1);
     }

@@ -418,5 +418,9 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
             last_publish = Instant::now();
         }
     }
+    // Packets still waiting for an SA are dropped with the worker.
+    for _ in 0..l.hold.n {
+        l.w.give_up();
+    }
     shared.counters.lock().unwrap_or_else(|e| e.into_inner())[id] = (l.w.counters.clone(), l.ioc);
 }
