@@ -236,10 +236,10 @@ impl Worker {
 }
 
 #[inline]
-fn flow_of(info: &IpInfo, pkt: &[u8]) -> Flow {
+fn flow_of(info: &IpInfo, pkt: &[u8], dst: IpAddr) -> Flow {
     Flow {
         src: info.src(pkt),
-        dst: info.dst(pkt),
+        dst,
         proto: info.upper_proto,
         ports: info.ports(pkt),
     }
@@ -312,7 +312,8 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
         Ok(i) => i,
         Err(_) => return w.drop(DropReason::Malformed),
     };
-    let flow = flow_of(&info, buf.data());
+    // Outbound, policies and SAs are chosen for the final destination.
+    let flow = flow_of(&info, buf.data(), info.final_dst(buf.data()));
     let hit = w.out_cache.as_ref().is_some_and(|c| {
         c.generation == state.generation
             && c.flow == flow
@@ -448,7 +449,7 @@ fn inbound_inner(
         }
     }
     let flow = if n == 0 {
-        flow_of(&info, buf.data())
+        flow_of(&info, buf.data(), info.dst(buf.data()))
     } else if !info.is_v6() {
         // IPv4 after decapsulation: same header, the protocol byte now
         // names the upper layer.
@@ -457,10 +458,10 @@ fn inbound_inner(
             upper_proto: buf.data()[9],
             ..info
         };
-        flow_of(&info, buf.data())
+        flow_of(&info, buf.data(), info.dst(buf.data()))
     } else {
         let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
-        flow_of(&info, buf.data())
+        flow_of(&info, buf.data(), info.dst(buf.data()))
     };
     let hit = w
         .in_cache

@@ -56,6 +56,9 @@ pub struct IpInfo {
     pub fragment: bool,
     /// True for a non-first fragment (no upper-layer header present).
     pub later_fragment: bool,
+    /// IPv6 with a routing header of type 0 or 2 that has segments left:
+    /// the offset of its last address, the packet's final destination.
+    pub final_dst_at: Option<usize>,
 }
 
 impl IpInfo {
@@ -72,6 +75,20 @@ impl IpInfo {
             IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[8..24]).unwrap()))
         } else {
             IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[12..16]).unwrap()))
+        }
+    }
+
+    /// Where the packet is finally going: the last address of an IPv6
+    /// routing header (types 0 and 2) with segments left, else the
+    /// destination. Linux selects outbound IPv6 policies and SAs on it; for
+    /// IPv4 source routes it selects on the first hop, the destination.
+    #[inline]
+    pub fn final_dst(&self, pkt: &[u8]) -> IpAddr {
+        match self.final_dst_at {
+            Some(at) => IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&pkt[at..at + 16]).unwrap(),
+            )),
+            None => self.dst(pkt),
         }
     }
 
@@ -193,6 +210,7 @@ fn parse_v4(pkt: &[u8]) -> Result<IpInfo, ParseError> {
         upper_off: ihl,
         fragment: more || offset != 0,
         later_fragment: offset != 0,
+        final_dst_at: None,
     })
 }
 
@@ -213,10 +231,14 @@ fn parse_v6(pkt: &[u8]) -> Result<IpInfo, ParseError> {
     let mut insert: Option<(usize, usize, u8)> = None;
     let mut fragment = false;
     let mut later_fragment = false;
+    let mut final_dst_at = None;
     while is_v6_ext(nh) {
         let len = v6_ext_len(nh, &pkt[off..])?;
         if nh == PROTO_DSTOPTS && insert.is_none() && !routing_follows(pkt, off)? {
             insert = Some((off, nh_pos, nh));
+        }
+        if nh == PROTO_ROUTING && matches!(pkt[off + 2], 0 | 2) && pkt[off + 3] > 0 && len >= 24 {
+            final_dst_at = Some(off + len - 16 - (len - 8) % 16);
         }
         if nh == PROTO_FRAGMENT {
             fragment = true;
@@ -241,6 +263,7 @@ fn parse_v6(pkt: &[u8]) -> Result<IpInfo, ParseError> {
         upper_off: off,
         fragment,
         later_fragment,
+        final_dst_at,
     })
 }
 

@@ -11,11 +11,11 @@ use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
 use anyhow::{Context, Result, bail};
-use pcap_file::{DataLink, Endianness};
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use pcap_file::pcapng::{
     Block, PcapNgReader, blocks::interface_description::InterfaceDescriptionOption,
 };
+use pcap_file::{DataLink, Endianness};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read};
 use std::path::Path;
@@ -405,7 +405,9 @@ mod tests {
     fn section(link: u16, tsresol: Option<u8>, tsoffset: Option<u64>) -> Vec<u8> {
         let mut f = block(
             0x0a0d0d0a,
-            &[0x4d, 0x3c, 0x2b, 0x1a, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            &[
+                0x4d, 0x3c, 0x2b, 0x1a, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
         );
         let mut idb = link.to_le_bytes().to_vec();
         idb.extend_from_slice(&[0, 0, 0, 0, 0, 0]);

@@ -605,3 +605,45 @@ fn ah_over_ipv4_options_and_ipv6_extension_headers() {
     assert_eq!(&back[56..], &p6[56..]);
     assert_eq!(&back[8..48], &p6[8..48]);
 }
+
+#[test]
+fn ipv6_routing_header_selects_on_the_final_destination() {
+    // As Linux does: a packet to a first hop R with a type 0 routing
+    // header ending at B is protected by the A -> B policy and SA, and the
+    // A -> R policy does not apply to it.
+    const R6: &str = "2001:db8:77::1";
+    let text = format!(
+        "add {A6} {B6} ah 0x900 -r 64 -A hmac-sha256 0x{k};\n\
+         spdadd {A6} {B6} any -P out ipsec ah/transport//require;\n\
+         spdadd {A6} {R6} any -P out discard;\n",
+        k = "ab".repeat(32)
+    );
+    let a = state(&text);
+    let mut w = Worker::new([0; 32]);
+    let mut buf = PacketBuf::new();
+    let mut rh = vec![17u8, 2, 0, 1, 0, 0, 0, 0];
+    rh.extend_from_slice(
+        &ip(B6)
+            .to_string()
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    rh.extend_from_slice(&[0x12, 0x34, 0, 53, 0, 8, 0, 0]);
+    let p = pkt(A6, R6, packet::PROTO_ROUTING, &rh);
+    buf.load(&p);
+    assert_eq!(
+        engine::outbound(&a, &mut w, &mut buf, Duration::ZERO),
+        Verdict::Forward
+    );
+    let d = buf.data();
+    assert_eq!(&d[24..40], &p[24..40], "still sent to the first hop");
+    assert_eq!(d[40], packet::PROTO_AH, "AH after the routing header");
+    assert_eq!(&d[40 + 24 + 4..40 + 24 + 8], &0x900u32.to_be_bytes());
+    // Without a routing header, the same destination hits the discard.
+    buf.load(&pkt(A6, R6, 17, &rh[24..]));
+    assert_eq!(
+        engine::outbound(&a, &mut w, &mut buf, Duration::ZERO),
+        Verdict::Drop(DropReason::PolicyDiscard)
+    );
+}

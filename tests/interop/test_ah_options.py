@@ -307,13 +307,14 @@ R4_1, R4_2 = "198.51.100.1", "198.51.100.2"  # the route's hops (never contacted
 R6_1, R6_2 = "2001:db8:1::1", "2001:db8:1::2"
 
 
-def route_configs(work, src, first_hop, final):
-    """tunsec's outbound policy selects on the header's destination (the
-    first hop); the receiver's SA is keyed on itself. One key for both."""
-    out_sa = SA.ah(src, first_hop, 0x3001, "hmac-sha256", label="routed")
+def route_configs(work, src, selector, final):
+    """tunsec's outbound policy and SA for `selector` (as Linux: the first
+    hop for IPv4 source routes, the final destination for IPv6 routing
+    headers); the receiver's SA is keyed on itself. One key for both."""
+    out_sa = SA.ah(src, selector, 0x3001, "hmac-sha256", label="routed")
     in_sa = SA.ah(src, final, 0x3001, "hmac-sha256", label="routed")
     cfg_out = write_config(work / "route-out.conf", [out_sa],
-                           [f"spdadd {src} {first_hop} any -P out ipsec ah/transport//require;"])
+                           [f"spdadd {src} {selector} any -P out ipsec ah/transport//require;"])
     cfg_in = write_config(work / "route-in.conf", [in_sa],
                           [f"spdadd {src} {final} any -P in ipsec ah/transport//require;"])
     return out_sa, cfg_out, cfg_in
@@ -383,7 +384,7 @@ def rh_route(b: bytes) -> bytes:
 
 @pytest.mark.parametrize("rtype,hops", [(0, [R6_2, B6]), (2, [B6])])
 def test_v6_routing_header(work, rtype, hops):
-    out_sa, cfg_out, cfg_in = route_configs(work, A6, R6_1, B6)
+    out_sa, cfg_out, cfg_in = route_configs(work, A6, B6, B6)
     plain = canonical(IPv6(src=A6, dst=R6_1) / IPv6ExtHdrRouting(type=rtype, addresses=hops)
                       / UDP(sport=7200, dport=7) / Raw(text_payload(200, 10)))
     run = run_tunsec(cfg_out, "out", [plain], work)
