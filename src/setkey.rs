@@ -698,38 +698,16 @@ fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig,
                 }
             }
             "-E" => {
-                let (name, l) = c.word("an encryption algorithm after -E")?;
-                let alg = EncAlg::from_name(name).ok_or_else(|| {
-                    c.err(
-                        l,
-                        format!(
-                            "unknown encryption algorithm {} (supported: {ENC_NAMES})",
-                            quote(name)
-                        ),
-                    )
+                let (alg, key) = alg_and_key(c, &ENC, |a, k| {
+                    Cipher::new(a, k).map(|_| ()).map_err(|e| e.to_string())
                 })?;
-                let key = alg_key(c, alg == EncAlg::Null, name, l)?;
-                if let Err(e) = Cipher::new(alg, &key.0) {
-                    return Err(c.err(key.1, e.to_string()));
-                }
-                enc = Some((alg, key.0, line));
+                enc = Some((alg, key, line));
             }
             "-A" => {
-                let (name, l) = c.word("an authentication algorithm after -A")?;
-                let alg = AuthAlg::from_name(name).ok_or_else(|| {
-                    c.err(
-                        l,
-                        format!(
-                            "unknown authentication algorithm {} (supported: {AUTH_NAMES})",
-                            quote(name)
-                        ),
-                    )
+                let (alg, key) = alg_and_key(c, &AUTH, |a, k| {
+                    Auth::new(a, k).map(|_| ()).map_err(|e| e.to_string())
                 })?;
-                let key = alg_key(c, alg == AuthAlg::Null, name, l)?;
-                if let Err(e) = Auth::new(alg, &key.0) {
-                    return Err(c.err(key.1, e.to_string()));
-                }
-                auth = Some((alg, key.0, line));
+                auth = Some((alg, key, line));
             }
             "-C" => {
                 let (name, l) = c.word("a compression algorithm after -C")?;
@@ -892,6 +870,57 @@ fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig,
 
 /// The key after `-E ALG`/`-A ALG`: required, except for `null` where it
 /// may be left out. Returns the key and the line to blame for it.
+/// What `-E` and `-A` have in common: the flag, the kind of algorithm,
+/// the names accepted, and the one that takes no key.
+struct AlgFlag<A> {
+    flag: &'static str,
+    kind: &'static str,
+    names: &'static str,
+    from_name: fn(&str) -> Option<A>,
+    null: A,
+}
+
+const ENC: AlgFlag<EncAlg> = AlgFlag {
+    flag: "-E",
+    kind: "encryption",
+    names: ENC_NAMES,
+    from_name: EncAlg::from_name,
+    null: EncAlg::Null,
+};
+
+const AUTH: AlgFlag<AuthAlg> = AlgFlag {
+    flag: "-A",
+    kind: "authentication",
+    names: AUTH_NAMES,
+    from_name: AuthAlg::from_name,
+    null: AuthAlg::Null,
+};
+
+/// `NAME [KEY]` after `-E` or `-A`: the algorithm, then its key (none for
+/// null), which `check` tries out (key lengths) so that the error points
+/// at the key's line.
+fn alg_and_key<A: Copy + PartialEq>(
+    c: &mut Cursor<'_>,
+    f: &AlgFlag<A>,
+    check: impl Fn(A, &[u8]) -> Result<(), String>,
+) -> Result<(A, Zeroizing<Vec<u8>>), ConfigError> {
+    let (name, l) = c.word(&format!("an {} algorithm after {}", f.kind, f.flag))?;
+    let alg = (f.from_name)(name).ok_or_else(|| {
+        c.err(
+            l,
+            format!(
+                "unknown {} algorithm {} (supported: {})",
+                f.kind,
+                quote(name),
+                f.names
+            ),
+        )
+    })?;
+    let (key, key_line) = alg_key(c, alg == f.null, name, l)?;
+    check(alg, &key).map_err(|e| c.err(key_line, e))?;
+    Ok((alg, key))
+}
+
 fn alg_key(
     c: &mut Cursor<'_>,
     optional: bool,
