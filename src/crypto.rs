@@ -174,13 +174,14 @@ impl<T: Clone> Clone for Wiped<T> {
 
 impl<T> Drop for Wiped<T> {
     fn drop(&mut self) {
-        let p = (&mut *self.0 as *mut T).cast::<u8>();
         // SAFETY: the value is dropped exactly once, here, and never used
-        // again (ManuallyDrop keeps the compiler from dropping it twice);
-        // its storage, which this struct owns, is then plain bytes, and
-        // volatile writes keep the compiler from eliding the wipe.
+        // again (ManuallyDrop keeps the compiler from dropping it twice).
+        // Its storage, which this struct owns, is then plain bytes, written
+        // through a raw pointer taken after the drop (no reference to the
+        // dropped value is made); volatile writes are not elided.
         unsafe {
             ManuallyDrop::drop(&mut self.0);
+            let p = std::ptr::addr_of_mut!(self.0).cast::<u8>();
             for i in 0..std::mem::size_of::<T>() {
                 std::ptr::write_volatile(p.add(i), 0);
             }
