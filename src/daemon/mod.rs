@@ -89,8 +89,29 @@ fn run_cmd(words: &[&str]) -> Result<()> {
     plumbing::run(&argv, None)
 }
 
+/// SIGINT/SIGTERM and SIGUSR1, as flags. Registered first thing, so that a
+/// signal arriving while the daemon sets up (or right after it says it is
+/// up) stops it in order instead of killing it with its plumbing in place.
+struct Signals {
+    term: Arc<AtomicBool>,
+    usr1: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn register() -> Result<Signals> {
+        let term = Arc::new(AtomicBool::new(false));
+        let usr1 = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, term.clone())?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())?;
+        Ok(Signals { term, usr1 })
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     log_init();
+    let signals = Signals::register()?;
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let file = args.config.display().to_string();
@@ -240,7 +261,7 @@ pub fn run(args: &Args) -> Result<()> {
             .name("tunsec-ctl".into())
             .spawn(move || c.serve(listener, path))?
     };
-    let result = serve(&shared, &ctl, ios);
+    let result = serve(&shared, &ctl, ios, &signals);
     shared.stop.store(true, Relaxed);
     control::join(ctl_thread);
     let _ = std::fs::remove_file(&args.control);
@@ -287,13 +308,13 @@ pub fn describe_counters(c: &crate::engine::Counters, io: &workers::IoCounters) 
     s
 }
 
-fn serve(shared: &Arc<Shared>, ctl: &control::Control, ios: Vec<workers::Io>) -> Result<()> {
-    let term = Arc::new(AtomicBool::new(false));
-    let usr1 = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, term.clone())?;
-    }
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())?;
+fn serve(
+    shared: &Arc<Shared>,
+    ctl: &control::Control,
+    ios: Vec<workers::Io>,
+    signals: &Signals,
+) -> Result<()> {
+    let Signals { term, usr1 } = signals;
     // The daemon writes to sockets only; a closed pipe must not kill it.
     // SAFETY: setting a signal disposition.
     unsafe {

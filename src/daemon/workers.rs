@@ -6,7 +6,7 @@
 
 use super::net::{self, Sender};
 use crate::buf::{HEADROOM, PacketBuf};
-use crate::engine::{self, Counters, Event, Verdict, Worker};
+use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
 use crate::packet;
 use crate::state::State;
 use arc_swap::ArcSwap;
@@ -211,6 +211,30 @@ impl Hold {
     }
 }
 
+/// Say once per process why outbound fragments are dropped: the kernel
+/// fragments a datagram larger than the TUN MTU before tunsec sees it, and
+/// transport-mode IPsec protects whole datagrams only (RFC 4301 section 7
+/// keeps fragments to tunnel mode). Silent, this looks like random loss.
+fn warn_fragment_once(io: &Io, pkt: &[u8]) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let who = crate::packet::parse(pkt)
+        .map(|i| format!(" ({} -> {})", i.src(pkt), i.dst(pkt)))
+        .unwrap_or_default();
+    let mtu = io
+        .tun
+        .mtu()
+        .map(|m| format!(" of {m} bytes"))
+        .unwrap_or_default();
+    tracing::warn!(
+        "dropping outbound IP fragments{who}: the kernel split a datagram larger than the TUN MTU{mtu} \
+         before tunsec saw it, and transport-mode IPsec protects whole datagrams only; \
+         send smaller datagrams (counted as `fragment`; this is said once)"
+    );
+}
+
 /// Rounds of batches taken from one side before turning to the other.
 const ROUNDS: usize = 8;
 
@@ -268,6 +292,9 @@ impl Loop {
                 ensure_ipv4_id(&mut slot.0, &mut self.ip_id);
                 let v = engine::outbound(state, &mut self.w, &mut slot.0, now);
                 keep[i] = v == Verdict::Forward;
+                if v == Verdict::Drop(DropReason::Fragment) {
+                    warn_fragment_once(io, slot.0.data());
+                }
                 if v == Verdict::Pending {
                     self.hold
                         .keep(&mut slot.0, &mut self.w, state.generation, now);
