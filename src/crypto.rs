@@ -147,10 +147,13 @@ type Aes256Gcm = AesGcm<Aes256, U12>;
 /// Keyed state whose crate does not wipe it: the HMAC inner and outer
 /// digests (as good as the key), the GHASH subkey, the ChaCha20 key. When
 /// it is dropped (an SA deleted, expired or replaced), its own drop runs
-/// and then its bytes are overwritten with zeros, so that freed memory
-/// does not keep key material. Nothing is added per packet: the
-/// `aes-gcm` crate's own `zeroize` feature wipes per-operation state and
-/// cost GCM about 10 points.
+/// and then its bytes are overwritten with zeros, so that the SA's freed
+/// memory does not keep key material. It is kept boxed, so that moving
+/// the SA moves a pointer. Not covered: the temporary built while keying
+/// (before it is boxed) and the working copy an HMAC makes on a worker's
+/// stack for each packet. Nothing is added per packet: the `aes-gcm`
+/// crate's own `zeroize` feature wipes per-operation state and cost GCM
+/// about 10 points.
 pub struct Wiped<T>(ManuallyDrop<T>);
 
 impl<T> Wiped<T> {
@@ -423,10 +426,10 @@ where
 #[derive(Clone)]
 pub enum Auth {
     Null,
-    Sha1(Wiped<Hmac<Sha1>>),
-    Sha256(Wiped<Hmac<Sha256>>),
-    Sha384(Wiped<Hmac<Sha384>>),
-    Sha512(Wiped<Hmac<Sha512>>),
+    Sha1(Box<Wiped<Hmac<Sha1>>>),
+    Sha256(Box<Wiped<Hmac<Sha256>>>),
+    Sha384(Box<Wiped<Hmac<Sha384>>>),
+    Sha512(Box<Wiped<Hmac<Sha512>>>),
 }
 
 impl fmt::Debug for Auth {
@@ -444,8 +447,12 @@ impl fmt::Debug for Auth {
 /// Largest ICV of any suite.
 pub const MAX_ICV: usize = 32;
 
-fn keyed<M: hmac::Mac + KeyInit>(key: &[u8]) -> Wiped<M> {
-    Wiped::new(<M as hmac::Mac>::new_from_slice(key).expect("HMAC takes keys of any length"))
+/// Boxed, so that moving an `Auth` (into an SA, into an `Arc`) moves a
+/// pointer and leaves no copy of the keyed state behind.
+fn keyed<M: hmac::Mac + KeyInit>(key: &[u8]) -> Box<Wiped<M>> {
+    Box::new(Wiped::new(
+        <M as hmac::Mac>::new_from_slice(key).expect("HMAC takes keys of any length"),
+    ))
 }
 
 impl Auth {
@@ -486,10 +493,10 @@ impl Auth {
         }
         match self {
             Auth::Null => {}
-            Auth::Sha1(m) => run(&**m, parts, out),
-            Auth::Sha256(m) => run(&**m, parts, out),
-            Auth::Sha384(m) => run(&**m, parts, out),
-            Auth::Sha512(m) => run(&**m, parts, out),
+            Auth::Sha1(m) => run(&***m, parts, out),
+            Auth::Sha256(m) => run(&***m, parts, out),
+            Auth::Sha384(m) => run(&***m, parts, out),
+            Auth::Sha512(m) => run(&***m, parts, out),
         }
     }
 
@@ -509,10 +516,10 @@ impl Auth {
         }
         match self {
             Auth::Null => icv.is_empty(),
-            Auth::Sha1(m) => run(&**m, parts, icv),
-            Auth::Sha256(m) => run(&**m, parts, icv),
-            Auth::Sha384(m) => run(&**m, parts, icv),
-            Auth::Sha512(m) => run(&**m, parts, icv),
+            Auth::Sha1(m) => run(&***m, parts, icv),
+            Auth::Sha256(m) => run(&***m, parts, icv),
+            Auth::Sha384(m) => run(&***m, parts, icv),
+            Auth::Sha512(m) => run(&***m, parts, icv),
         }
     }
 }

@@ -322,6 +322,9 @@ pub fn outbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duratio
     if !hit {
         match resolve_out(state, w, &flow) {
             Ok(c) => w.out_cache = Some(c),
+            // A fragment would be dropped once the SA exists: not worth
+            // holding (the ACQUIRE is raised all the same).
+            Err(Verdict::Pending) if info.fragment => return w.drop(DropReason::Fragment),
             Err(v) => return v,
         }
     }

@@ -166,12 +166,13 @@ fn pcapng_time(raw: u64, tsresol: u8) -> Duration {
     Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
 }
 
-/// Per pcapng interface: link type, if_tsresol, if_tsoffset (seconds).
+/// Per pcapng interface: link type, if_tsresol, if_tsoffset (seconds,
+/// signed in the format; pcap-file hands it over unsigned).
 #[derive(Clone, Copy)]
 struct Iface {
     link: DataLink,
     tsresol: u8,
-    tsoffset: u64,
+    tsoffset: i64,
 }
 
 /// Call `f` with (timestamp, link type, frame) for every packet of a pcap
@@ -219,7 +220,7 @@ fn for_each_frame(
                     for o in &idb.options {
                         match o {
                             InterfaceDescriptionOption::IfTsResol(r) => i.tsresol = *r,
-                            InterfaceDescriptionOption::IfTsOffset(s) => i.tsoffset = *s,
+                            InterfaceDescriptionOption::IfTsOffset(s) => i.tsoffset = *s as i64,
                             _ => {}
                         }
                     }
@@ -257,7 +258,15 @@ fn for_each_frame(
                 ));
                 break;
             };
-            let t = raw.map(|r| pcapng_time(r, i.tsresol) + Duration::from_secs(i.tsoffset));
+            let t = raw.map(|r| {
+                let t = pcapng_time(r, i.tsresol);
+                let off = Duration::from_secs(i.tsoffset.unsigned_abs());
+                if i.tsoffset >= 0 {
+                    t.saturating_add(off)
+                } else {
+                    t.saturating_sub(off)
+                }
+            });
             f(t, i.link, &data)?;
         }
         return Ok(());
@@ -479,10 +488,16 @@ mod tests {
                 (None, DataLink::RAW, b"fg".to_vec()),
             ]
         );
-        // if_tsoffset adds whole seconds; the default resolution is µs.
+        // if_tsoffset adds whole seconds, maybe negative (it is signed);
+        // the default resolution is µs.
         let mut f = section(1, None, Some(100));
         f.extend(packet(6, 0, 1_500_000, b"x"));
         assert_eq!(frames(&f).1[0].0, ms(101_500));
+        let mut f = section(1, None, Some(-1i64 as u64));
+        f.extend(packet(6, 0, 1_500_000, b"x"));
+        f.extend(packet(6, 0, 500_000, b"y"));
+        let got = frames(&f).1;
+        assert_eq!((got[0].0, got[1].0), (ms(500), ms(0)));
         // A link type tunsec cannot read still yields its frames (the run
         // counts them as not IP) rather than failing the file.
         let mut f = section(105, None, None);

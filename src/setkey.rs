@@ -868,8 +868,6 @@ fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig,
     Ok(config)
 }
 
-/// The key after `-E ALG`/`-A ALG`: required, except for `null` where it
-/// may be left out. Returns the key and the line to blame for it.
 /// What `-E` and `-A` have in common: the flag, the kind of algorithm,
 /// the names accepted, and the one that takes no key.
 struct AlgFlag<A> {
@@ -921,6 +919,8 @@ fn alg_and_key<A: Copy + PartialEq>(
     Ok((alg, key))
 }
 
+/// The key after `-E ALG`/`-A ALG`: required, except for `null` where it
+/// may be left out. Returns the key and the line to blame for it.
 fn alg_key(
     c: &mut Cursor<'_>,
     optional: bool,

@@ -647,3 +647,27 @@ fn ipv6_routing_header_selects_on_the_final_destination() {
         Verdict::Drop(DropReason::PolicyDiscard)
     );
 }
+
+#[test]
+fn a_fragment_without_an_sa_is_dropped_as_a_fragment_not_held() {
+    // It could not be protected once the SA exists either, so it is not
+    // left pending; the ACQUIRE is raised all the same.
+    let text = format!("spdadd {A4} {B4} any -P out ipsec esp/transport//require;\n");
+    let a = state(&text);
+    let mut w = Worker::new([0; 32]);
+    let mut buf = PacketBuf::new();
+    let mut p = pkt(
+        A4,
+        B4,
+        17,
+        &[0x12, 0x34, 0, 53, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+    );
+    p[6] = 0x20; // more fragments
+    fix_lengths(&mut p);
+    buf.load(&p);
+    assert_eq!(
+        engine::outbound(&a, &mut w, &mut buf, Duration::ZERO),
+        Verdict::Drop(DropReason::Fragment)
+    );
+    assert!(matches!(w.events[..], [Event::Acquire { .. }]));
+}

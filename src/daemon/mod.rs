@@ -112,6 +112,18 @@ impl Signals {
 pub fn run(args: &Args) -> Result<()> {
     log_init();
     let signals = Signals::register()?;
+    // A stop sent to the process group (Ctrl-C, systemd) can kill an `ip`
+    // or `nft` child while the daemon sets up; say why it failed.
+    run_with(args, &signals).map_err(|e| {
+        if signals.term.load(Relaxed) {
+            e.context("stopped by a signal while setting up")
+        } else {
+            e
+        }
+    })
+}
+
+fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let file = args.config.display().to_string();
@@ -261,7 +273,7 @@ pub fn run(args: &Args) -> Result<()> {
             .name("tunsec-ctl".into())
             .spawn(move || c.serve(listener, path))?
     };
-    let result = serve(&shared, &ctl, ios, &signals);
+    let result = serve(&shared, &ctl, ios, signals);
     shared.stop.store(true, Relaxed);
     control::join(ctl_thread);
     let _ = std::fs::remove_file(&args.control);
