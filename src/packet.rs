@@ -72,9 +72,9 @@ impl IpInfo {
     #[inline]
     pub fn src(&self, pkt: &[u8]) -> IpAddr {
         if self.v6 {
-            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[8..24]).unwrap()))
+            v6_addr_at(pkt, 8)
         } else {
-            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[12..16]).unwrap()))
+            v4_addr_at(pkt, 12)
         }
     }
 
@@ -85,9 +85,7 @@ impl IpInfo {
     #[inline]
     pub fn final_dst(&self, pkt: &[u8]) -> IpAddr {
         match self.final_dst_at {
-            Some(at) => IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(&pkt[at..at + 16]).unwrap(),
-            )),
+            Some(at) => v6_addr_at(pkt, at),
             None => self.dst(pkt),
         }
     }
@@ -96,9 +94,9 @@ impl IpInfo {
     #[inline]
     pub fn dst(&self, pkt: &[u8]) -> IpAddr {
         if self.v6 {
-            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap()))
+            v6_addr_at(pkt, 24)
         } else {
-            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap()))
+            v4_addr_at(pkt, 16)
         }
     }
 
@@ -118,6 +116,20 @@ impl IpInfo {
             _ => None,
         }
     }
+}
+
+#[inline]
+fn v4_addr_at(pkt: &[u8], at: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(
+        <[u8; 4]>::try_from(&pkt[at..at + 4]).unwrap(),
+    ))
+}
+
+#[inline]
+fn v6_addr_at(pkt: &[u8], at: usize) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&pkt[at..at + 16]).unwrap(),
+    ))
 }
 
 #[inline]

@@ -205,7 +205,8 @@ fn for_each_frame(
                     break;
                 }
             };
-            let (iface, raw, data) = match block {
+            // (interface, raw timestamp, data, captured length)
+            let (iface, raw, data, len) = match block {
                 Block::SectionHeader(shb) => {
                     little = shb.endianness == Endianness::Little;
                     ifaces.clear();
@@ -228,11 +229,15 @@ fn for_each_frame(
                     continue;
                 }
                 // pcap-file hands the raw count over as nanoseconds.
-                Block::EnhancedPacket(p) => (
-                    p.interface_id as usize,
-                    Some(p.timestamp.as_nanos() as u64),
-                    p.data,
-                ),
+                Block::EnhancedPacket(p) => {
+                    let len = p.data.len();
+                    (
+                        p.interface_id as usize,
+                        Some(p.timestamp.as_nanos() as u64),
+                        p.data,
+                        len,
+                    )
+                }
                 // The obsolete packet block: pcap-file reads its two 32-bit
                 // halves as one 64-bit number, swapped in little-endian
                 // sections.
@@ -242,13 +247,14 @@ fn for_each_frame(
                     } else {
                         p.timestamp
                     };
-                    (p.interface_id as usize, Some(t), p.data)
+                    let len = p.data.len();
+                    (p.interface_id as usize, Some(t), p.data, len)
                 }
                 // No timestamp, and the data runs to the end of the block:
                 // the packet is its original length, padding aside.
                 Block::SimplePacket(p) => {
-                    let n = p.data.len().min(p.original_len as usize);
-                    (0, None, std::borrow::Cow::Owned(p.data[..n].to_vec()))
+                    let len = p.data.len().min(p.original_len as usize);
+                    (0, None, p.data, len)
                 }
                 _ => continue,
             };
@@ -267,7 +273,7 @@ fn for_each_frame(
                     t.saturating_sub(off)
                 }
             });
-            f(t, i.link, &data)?;
+            f(t, i.link, &data[..len])?;
         }
         return Ok(());
     }
