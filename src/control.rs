@@ -191,6 +191,7 @@ pub fn event_json(e: &Event) -> Value {
             dst,
             proto,
             reqid,
+            ..
         } => json!({
             "event": "ACQUIRE", "policy": policy, "src": src.to_string(), "dst": dst.to_string(),
             "proto": proto.name(), "reqid": reqid,
@@ -284,6 +285,8 @@ mod tests {
             dst: "10.0.0.2".parse().unwrap(),
             proto: crate::sad::Proto::Esp,
             reqid: None,
+            upper: 6,
+            ports: None,
         };
         assert_eq!(
             event_line(&event_json(&e)),

@@ -138,6 +138,10 @@ pub enum Event {
         dst: IpAddr,
         proto: Proto,
         reqid: Option<u32>,
+        /// The packet's upper-layer protocol and ports (ICMP: type and
+        /// code), for the selector an XFRM ACQUIRE carries.
+        upper: u8,
+        ports: Option<(u16, u16)>,
     },
     SoftExpire(SaId),
     HardExpire(SaId),
@@ -291,6 +295,8 @@ fn resolve_out(state: &State, w: &mut Worker, flow: &Flow) -> Result<OutCache, V
                         dst: flow.dst,
                         proto: r.proto,
                         reqid: r.level.reqid(),
+                        upper: flow.proto,
+                        ports: flow.ports,
                     });
                     return Err(Verdict::Pending);
                 }
@@ -397,6 +403,7 @@ fn protect(
             return w.drop(r);
         }
     }
+    cache.policy.used.touch(now);
     w.counters.out_packets += 1;
     w.counters.out_bytes += plain_len as u64;
     Verdict::Forward
@@ -479,7 +486,11 @@ fn inbound_inner(
     }
     match w.in_cache.as_ref().and_then(|c| c.policy.as_deref()) {
         None => Ok(()),
-        Some(policy) => check_inbound_policy(policy, &found[..n], &flow),
+        Some(policy) => {
+            check_inbound_policy(policy, &found[..n], &flow)?;
+            policy.used.touch(now);
+            Ok(())
+        }
     }
 }
 

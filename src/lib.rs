@@ -2,8 +2,11 @@
 //!
 //! The core is sans-IO: parsing, SPD/SAD, replay windows and the
 //! ESP/AH/IPComp transforms work on byte buffers, with time passed in.
-//! The `tunsec` binary's modes (`pcap`, `bench`, later the daemon) are thin
-//! shells around [`engine::Engine`].
+//! Two front ends change the same [`state::State`]: setkey text
+//! ([`setkey`], files and the control socket) and XFRM netlink messages
+//! ([`xfrm`], what IKE daemons send). The `tunsec` binary's modes (`pcap`,
+//! `bench`, the `run` daemon) are thin shells around the engine's
+//! [`engine::outbound`] and [`engine::inbound`].
 
 pub mod ah;
 pub mod bench;
@@ -14,6 +17,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod engine;
 pub mod esp;
+pub mod ike;
 pub mod ipcomp;
 pub mod packet;
 pub mod pcap;
@@ -22,3 +26,4 @@ pub mod sad;
 pub mod setkey;
 pub mod spd;
 pub mod state;
+pub mod xfrm;

@@ -50,6 +50,9 @@ enum Cmd {
     Setkey(tunsec::client::SetkeyArgs),
     /// Counters of a running daemon: traffic, drops by reason, per-SA rates.
     Stats(tunsec::client::StatsArgs),
+    /// Run an IKE daemon (charon, pluto) or `ip xfrm` against a tunsec
+    /// serving --xfrm: its XFRM netlink reaches tunsec, nothing else changes.
+    Ike(tunsec::ike::Args),
 }
 
 fn load(path: &PathBuf) -> Result<State> {
@@ -111,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run(args) => tunsec::daemon::run(&args),
         Cmd::Setkey(args) => tunsec::client::setkey(&args),
         Cmd::Stats(args) => tunsec::client::stats(&args),
+        Cmd::Ike(args) => tunsec::ike::run(&args),
     }
 }
 

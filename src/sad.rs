@@ -128,6 +128,52 @@ impl SaConfig {
     }
 }
 
+/// When an SA or a policy last carried a packet: engine time in whole
+/// seconds plus one (0: never). A worker stores only when the second
+/// changes, so the shared line is read per packet and written once a
+/// second at most. The XFRM front end reports it as `curlft.use_time`
+/// (charon reads it for dead-peer detection and inactivity timeouts).
+#[derive(Default)]
+pub struct UseTime(AtomicU64);
+
+impl UseTime {
+    #[inline]
+    pub fn touch(&self, now: Duration) {
+        let s = now.as_secs() + 1;
+        if self.0.load(Relaxed) != s {
+            self.0.store(s, Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> Option<Duration> {
+        match self.0.load(Relaxed) {
+            0 => None,
+            s => Some(Duration::from_secs(s - 1)),
+        }
+    }
+}
+
+impl Clone for UseTime {
+    fn clone(&self) -> UseTime {
+        UseTime(AtomicU64::new(self.0.load(Relaxed)))
+    }
+}
+
+/// Usage is not part of a policy's identity.
+impl PartialEq for UseTime {
+    fn eq(&self, _: &UseTime) -> bool {
+        true
+    }
+}
+
+impl Eq for UseTime {}
+
+impl fmt::Debug for UseTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.get())
+    }
+}
+
 /// Per-SA counters (read by `stats`).
 #[derive(Debug, Default)]
 pub struct SaCounters {
@@ -164,6 +210,8 @@ pub struct Sa {
     /// an in-order packet (the common case) is checked against it alone.
     replay_top: AtomicU64,
     pub counters: SaCounters,
+    /// Last packet protected or accepted.
+    pub used: UseTime,
     soft_fired: AtomicBool,
     hard_fired: AtomicBool,
     dead: AtomicBool,
@@ -229,6 +277,7 @@ impl Sa {
             serial,
             seq: AtomicU64::new(0),
             counters: SaCounters::default(),
+            used: UseTime::default(),
             soft_fired: AtomicBool::new(false),
             hard_fired: AtomicBool::new(false),
             dead: AtomicBool::new(false),
@@ -281,6 +330,7 @@ impl Sa {
     /// limit (so that an event is reported once).
     #[inline]
     pub fn account(&self, bytes: usize, now: Duration) -> (Expiry, bool) {
+        self.used.touch(now);
         let packets = self.counters.packets.fetch_add(1, Relaxed) + 1;
         let total = self.counters.bytes.fetch_add(bytes as u64, Relaxed) + bytes as u64;
         self.evaluate(packets, total, now)
@@ -358,7 +408,13 @@ impl Sa {
             c.bytes.store(b, Relaxed);
             (p, b)
         };
+        self.used.touch(now);
         Ok(self.evaluate(packets, total, now))
+    }
+
+    /// The highest sequence number the replay window accepted.
+    pub fn replay_top(&self) -> u64 {
+        self.replay_top.load(Relaxed)
     }
 }
 
@@ -423,6 +479,16 @@ impl Sad {
         self.larval
             .iter()
             .map(|(k, (src, exp))| (*src, k.0, k.1, k.2, *exp))
+    }
+
+    /// Drop the reservation (src, dst, proto, spi), if there is one.
+    pub fn unreserve(&mut self, src: IpAddr, dst: IpAddr, proto: Proto, spi: u32) -> bool {
+        let k = SpiKey(dst, proto, spi);
+        if self.larval.get(&k).is_some_and(|(s, _)| *s == src) {
+            self.larval.remove(&k);
+            return true;
+        }
+        false
     }
 
     /// Forget reservations that expired by `now`; returns how many.

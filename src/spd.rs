@@ -210,6 +210,8 @@ pub struct Policy {
     pub action: Action,
     /// Insertion order, also the policy's id in events.
     pub id: u64,
+    /// Last packet this policy decided.
+    pub used: crate::sad::UseTime,
 }
 
 impl fmt::Display for Policy {
@@ -297,6 +299,7 @@ impl Spd {
             priority,
             action,
             id: self.next_id,
+            used: Default::default(),
         });
         self.policies.push(p.clone());
         self.policies.sort_by_key(|p| {

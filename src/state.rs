@@ -175,10 +175,16 @@ impl State {
                     proto,
                     spi,
                 } => {
-                    let sa = s.sad.delete(*src, *dst, *proto, *spi).ok_or_else(|| {
-                        err(format!("no SA {src} {dst} {proto} spi {spi:#x} to delete"))
-                    })?;
-                    applied.removed.push(sa);
+                    // As PF_KEY's SADB_DELETE, a larval SA (getspi) goes too.
+                    match s.sad.delete(*src, *dst, *proto, *spi) {
+                        Some(sa) => applied.removed.push(sa),
+                        None if s.sad.unreserve(*src, *dst, *proto, *spi) => {}
+                        None => {
+                            return Err(err(format!(
+                                "no SA {src} {dst} {proto} spi {spi:#x} to delete"
+                            )));
+                        }
+                    }
                 }
                 Command::DeleteAll { src, dst, proto } => {
                     applied.removed.extend(s.sad.delete_all(*src, *dst, *proto))

@@ -13,6 +13,7 @@ use super::plumbing::Plumbing;
 use super::workers::Shared;
 use crate::control::{self, Request};
 use crate::engine::Event;
+use crate::state::State;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::io;
@@ -30,12 +31,22 @@ pub const MAX_CLIENTS: usize = 32;
 /// Consecutive failed requests after which a client is disconnected.
 pub const MAX_ERRORS: u32 = 20;
 
+/// Something told of every state change and event besides the JSON
+/// monitors (the XFRM front end). Called with the writers' lock held for
+/// changes: it must not block.
+pub trait Listener: Send + Sync {
+    fn changed(&self, old: &State, new: &State);
+    fn event(&self, state: &State, e: &Event);
+}
+
 pub struct Control {
     pub shared: Arc<Shared>,
     /// Serialises changes: state and plumbing move together.
     pub plumbing: Mutex<Plumbing>,
     monitors: Mutex<Vec<Monitor>>,
-    clients: AtomicUsize,
+    clients: Arc<AtomicUsize>,
+    /// Told of every change and event (the XFRM front end's listeners).
+    listeners: Mutex<Vec<Arc<dyn Listener>>>,
     /// Set when a change may resolve pending ACQUIREs.
     pub changed: std::sync::atomic::AtomicBool,
 }
@@ -91,7 +102,7 @@ pub fn listen(path: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-fn peer_uid(fd: RawFd) -> Option<u32> {
+pub fn peer_uid(fd: RawFd) -> Option<u32> {
     let mut cred: libc::ucred = unsafe { zeroed() };
     let mut len = size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: cred/len are valid output space.
@@ -125,7 +136,7 @@ fn send_msg(fd: RawFd, v: &Value, flags: libc::c_int) -> io::Result<()> {
     }
 }
 
-fn poll_in(fd: RawFd, ms: i32) -> bool {
+pub fn poll_in(fd: RawFd, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -141,84 +152,28 @@ impl Control {
             shared,
             plumbing: Mutex::new(plumbing),
             monitors: Mutex::new(Vec::new()),
-            clients: AtomicUsize::new(0),
+            clients: Arc::new(AtomicUsize::new(0)),
+            listeners: Mutex::new(Vec::new()),
             changed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Accept clients until the daemon stops.
     pub fn serve(self: Arc<Self>, listener: OwnedFd, path: PathBuf) {
-        let lfd = listener.as_raw_fd();
-        while !self.shared.stop.load(Relaxed) {
-            if !poll_in(lfd, 200) {
-                continue;
-            }
-            // SAFETY: accept on our listening socket.
-            let c = unsafe {
-                libc::accept4(
-                    lfd,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
-            };
-            if c < 0 {
-                continue;
-            }
-            let client = unsafe { OwnedFd::from_raw_fd(c) };
-            let euid = unsafe { libc::geteuid() };
-            if peer_uid(c) != Some(euid) {
-                tracing::warn!("control: refused a connection from uid {:?}", peer_uid(c));
-                let _ = send_msg(
-                    c,
-                    &control::error(
-                        "permission denied: only the daemon's own user (root) may use the control socket",
-                    ),
-                    0,
-                );
-                continue;
-            }
-            if self.clients.load(Relaxed) >= MAX_CLIENTS {
-                let _ = send_msg(c, &control::error("too many control clients"), 0);
-                continue;
-            }
-            let snd: libc::c_int = 16 << 20;
-            // SAFETY: setting a buffer size on our fd (large dumps).
-            unsafe {
-                libc::setsockopt(
-                    c,
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUFFORCE,
-                    &snd as *const _ as *const libc::c_void,
-                    4,
-                );
-            }
-            let tv = libc::timeval {
-                tv_sec: 1,
-                tv_usec: 0,
-            };
-            // SAFETY: setting a send timeout on our fd.
-            unsafe {
-                libc::setsockopt(
-                    c,
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDTIMEO,
-                    &tv as *const _ as *const libc::c_void,
-                    size_of::<libc::timeval>() as u32,
-                );
-            }
-            self.clients.fetch_add(1, Relaxed);
-            let me = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("tunsec-ctl".into())
-                .spawn(move || {
-                    me.client(client);
-                    me.clients.fetch_sub(1, Relaxed);
-                });
-            if spawned.is_err() {
-                self.clients.fetch_sub(1, Relaxed);
-            }
-        }
+        let me = self.clone();
+        accept_loop(
+            &self.shared.stop,
+            &listener,
+            &self.clients,
+            "control",
+            |fd, why| {
+                let _ = send_msg(fd, &control::error(why), 0);
+            },
+            move |client| {
+                let me = me.clone();
+                move || me.client(client)
+            },
+        );
         let _ = std::fs::remove_file(&path);
     }
 
@@ -379,16 +334,9 @@ impl Control {
             Ok(x) => x,
             Err(e) => return control::error(&e.to_string()),
         };
-        let spd_changed = cur
-            .spd
-            .iter()
-            .map(|p| p.id)
-            .ne(next.spd.iter().map(|p| p.id));
-        if spd_changed && let Err(e) = plumbing.update(&next) {
-            return control::error(&format!("policies not applied: {e:#}"));
+        if let Err(e) = self.commit(&mut plumbing, &cur, next) {
+            return control::error(&e);
         }
-        self.shared.state.store(Arc::new(next));
-        self.changed.store(true, Relaxed);
         let mut v = control::ok(&applied.output);
         v["spis"] = json!(applied.spis);
         v["warnings"] = json!(
@@ -400,8 +348,65 @@ impl Control {
         v
     }
 
+    /// Make `next` (derived from `cur` while holding `plumbing`, the
+    /// writers' lock) the running state: routes and nftables follow the
+    /// SPD first, and if they cannot, nothing changes. Listeners hear of
+    /// the change.
+    pub fn commit(
+        &self,
+        plumbing: &mut Plumbing,
+        cur: &Arc<State>,
+        next: State,
+    ) -> Result<(), String> {
+        let spd_changed = cur
+            .spd
+            .iter()
+            .map(|p| p.id)
+            .ne(next.spd.iter().map(|p| p.id));
+        if spd_changed && let Err(e) = plumbing.update(&next) {
+            return Err(format!("policies not applied: {e:#}"));
+        }
+        let next = Arc::new(next);
+        self.shared.state.store(next.clone());
+        self.changed.store(true, Relaxed);
+        for l in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            l.changed(cur, &next);
+        }
+        Ok(())
+    }
+
+    /// Forget the listeners (at exit: they hold the control back).
+    pub fn clear_listeners(&self) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Add a listener for changes and events.
+    pub fn listen(&self, l: Arc<dyn Listener>) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(l);
+    }
+
     /// Send an event to every monitor without blocking.
     pub fn broadcast(&self, e: &Event) {
+        let state = self.shared.state.load();
+        for l in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            l.event(&state, e);
+        }
         let v = control::event_json(e);
         let mut ms = self.monitors.lock().unwrap_or_else(|e| e.into_inner());
         ms.retain_mut(
@@ -414,6 +419,96 @@ impl Control {
                 Err(_) => false,
             },
         );
+    }
+}
+
+/// Accept clients on `listener` until `stop`: only the daemon's own user,
+/// at most [`MAX_CLIENTS`] at once (counted in `clients`), each served by
+/// a thread running what `serve` makes of it. `refuse` tells a refused
+/// client why, in its protocol.
+pub fn accept_loop<S, F>(
+    stop: &std::sync::atomic::AtomicBool,
+    listener: &OwnedFd,
+    clients: &Arc<AtomicUsize>,
+    name: &str,
+    refuse: impl Fn(RawFd, &str),
+    serve: S,
+) where
+    S: Fn(OwnedFd) -> F,
+    F: FnOnce() + Send + 'static,
+{
+    let lfd = listener.as_raw_fd();
+    while !stop.load(Relaxed) {
+        if !poll_in(lfd, 200) {
+            continue;
+        }
+        // SAFETY: accept on our listening socket; the result is owned below.
+        let c = unsafe {
+            libc::accept4(
+                lfd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            continue;
+        }
+        // SAFETY: c is a new descriptor that nothing else owns.
+        let client = unsafe { OwnedFd::from_raw_fd(c) };
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if peer_uid(c) != Some(euid) {
+            tracing::warn!("{name}: refused a connection from uid {:?}", peer_uid(c));
+            refuse(
+                c,
+                &format!(
+                    "permission denied: only the daemon's own user (root) may use the {name} socket"
+                ),
+            );
+            continue;
+        }
+        if clients.load(Relaxed) >= MAX_CLIENTS {
+            refuse(c, &format!("too many {name} clients"));
+            continue;
+        }
+        let snd: libc::c_int = 16 << 20;
+        // SAFETY: setting a buffer size on our fd (large dumps).
+        unsafe {
+            libc::setsockopt(
+                c,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                &snd as *const _ as *const libc::c_void,
+                4,
+            );
+        }
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: setting a send timeout on our fd.
+        unsafe {
+            libc::setsockopt(
+                c,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                size_of::<libc::timeval>() as u32,
+            );
+        }
+        clients.fetch_add(1, Relaxed);
+        let run = serve(client);
+        let counter = clients.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tunsec-{name}"))
+            .spawn(move || {
+                run();
+                counter.fetch_sub(1, Relaxed);
+            });
+        if spawned.is_err() {
+            clients.fetch_sub(1, Relaxed);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod net;
 pub mod plumbing;
 pub mod tun;
 pub mod workers;
+pub mod xfrm;
 
 use crate::engine::{DropReason, Event};
 use crate::sad::Expiry;
@@ -23,9 +24,10 @@ use workers::Shared;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// setkey(8) file: policies and (optionally) SAs.
+    /// setkey(8) file: policies and (optionally) SAs. Without one, tunsec
+    /// starts empty, to be keyed at run time (--control, --xfrm).
     #[arg(long, short = 'c')]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Name of the TUN device to create.
     #[arg(long, default_value = "tunsec0")]
     pub tun: String,
@@ -35,6 +37,10 @@ pub struct Args {
     /// Control socket path (one per instance).
     #[arg(long, default_value = "/run/tunsec/tunsec.sock")]
     pub control: PathBuf,
+    /// Serve the Linux XFRM netlink API on this Unix socket (root only),
+    /// for IKE daemons started with `tunsec ike --xfrm PATH -- DAEMON`.
+    #[arg(long)]
+    pub xfrm: Option<PathBuf>,
     /// Print every change to interfaces, routes, rules and nftables, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -124,15 +130,21 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn run_with(args: &Args, signals: &Signals) -> Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("cannot read {}", args.config.display()))?;
-    let file = args.config.display().to_string();
     let seed = os_seed()?;
     let base = State::seeded(u64::from_le_bytes(seed[..8].try_into().unwrap()));
-    let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
-    for w in &warnings {
-        tracing::warn!("{file}:{}: {}", w.line, w.message);
-    }
+    let state = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let file = path.display().to_string();
+            let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
+            for w in &warnings {
+                tracing::warn!("{file}:{}: {}", w.line, w.message);
+            }
+            state
+        }
+        None => base,
+    };
     if args.tun.is_empty() || args.tun.len() > 15 || args.tun.contains(['/', ' ']) {
         bail!(
             "--tun {:?}: an interface name has 1 to 15 characters, without '/' or spaces",
@@ -149,7 +161,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     }
     let inst = Instance::new(&args.tun);
     let peers = plumbing::routed_peers(&state);
-    if peers.is_empty() {
+    if peers.is_empty() && args.xfrm.is_none() {
         tracing::warn!(
             "no outbound ipsec policy names a peer: nothing will be routed into {}",
             inst.tun
@@ -201,6 +213,17 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         &format!("control path {}", args.control.display()),
     )?;
 
+    let _xfrm_lock = match &args.xfrm {
+        Some(p) => {
+            let mut l = p.clone().into_os_string();
+            l.push(".lock");
+            Some(lock::take(
+                &PathBuf::from(l),
+                &format!("XFRM socket {}", p.display()),
+            )?)
+        }
+        None => None,
+    };
     let tun = tun::Tun::create(&inst.tun, workers, mtu, !args.no_offload)?;
     run_cmd(&["ip", "link", "set", "dev", &inst.tun, "addrgenmode", "none"])?;
     let _ = std::fs::write(
@@ -266,6 +289,20 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         }
     };
     let ctl = Arc::new(control::Control::new(shared.clone(), plumbing));
+    let xfrm_listener = match &args.xfrm {
+        Some(p) => match control::listen(p) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                ctl.plumbing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stop();
+                let _ = std::fs::remove_file(&args.control);
+                return Err(e.context("cannot serve XFRM"));
+            }
+        },
+        None => None,
+    };
     let ctl_thread = {
         let c = ctl.clone();
         let path = args.control.clone();
@@ -273,10 +310,30 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
             .name("tunsec-ctl".into())
             .spawn(move || c.serve(listener, path))?
     };
+    let xfrm_thread = match (xfrm_listener, &args.xfrm) {
+        (Some(l), Some(p)) => {
+            let server = xfrm::Server::new(ctl.clone());
+            let path = p.clone();
+            tracing::info!("serving XFRM netlink on {}", p.display());
+            Some(
+                std::thread::Builder::new()
+                    .name("tunsec-xfrm".into())
+                    .spawn(move || server.serve(l, path))?,
+            )
+        }
+        _ => None,
+    };
     let result = serve(&shared, &ctl, ios, signals);
     shared.stop.store(true, Relaxed);
     control::join(ctl_thread);
+    if let Some(h) = xfrm_thread {
+        xfrm::join(h);
+    }
+    ctl.clear_listeners();
     let _ = std::fs::remove_file(&args.control);
+    if let Some(p) = &args.xfrm {
+        let _ = std::fs::remove_file(p);
+    }
     // Client threads notice the stop within their poll interval.
     let deadline = Instant::now() + Duration::from_secs(2);
     while Arc::strong_count(&ctl) > 1 && Instant::now() < deadline {
@@ -409,6 +466,7 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) -> bool {
             dst,
             proto,
             reqid,
+            ..
         } => {
             let key = format!("{policy} {src} {dst} {proto}");
             let due = acquires

@@ -232,6 +232,11 @@ pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
         "    meta l4proto {{ 50, 51, 108 }} accept comment \"ESP, AH, IPComp go to tunsec\""
     )
     .unwrap();
+    writeln!(
+        r,
+        "    udp dport {{ {IKE_PORTS} }} accept comment \"IKE goes to the keying daemon\""
+    )
+    .unwrap();
     for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
         let verdict = match &p.action {
             Action::Bypass => "accept",
@@ -253,9 +258,26 @@ pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
         )
         .unwrap();
     }
+    // The keying daemon's own packets must leave in the clear whatever the
+    // SPD says (the kernel gives IKE sockets a bypass policy): marked,
+    // they skip tunsec's routing table as tunsec's own packets do.
+    writeln!(
+        r,
+        "  }}\n  chain output {{\n    type route hook output priority mangle - 10; policy accept;"
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    udp sport {{ {IKE_PORTS} }} meta mark set {:#x} comment \"IKE leaves by the main table\"",
+        inst.mark
+    )
+    .unwrap();
     writeln!(r, "  }}\n}}").unwrap();
     r
 }
+
+/// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
+pub const IKE_PORTS: &str = "500, 4500";
 
 impl Plan {
     /// Shell-like lines for `--dry-run` and the log.
@@ -444,5 +466,15 @@ mod tests {
             "catch-all bypasses are not routed"
         );
         assert!(p.steps.iter().all(|s| !s.undo.is_empty()));
+        // IKE is never refused nor routed into the TUN device
+        let ike = d.find("udp dport { 500, 4500 } accept").expect(&d);
+        assert!(ike < icmp, "IKE is accepted before any policy rule");
+        assert!(
+            d.contains(&format!(
+                "udp sport {{ 500, 4500 }} meta mark set {:#x}",
+                inst.mark
+            )),
+            "{d}"
+        );
     }
 }

@@ -1,0 +1,297 @@
+//! The XFRM netlink socket (`tunsec run --xfrm PATH`): a root-only Unix
+//! `SOCK_SEQPACKET` socket where each datagram is what a process would
+//! have sent to, or received from, a `NETLINK_XFRM` socket. The preload
+//! shim (`tunsec ike`) connects IKE daemons to it. This module only moves
+//! bytes: `crate::xfrm` decides what they mean.
+//!
+//! Each connection is one netlink socket: it has a port id and the
+//! multicast groups it listens to (told by the shim's [`SHIM_BIND`]
+//! message), its requests are answered in order, and events and change
+//! notifications reach it without blocking anyone (a listener that does
+//! not read loses them, as a netlink socket overruns).
+
+use super::control::{self, Control, Listener};
+use crate::engine::Event;
+use crate::state::State;
+use crate::xfrm::convert::Clock;
+use crate::xfrm::netlink::{self, SHIM_BIND, errno};
+use crate::xfrm::{self as x, Outcome};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// The largest datagram read: netlink requests are small, but a client
+/// may try anything.
+const MAX_DATAGRAM: usize = 1 << 16;
+/// Replies to one request are packed into datagrams of at most this size
+/// (the kernel's `NLMSG_GOODSIZE` on 4 KiB pages is a little under it,
+/// and charon's default receive buffer is 4096 bytes).
+const DATAGRAM: usize = 4096;
+
+struct Conn {
+    fd: OwnedFd,
+    groups: Arc<AtomicU32>,
+    lost: AtomicU64,
+}
+
+pub struct Server {
+    ctl: Arc<Control>,
+    conns: Mutex<Vec<Conn>>,
+    clients: Arc<AtomicUsize>,
+    acquire_seq: AtomicU32,
+}
+
+fn clock(ctl: &Control) -> Clock {
+    Clock {
+        now: ctl.shared.now(),
+        wall: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    }
+}
+
+fn send(fd: RawFd, msg: &[u8], flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: the buffer is valid for the call.
+    let r = unsafe {
+        libc::send(
+            fd,
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            flags | libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Messages packed into datagrams of at most [`DATAGRAM`] bytes (a
+/// larger message goes alone).
+fn pack(msgs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for m in msgs {
+        match out.last_mut() {
+            Some(d) if netlink::align(d.len()) + m.len() <= DATAGRAM => {
+                d.resize(netlink::align(d.len()), 0);
+                d.extend_from_slice(&m);
+            }
+            _ => out.push(m),
+        }
+    }
+    out
+}
+
+impl Server {
+    pub fn new(ctl: Arc<Control>) -> Arc<Server> {
+        let s = Arc::new(Server {
+            ctl: ctl.clone(),
+            conns: Mutex::new(Vec::new()),
+            clients: Arc::new(AtomicUsize::new(0)),
+            acquire_seq: AtomicU32::new(0),
+        });
+        ctl.listen(s.clone());
+        s
+    }
+
+    /// Accept connections until the daemon stops.
+    pub fn serve(self: Arc<Self>, listener: OwnedFd, path: PathBuf) {
+        let me = self.clone();
+        control::accept_loop(
+            &self.ctl.shared.stop,
+            &listener,
+            &self.clients,
+            "xfrm",
+            |_, _| {},
+            move |fd| {
+                let me = me.clone();
+                move || me.client(fd)
+            },
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    fn client(&self, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        let groups = Arc::new(AtomicU32::new(0));
+        // SAFETY: dup of our own descriptor, owned by the listener entry.
+        let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return;
+        }
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Conn {
+                // SAFETY: dup is a new descriptor nothing else owns.
+                fd: unsafe { OwnedFd::from_raw_fd(dup) },
+                groups: groups.clone(),
+                lost: AtomicU64::new(0),
+            });
+        let mut pid = 0u32;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        while !self.ctl.shared.stop.load(Relaxed) {
+            if !control::poll_in(raw, 200) {
+                continue;
+            }
+            // SAFETY: the buffer is valid for the call.
+            let n = unsafe {
+                libc::recv(
+                    raw,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            let n = n as usize;
+            if n > buf.len() {
+                tracing::warn!(
+                    "xfrm: a {n}-byte datagram is over {MAX_DATAGRAM} bytes: closing the connection"
+                );
+                break;
+            }
+            let mut replies = Vec::new();
+            for m in netlink::split(&buf[..n]) {
+                let (header, payload, bytes) = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("xfrm: malformed datagram: {e}");
+                        if let Some(h) = netlink::Header::parse(&buf[..n]) {
+                            let quoted = &buf[..netlink::NLMSG_HDRLEN];
+                            let _ = h;
+                            replies.push(netlink::error(quoted, errno::EINVAL, pid));
+                        }
+                        break;
+                    }
+                };
+                if header.ty == SHIM_BIND {
+                    if let Some((p, g)) = netlink::shim_bind(payload) {
+                        pid = p;
+                        groups.store(g, Relaxed);
+                    }
+                    continue;
+                }
+                let req = x::Request {
+                    header,
+                    payload,
+                    bytes,
+                    pid,
+                };
+                replies.extend(self.request(&req));
+            }
+            let mut broken = false;
+            for d in pack(replies) {
+                if let Err(e) = send(raw, &d, 0) {
+                    tracing::warn!("xfrm: cannot answer a client ({e}): closing the connection");
+                    broken = true;
+                    break;
+                }
+            }
+            if broken {
+                break;
+            }
+        }
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| !Arc::ptr_eq(&c.groups, &groups));
+    }
+
+    /// One request, under the writers' lock: the reply messages.
+    fn request(&self, req: &x::Request) -> Vec<Vec<u8>> {
+        let mut plumbing = self.ctl.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.ctl.shared.state.load_full();
+        let clock = clock(&self.ctl);
+        let (msgs, refused) = match x::handle(&cur, req, clock) {
+            Outcome::Reply { msgs, refused } => (msgs, refused),
+            Outcome::Change { statements, then } => {
+                let result =
+                    cur.apply(&statements, "xfrm", clock.now)
+                        .and_then(|(next, applied)| {
+                            self.ctl
+                                .commit(&mut plumbing, &cur, next)
+                                .map(|()| applied)
+                                .map_err(|message| crate::setkey::ConfigError {
+                                    file: "xfrm".into(),
+                                    line: 1,
+                                    message,
+                                })
+                        });
+                if result.is_ok() {
+                    tracing::debug!("xfrm: {:?}", statements[0].cmd);
+                }
+                x::finish(req, &then, &result)
+            }
+        };
+        if let Some(r) = refused {
+            tracing::warn!(
+                "xfrm: refused message type {:#x} (errno {}): {}",
+                req.header.ty,
+                r.errno,
+                r.why
+            );
+        }
+        msgs
+    }
+
+    /// Send to every connection listening to `group`, without blocking.
+    fn multicast(&self, group: u32, msg: &[u8]) {
+        let bit = x::group_bit(group);
+        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if c.groups.load(Relaxed) & bit == 0 {
+                continue;
+            }
+            if send(c.fd.as_raw_fd(), msg, libc::MSG_DONTWAIT).is_err() {
+                let lost = c.lost.fetch_add(1, Relaxed);
+                if lost == 0 {
+                    tracing::warn!("xfrm: a listener is not reading: events to it are lost");
+                }
+            }
+        }
+    }
+
+    fn listening(&self, mask: u32) -> bool {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|c| c.groups.load(Relaxed) & mask != 0)
+    }
+}
+
+impl Listener for Server {
+    fn changed(&self, old: &State, new: &State) {
+        use crate::xfrm::consts::{XFRMNLGRP_POLICY, XFRMNLGRP_SA};
+        if !self.listening(x::group_bit(XFRMNLGRP_SA) | x::group_bit(XFRMNLGRP_POLICY)) {
+            return;
+        }
+        for (g, m) in x::notifications(old, new, clock(&self.ctl)) {
+            self.multicast(g, &m);
+        }
+    }
+
+    fn event(&self, state: &State, e: &Event) {
+        let seq = self.acquire_seq.fetch_add(1, Relaxed).wrapping_add(1);
+        if let Some((g, m)) = x::event(state, e, seq, clock(&self.ctl)) {
+            self.multicast(g, &m);
+        }
+    }
+}
+
+/// Wait for a server thread to end (bounded).
+pub fn join(h: std::thread::JoinHandle<()>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !h.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if h.is_finished() {
+        let _ = h.join();
+    }
+}
