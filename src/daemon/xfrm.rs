@@ -13,9 +13,9 @@
 use super::control::{self, Control, Listener};
 use crate::engine::Event;
 use crate::state::State;
+use crate::xfrm as x;
 use crate::xfrm::convert::Clock;
 use crate::xfrm::netlink::{self, SHIM_BIND, errno};
-use crate::xfrm::{self as x, Outcome};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -209,27 +209,9 @@ impl Server {
         let mut plumbing = self.ctl.plumbing.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.ctl.shared.state.load_full();
         let clock = clock(&self.ctl);
-        let (msgs, refused) = match x::handle(&cur, req, clock) {
-            Outcome::Reply { msgs, refused } => (msgs, refused),
-            Outcome::Change { statements, then } => {
-                let result =
-                    cur.apply(&statements, "xfrm", clock.now)
-                        .and_then(|(next, applied)| {
-                            self.ctl
-                                .commit(&mut plumbing, &cur, next)
-                                .map(|()| applied)
-                                .map_err(|message| crate::setkey::ConfigError {
-                                    file: "xfrm".into(),
-                                    line: 1,
-                                    message,
-                                })
-                        });
-                if result.is_ok() {
-                    tracing::debug!("xfrm: {:?}", statements[0].cmd);
-                }
-                x::finish(req, &then, &result)
-            }
-        };
+        let (msgs, refused) = x::respond(&cur, req, clock, |next| {
+            self.ctl.commit(&mut plumbing, &cur, next)
+        });
         if let Some(r) = refused {
             tracing::warn!(
                 "xfrm: refused message type {:#x} (errno {}): {}",

@@ -99,8 +99,8 @@ fn change(cmd: Command, then: Then) -> Outcome {
     }
 }
 
-/// The fixed part of a message and the attributes after it.
-fn fixed<'a>(req: &Request<'a>, min: usize) -> Result<(&'a [u8], Vec<XfrmAttrs>), Refusal> {
+/// Refuse a payload shorter than `min` bytes.
+fn need(req: &Request, min: usize) -> Result<(), Refusal> {
     if req.payload.len() < min {
         return refuse(
             EINVAL,
@@ -111,6 +111,12 @@ fn fixed<'a>(req: &Request<'a>, min: usize) -> Result<(&'a [u8], Vec<XfrmAttrs>)
             ),
         );
     }
+    Ok(())
+}
+
+/// The fixed part of a message and the attributes after it.
+fn fixed<'a>(req: &Request<'a>, min: usize) -> Result<(&'a [u8], Vec<XfrmAttrs>), Refusal> {
+    need(req, min)?;
     let start = netlink::align(min).min(req.payload.len());
     let attrs = attributes(&req.payload[start..])?;
     Ok((req.payload, attrs))
@@ -410,16 +416,16 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
             Ok(change(Command::SpdFlush, Then::Ack))
         }
         XFRM_MSG_GETSPDINFO => {
-            fixed(req, 4)?;
+            need(req, 4)?;
             Ok(reply(vec![spd_info(state, h.seq, req.pid)]))
         }
         // Hash-table thresholds of the kernel's SPD: nothing to tune here.
         XFRM_MSG_NEWSPDINFO => {
-            fixed(req, 4)?;
+            need(req, 4)?;
             Ok(ack(req))
         }
         XFRM_MSG_GETSADINFO => {
-            fixed(req, 4)?;
+            need(req, 4)?;
             Ok(reply(vec![sad_info(state, h.seq, req.pid)]))
         }
         XFRM_MSG_GETAE | XFRM_MSG_NEWAE => {
@@ -481,6 +487,35 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
             Ok(ack(req))
         }
         t => refuse(EINVAL, format!("unknown message type {t:#x}")),
+    }
+}
+
+/// Answer one request: handle it, apply its change to a copy of `state`
+/// and hand the result to `commit` (which makes it the running state, or
+/// refuses), then build the reply. Returns the reply messages and why it
+/// was refused, if it was.
+pub fn respond(
+    state: &State,
+    req: &Request,
+    clock: Clock,
+    commit: impl FnOnce(State) -> Result<(), String>,
+) -> (Vec<Vec<u8>>, Option<Refusal>) {
+    match handle(state, req, clock) {
+        Outcome::Reply { msgs, refused } => (msgs, refused),
+        Outcome::Change { statements, then } => {
+            let result = state
+                .apply(&statements, "xfrm", clock.now)
+                .and_then(|(next, applied)| {
+                    commit(next)
+                        .map(|()| applied)
+                        .map_err(|message| ConfigError {
+                            file: "xfrm".into(),
+                            line: 1,
+                            message,
+                        })
+                });
+            finish(req, &then, &result)
+        }
     }
 }
 
@@ -723,6 +758,9 @@ pub fn event(state: &State, e: &Event, seq: u32, clock: Clock) -> Option<(u32, V
                 netlink::emit(XFRM_MSG_ACQUIRE, 0, seq, 0, &msg),
             ))
         }
+        // IKE daemons rekey ESP and AH SAs; pluto 4.10 aborts on an EXPIRE
+        // for IPComp, and charon ignores it.
+        Event::SoftExpire(id) | Event::HardExpire(id) if id.proto == Proto::IpComp => None,
         Event::SoftExpire(id) | Event::HardExpire(id) => {
             let hard = matches!(e, Event::HardExpire(_));
             let state_info = match state.sad.lookup_inbound(id.dst, id.proto, id.spi) {
