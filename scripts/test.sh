@@ -52,8 +52,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 0
 fi
 missing=()
-for pair in nft:nftables ip:iproute2 ping:iputils-ping; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+for pair in nft:nftables ip:iproute2 ping:iputils-ping swanctl:strongswan-swanctl /usr/lib/ipsec/charon:strongswan-charon; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "${pair%%:*}" ] || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

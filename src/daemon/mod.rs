@@ -249,36 +249,6 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     }
     let plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
 
-    tracing::info!(
-        "tunsec {} up: {} policies, {} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}, control {}",
-        env!("CARGO_PKG_VERSION"),
-        state.spd.len(),
-        state.sad.len(),
-        inst.tun,
-        peers
-            .iter()
-            .map(|(d, _)| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        args.control.display()
-    );
-    for p in state.spd.iter() {
-        tracing::info!("policy {}: {p}", p.id);
-    }
-    for sa in state.sad.iter() {
-        let c = &sa.config;
-        tracing::info!(
-            "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
-            c.proto,
-            c.src,
-            c.dst,
-            c.spi,
-            c.enc.name(),
-            c.auth.name(),
-            c.replay
-        );
-    }
-
     let shared = Arc::new(Shared::new(state, workers));
     let listener = match control::listen(&args.control) {
         Ok(l) => l,
@@ -323,6 +293,37 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         }
         _ => None,
     };
+    // Up means ready: every socket a client may use is bound.
+    tracing::info!(
+        "tunsec {} up: {} policies, {} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}, control {}",
+        env!("CARGO_PKG_VERSION"),
+        shared.state.load().spd.len(),
+        shared.state.load().sad.len(),
+        inst.tun,
+        peers
+            .iter()
+            .map(|(d, _)| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.control.display()
+    );
+    for p in shared.state.load().spd.iter() {
+        tracing::info!("policy {}: {p}", p.id);
+    }
+    for sa in shared.state.load().sad.iter() {
+        let c = &sa.config;
+        tracing::info!(
+            "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
+            c.proto,
+            c.src,
+            c.dst,
+            c.spi,
+            c.enc.name(),
+            c.auth.name(),
+            c.replay
+        );
+    }
+
     let result = serve(&shared, &ctl, ios, signals);
     shared.stop.store(true, Relaxed);
     control::join(ctl_thread);

@@ -211,8 +211,12 @@ class Topology:
     def mac(self, ns: str, iface: str) -> str:
         return self.run(ns, "cat", f"/sys/class/net/{iface}/address").stdout.strip()
 
-    def daemon(self, ns: str, config: Path, tun: str = TUN, control: Path | None = None) -> "Daemon":
-        d = Daemon(self, ns, config, tun, control or self.workdir / f"{ns}-{tun}.sock")
+    def daemon(self, ns: str, config: Path | None, tun: str = TUN, control: Path | None = None,
+               xfrm: bool = False) -> "Daemon":
+        """A tunsec daemon; with `xfrm`, serving XFRM netlink at
+        WORKDIR/NS-TUN.xfrm (Daemon.xfrm)."""
+        d = Daemon(self, ns, config, tun, control or self.workdir / f"{ns}-{tun}.sock",
+                   self.workdir / f"{ns}-{tun}.xfrm" if xfrm else None)
         self.daemons.append(d)
         return d
 
@@ -311,15 +315,19 @@ class Daemon:
     """`ip netns exec NS tunsec run --config C --tun T --control S`, logging
     to a file (RUST_LOG=info, no colours)."""
 
-    def __init__(self, topo: Topology, ns: str, config: Path, tun: str, control: Path):
+    def __init__(self, topo: Topology, ns: str, config: Path | None, tun: str, control: Path,
+                 xfrm: Path | None = None):
         self.topo, self.ns, self.config, self.tun, self.control = topo, ns, config, tun, control
+        self.xfrm = xfrm
         self.p: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.starts = 0
 
     def argv(self, *extra: str) -> list[str]:
-        return [str(tunsec_bin()), "run", "--config", str(self.config), "--tun", self.tun,
-                "--control", str(self.control), *extra]
+        config = ["--config", str(self.config)] if self.config else []
+        xfrm = ["--xfrm", str(self.xfrm)] if self.xfrm else []
+        return [str(tunsec_bin()), "run", *config, "--tun", self.tun, "--control", str(self.control), *xfrm,
+                *extra]
 
     def start(self, timeout: float = 15) -> "Daemon":
         assert self.p is None or self.p.poll() is not None, "already running"
