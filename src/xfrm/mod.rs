@@ -235,7 +235,9 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
         XFRM_MSG_DELSA | XFRM_MSG_GETSA => {
             let (p, _) = fixed(req, USERSA_ID)?;
             let id = parsed(UserSaId::parse(p), "xfrm_usersa_id")?;
-            let dst = convert::addr(id.family, &id.daddr)?;
+            // As the kernel's lookup: no SA of an unknown family exists.
+            let dst = convert::addr(id.family, &id.daddr)
+                .or_else(|_| refuse(ESRCH, format!("no SA of address family {}", id.family)))?;
             let Some(proto) = convert::proto_of(id.proto) else {
                 return refuse(ESRCH, format!("no SA of protocol {}", id.proto));
             };
