@@ -22,7 +22,9 @@ def available() -> bool:
 
 class Charon:
     def __init__(self, topo: Topology, ns: str, xfrm: Path, local: str, remote: str, children: str,
-                 name: str):
+                 name: str, extra: str = "", extra_secrets: str = ""):
+        """`extra` adds connections (inside `connections`), `extra_secrets`
+        secrets."""
         self.topo, self.ns, self.name = topo, ns, name
         self.dir = topo.workdir / f"charon-{name}"
         self.dir.mkdir(exist_ok=True)
@@ -34,6 +36,8 @@ class Charon:
   install_virtual_ip = no
   install_routes = no
   filelog {{ log {{ path = {self.log}
+                  time_format = %s
+                  time_add_ms = yes
                   default = 1
                   knl = 2
                   flush_line = yes }} }}
@@ -52,10 +56,14 @@ class Charon:
            id = {remote} }}
   children {{
 {children}
-  }} }} }}
+  }} }}
+{extra}
+}}
 secrets {{ ike-1 {{ id-1 = {local}
                   id-2 = {remote}
-                  secret = "a test secret, not a real one" }} }}
+                  secret = "a test secret, not a real one" }}
+{extra_secrets}
+}}
 """)
         sh = f"mount -t tmpfs -o mode=0755 tmpfs /run && exec {CHARON}"
         self.proc = topo.spawn(ns, [str(tunsec_bin()), "ike", "--xfrm", str(xfrm), "--", "unshare", "--mount",
@@ -66,6 +74,15 @@ secrets {{ ike-1 {{ id-1 = {local}
             assert self.proc.alive(), f"charon {name} exited:\n{self.proc.stderr()}\n{self.logtext()}"
             assert time.monotonic() < end, f"charon {name} has no vici socket:\n{self.logtext()}"
             time.sleep(0.05)
+
+    def events(self, pattern: str) -> list[tuple[float, str]]:
+        """Log lines matching `pattern`, with their times (Unix seconds)."""
+        out = []
+        for line in self.logtext().splitlines():
+            m = re.match(r"^(\d+\.\d+) (.*)$", line)
+            if m and re.search(pattern, m[2]):
+                out.append((float(m[1]), m[2]))
+        return out
 
     def logtext(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

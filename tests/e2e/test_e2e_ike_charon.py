@@ -30,6 +30,9 @@ CHILDREN = {
     "ah": ("tcp/5003", "ah_proposals = sha256"),
     "esn": ("tcp/5004", "esp_proposals = aes128gcm16-esn"),
     "short": ("tcp/5006", "esp_proposals = aes128gcm16\n rekey_time = 4s\n life_time = 30s\n rand_time = 0s"),
+    # Everything between the two hosts: IKE itself matches it, and must
+    # still leave in the clear.
+    "all": ("", "esp_proposals = aes128gcm16"),
 }
 
 
@@ -38,9 +41,11 @@ def children(local: str, remote: str, trap: bool) -> str:
     for name, (port, opts) in CHILDREN.items():
         proto = port.split("/")[0]
         # A connects to B's port: on B the port is local.
-        lp, rp = (proto, port) if trap else (port, proto)
-        out.append(f"""   {name} {{ local_ts = {local}/32[{lp}]
-     remote_ts = {remote}/32[{rp}]
+        lp, rp = (f"[{proto}]", f"[{port}]") if port else ("", "")
+        if not trap:
+            lp, rp = rp, lp
+        out.append(f"""   {name} {{ local_ts = {local}/32{lp}
+     remote_ts = {remote}/32{rp}
      mode = transport
      {opts}
      start_action = none }}""")
@@ -159,6 +164,14 @@ def test_soft_expire_from_tunsec_makes_charon_rekey(net):
     assert "creating rekey job for CHILD_SA" in log, log[-3000:]
     now = net.ca.installed("short")
     assert now["out"] != first["out"], (first, now)
+    # The timings: installed, soft EXPIRE from tunsec, rekeyed.
+    for c in (net.ca, net.cb):
+        up = c.events(r"CHILD_SA short\{\d+\} established")
+        exp = c.events(r"creating rekey job for CHILD_SA")
+        if up and exp:
+            later = [t for t, _ in up if t > exp[0][0]]
+            print(f"charon {c.name}: soft EXPIRE {exp[0][0] - up[0][0]:.3f} s after install (rekey_time 4 s)"
+                  + (f", new CHILD_SA {1000 * (later[0] - exp[0][0]):.0f} ms later" if later else ""))
 
 
 def test_trap_child_comes_up_on_the_first_packet(net):
@@ -173,6 +186,23 @@ def test_trap_child_comes_up_on_the_first_packet(net):
     c = net.ca.installed("trap")
     assert c["out"] in spis(setkey_dump(net.da, "-D"))
     assert "received a XFRM_MSG_ACQUIRE" in net.ca.logtext()
+
+
+def test_ike_itself_bypasses_a_child_that_covers_all_traffic(net):
+    net.ca.initiate("all")
+    c = net.ca.installed("all")
+    cap = Capture(net, net.a, IFACE_A, net.workdir / "all.pcap")
+    tx, rx = tcp_transfer_start(net, net.a, net.b, B4, 5301, nbytes=2_000_000)
+    tcp_transfer_check(tx, rx, 2_000_000)
+    # IKE (UDP 500/4500) matches the child's selectors but goes out, and
+    # comes in, in the clear: an IKE rekey completes.
+    out = net.ca.swanctl("--rekey", "--ike", "host")
+    assert "rekey completed successfully" in out, out
+    cap.stop()
+    pkts = ip_packets(net.workdir / "all.pcap")
+    assert c["out"] in {p.payload[:4].hex() for p in pkts if p.proto == 50 and p.src == A4}
+    ike = [p for p in pkts if p.proto == 17 and p.payload[2:4] in (b"\x01\xf4", b"\x11\x94")]
+    assert {p.src for p in ike} == {A4, B4}, "IKE both ways in the clear"
 
 
 def test_terminate_leaves_tunsec_as_before(net):
