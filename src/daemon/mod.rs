@@ -476,7 +476,7 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) -> bool {
             if due {
                 acquires.insert(key, Instant::now());
                 tracing::warn!(
-                    "ACQUIRE policy {policy}: no usable {proto} SA {src} -> {dst}{}; packets are dropped",
+                    "ACQUIRE policy {policy}: no usable {proto} SA {src} -> {dst}{}; packets wait up to 1 s for it, then are dropped",
                     reqid.map(|r| format!(" reqid {r}")).unwrap_or_default()
                 );
             }

@@ -8,6 +8,8 @@
 //! of adjacent slices, so that a noisy neighbour slows both sides of a pair
 //! alike.
 
+pub mod peers;
+
 use crate::buf::PacketBuf;
 use crate::crypto::{Auth, Cipher};
 use crate::engine::{self, Verdict, Worker};
@@ -36,6 +38,10 @@ pub struct Args {
     /// Only transforms whose name contains one of these.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Instead: the cost of the number of peers (e.g. 1,100,1000,10000):
+    /// per packet, per SA and policy change, loading, memory.
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<usize>,
 }
 
 /// A benchmarked transform: the setkey SAs and the bundle.
@@ -544,6 +550,9 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if !args.peers.is_empty() {
+        return peers::run(&args.peers, args.json, args.rounds.min(7));
+    }
     let d = Duration::from_millis(args.millis);
     let mut results = Vec::new();
     let cpu = cpu_features();

@@ -1,0 +1,306 @@
+//! `tunsec bench --peers 1,100,1000,10000`: what the number of peers costs.
+//! One host (10.0.0.1, fd00::1) with N peers, each with an `out` and an
+//! `in` policy and ESP aes-gcm-16 SAs both ways, as a server keyed by an
+//! IKE daemon for each client is. Per N it measures:
+//! - loading the setkey text (parse and apply, 4 statements a peer);
+//! - ns per packet outbound and inbound, 100-byte UDP, flows interleaved
+//!   (packet k goes to, or comes from, peer k mod N);
+//! - µs to add, update and delete one SA, and to add and delete one
+//!   policy, on the state with N peers (the engine's share: the daemon's
+//!   routes and nftables come on top);
+//! - memory per peer (resident set before and after loading).
+
+use crate::buf::PacketBuf;
+use crate::engine::{self, Verdict, Worker};
+use crate::state::State;
+use anyhow::{Result, bail};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "0x00112233445566778899aabbccddeeff00112233";
+
+/// The local host and peer `i` of a family.
+pub fn addrs(v6: bool, i: usize) -> (IpAddr, IpAddr) {
+    if v6 {
+        (
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                1,
+                0,
+                0,
+                0,
+                0,
+                (i >> 16) as u16,
+                i as u16 + 1,
+            )),
+        )
+    } else {
+        let p = 0x0a80_0001u32 + i as u32;
+        (
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            IpAddr::V4(Ipv4Addr::from(p)),
+        )
+    }
+}
+
+fn spi(i: usize, inbound: bool) -> u32 {
+    0x1_0000 + 2 * i as u32 + inbound as u32
+}
+
+/// The setkey text of the local host (`mirror`: of the peers, so that
+/// their outbound is our inbound). ICMP is bypassed first, as in the seed.
+pub fn config(n: usize, v6: bool, mirror: bool) -> String {
+    let mut s = String::with_capacity(n * 300);
+    let icmp = if v6 { "icmp6" } else { "icmp" };
+    let any = if v6 { "::/0" } else { "0.0.0.0/0" };
+    for d in ["out", "in"] {
+        writeln!(s, "spdadd {any} {any} {icmp} -P {d} priority 10 none;").unwrap();
+    }
+    for i in 0..n {
+        let (l, p) = addrs(v6, i);
+        let (me, peer) = if mirror { (p, l) } else { (l, p) };
+        // -r 0: the inbound loop replays its pool of packets.
+        writeln!(
+            s,
+            "add {l} {p} esp {:#x} -r 0 -E aes-gcm-16 {KEY};",
+            spi(i, false)
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "add {p} {l} esp {:#x} -r 0 -E aes-gcm-16 {KEY};",
+            spi(i, true)
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "spdadd {me} {peer} any -P out ipsec esp/transport//require;"
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "spdadd {peer} {me} any -P in ipsec esp/transport//require;"
+        )
+        .unwrap();
+    }
+    s
+}
+
+/// A 100-byte UDP packet from `src` to `dst`.
+fn udp(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    let mut b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut p = vec![0u8; 100];
+            p[0] = 0x45;
+            p[8] = 64;
+            p[9] = 17;
+            p[12..16].copy_from_slice(&s.octets());
+            p[16..20].copy_from_slice(&d.octets());
+            p
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = vec![0u8; 100];
+            p[0] = 0x60;
+            p[6] = 17;
+            p[7] = 64;
+            p[8..24].copy_from_slice(&s.octets());
+            p[24..40].copy_from_slice(&d.octets());
+            p
+        }
+        _ => unreachable!(),
+    };
+    let l4 = if src.is_ipv4() { 20 } else { 40 };
+    b[l4..l4 + 2].copy_from_slice(&4000u16.to_be_bytes());
+    b[l4 + 2..l4 + 4].copy_from_slice(&5000u16.to_be_bytes());
+    crate::packet::fix_lengths(&mut b);
+    b
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+/// ns per packet of `f` over the pool, median of `rounds` passes.
+fn per_packet(pool: &[Vec<u8>], rounds: usize, mut f: impl FnMut(&mut PacketBuf)) -> f64 {
+    let mut buf = PacketBuf::new();
+    let mut v = Vec::new();
+    let passes = (200_000 / pool.len()).max(1);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..passes {
+            for p in pool {
+                buf.load(p);
+                f(&mut buf);
+            }
+        }
+        v.push(t.elapsed().as_nanos() as f64 / (passes * pool.len()) as f64);
+    }
+    median(v)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// µs per application of `text(k)` to `state`, median over `ops`.
+fn op_us(state: &State, ops: usize, text: impl Fn(usize) -> String) -> Result<f64> {
+    let mut v = Vec::new();
+    for k in 0..ops {
+        let p = crate::setkey::parse(&text(k), "op")?;
+        let t = Instant::now();
+        let r = state.apply(&p.statements, "op", Duration::ZERO);
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+        if let Err(e) = r {
+            bail!("{e}");
+        }
+    }
+    Ok(median(v))
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct PeersRow {
+    pub family: &'static str,
+    pub peers: usize,
+    pub load_secs: f64,
+    pub out_ns: f64,
+    pub in_ns: f64,
+    pub sa_add_us: f64,
+    pub sa_update_us: f64,
+    pub sa_delete_us: f64,
+    pub policy_add_us: f64,
+    pub policy_delete_us: f64,
+    pub bytes_per_peer: f64,
+}
+
+pub fn measure(n: usize, v6: bool, rounds: usize) -> Result<PeersRow> {
+    let text = config(n, v6, false);
+    let rss0 = rss_kib();
+    let t = Instant::now();
+    let (state, _, _) = State::default().apply_text(&text, "peers", Duration::ZERO)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let rss1 = rss_kib();
+    let (mirror, _, _) =
+        State::default().apply_text(&config(n, v6, true), "mirror", Duration::ZERO)?;
+    let pool_len = n.max(256);
+    let out_pool: Vec<Vec<u8>> = (0..pool_len)
+        .map(|k| {
+            let (l, p) = addrs(v6, k % n);
+            udp(l, p)
+        })
+        .collect();
+    // What the peers send us: sealed by the mirror state.
+    let mut w = Worker::new([7; 32]);
+    let mut in_pool = Vec::with_capacity(pool_len);
+    let mut buf = PacketBuf::new();
+    for k in 0..pool_len {
+        let (l, p) = addrs(v6, k % n);
+        buf.load(&udp(p, l));
+        match engine::outbound(&mirror, &mut w, &mut buf, Duration::ZERO) {
+            Verdict::Forward => in_pool.push(buf.data().to_vec()),
+            v => bail!("the mirror did not seal a packet from {p}: {v:?}"),
+        }
+    }
+    let mut w = Worker::new([8; 32]);
+    let out_ns = per_packet(&out_pool, rounds, |b| {
+        let v = engine::outbound(&state, &mut w, b, Duration::ZERO);
+        debug_assert!(matches!(v, Verdict::Forward));
+    });
+    let in_ns = per_packet(&in_pool, rounds, |b| {
+        let v = engine::inbound(&state, &mut w, b, Duration::ZERO);
+        debug_assert!(matches!(v, Verdict::Forward));
+    });
+    if w.counters.total_drops() != 0 {
+        bail!("packets were dropped: {:?}", w.counters);
+    }
+    let (l, _) = addrs(v6, 0);
+    let fresh = |k: usize| addrs(v6, n + 1 + k).1;
+    let ops = 50;
+    let sa_add_us = op_us(&state, ops, |k| {
+        format!("add {l} {} esp 0x9{k:07x} -E aes-gcm-16 {KEY};", fresh(k))
+    })?;
+    let (_, p0) = addrs(v6, n / 2);
+    let sa_update_us = op_us(&state, ops, |_| {
+        format!(
+            "update {l} {p0} esp {:#x} -E aes-gcm-16 {KEY};",
+            spi(n / 2, false)
+        )
+    })?;
+    let sa_delete_us = op_us(&state, ops, |_| {
+        format!("delete {l} {p0} esp {:#x};", spi(n / 2, false))
+    })?;
+    let policy_add_us = op_us(&state, ops, |k| {
+        format!(
+            "spdadd {l} {} any -P out ipsec esp/transport//require;",
+            fresh(k)
+        )
+    })?;
+    let policy_delete_us = op_us(&state, ops, |_| format!("spddelete {l} {p0} any -P out;"))?;
+    Ok(PeersRow {
+        family: if v6 { "ipv6" } else { "ipv4" },
+        peers: n,
+        load_secs,
+        out_ns,
+        in_ns,
+        sa_add_us,
+        sa_update_us,
+        sa_delete_us,
+        policy_add_us,
+        policy_delete_us,
+        bytes_per_peer: (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
+    })
+}
+
+pub fn run(peers: &[usize], json: bool, rounds: usize) -> Result<()> {
+    let mut rows = Vec::new();
+    if !json {
+        println!(
+            "{:<5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            "",
+            "peers",
+            "load s",
+            "out ns",
+            "in ns",
+            "SA add",
+            "SA upd",
+            "SA del",
+            "pol add",
+            "pol del",
+            "B/peer"
+        );
+    }
+    for v6 in [false, true] {
+        for &n in peers {
+            if n == 0 {
+                bail!("--peers: give numbers of peers from 1");
+            }
+            let r = measure(n, v6, rounds)?;
+            if !json {
+                println!(
+                    "{:<5} {:>6} {:>8.3} {:>8.0} {:>8.0} {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>9.0}",
+                    r.family,
+                    r.peers,
+                    r.load_secs,
+                    r.out_ns,
+                    r.in_ns,
+                    r.sa_add_us,
+                    r.sa_update_us,
+                    r.sa_delete_us,
+                    r.policy_add_us,
+                    r.policy_delete_us,
+                    r.bytes_per_peer
+                );
+            }
+            rows.push(r);
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "peers": rows }));
+    }
+    Ok(())
+}
