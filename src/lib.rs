@@ -13,6 +13,7 @@ pub mod bench;
 pub mod buf;
 pub mod client;
 pub mod control;
+pub mod cowmap;
 pub mod crypto;
 pub mod daemon;
 pub mod engine;

@@ -7,9 +7,9 @@
 //! workers can share it through an `Arc` while the database itself is an
 //! immutable snapshot replaced as a whole when keys change.
 
+use crate::cowmap::CowMap;
 use crate::crypto::{Auth, AuthAlg, Cipher, EncAlg, KeyError};
 use crate::replay::{ReplayError, ReplayWindow};
-use rustc_hash::FxHashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -430,15 +430,16 @@ impl std::hash::Hash for SpiKey {
     }
 }
 
-/// The SAD: an immutable snapshot, cheap to clone (SAs are shared).
+/// The SAD: an immutable snapshot, cheap to clone (its maps are
+/// copy-on-write, SAs are shared), changed at the cost of the change.
 #[derive(Debug, Clone, Default)]
 pub struct Sad {
     /// Inbound index: (dst, proto, SPI or wire CPI).
-    by_spi: FxHashMap<SpiKey, Arc<Sa>>,
+    by_spi: CowMap<SpiKey, Arc<Sa>>,
     /// Outbound index: (src, dst, proto), newest last.
-    by_pair: FxHashMap<(IpAddr, IpAddr, Proto), Vec<Arc<Sa>>>,
+    by_pair: CowMap<(IpAddr, IpAddr, Proto), Vec<Arc<Sa>>>,
     /// SPIs reserved by `getspi` (larval SAs): source and expiry time.
-    larval: FxHashMap<SpiKey, (IpAddr, Duration)>,
+    larval: CowMap<SpiKey, (IpAddr, Duration)>,
     next_serial: u64,
 }
 
@@ -524,8 +525,7 @@ impl Sad {
         let sa = Arc::new(Sa::new(config, now, self.next_serial)?);
         self.by_spi.insert(key, sa.clone());
         self.by_pair
-            .entry((sa.config.src, sa.config.dst, sa.config.proto))
-            .or_default()
+            .entry_or_default((sa.config.src, sa.config.dst, sa.config.proto))
             .push(sa.clone());
         Ok(sa)
     }
@@ -540,10 +540,11 @@ impl Sad {
     fn remove(&mut self, sa: &Arc<Sa>) {
         let c = &sa.config;
         self.by_spi.remove(&SpiKey(c.dst, c.proto, c.wire_spi()));
-        if let Some(v) = self.by_pair.get_mut(&(c.src, c.dst, c.proto)) {
+        let key = (c.src, c.dst, c.proto);
+        if let Some(v) = self.by_pair.get_mut(&key) {
             v.retain(|x| !Arc::ptr_eq(x, sa));
             if v.is_empty() {
-                self.by_pair.remove(&(c.src, c.dst, c.proto));
+                self.by_pair.remove(&key);
             }
         }
     }

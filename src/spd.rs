@@ -4,6 +4,7 @@
 //! more specific selector wins (longer prefixes, a protocol, ports); then
 //! the policy added first.
 
+use crate::cowmap::CowMap;
 use crate::sad::Proto;
 use std::fmt;
 use std::net::IpAddr;
@@ -245,12 +246,39 @@ impl fmt::Display for Policy {
     }
 }
 
-/// The SPD: an immutable snapshot, cheap to clone.
+/// The order policies are evaluated in: a lower key decides first.
+type Rank = (u32, std::cmp::Reverse<u32>, u64);
+
+#[inline]
+fn rank(p: &Policy) -> Rank {
+    (
+        p.priority,
+        std::cmp::Reverse(p.selector.specificity()),
+        p.id,
+    )
+}
+
+/// Policies of one index bucket, in evaluation order.
+type Bucket = Vec<Arc<Policy>>;
+
+/// The SPD: an immutable snapshot, cheap to clone and changed at the cost
+/// of the change. Policies are indexed by their selector's host
+/// addresses, as Linux keeps its `bydst` hashes beside "inexact" lists:
+/// both addresses hosts by (dir, src, dst), only the destination a host
+/// by (dir, dst), only the source by (dir, src), and the rest (subnets,
+/// catch-alls: few) in one ordered list per direction. A lookup takes the
+/// first match of each of the three buckets and of the inexact list and
+/// keeps the one that comes first in evaluation order, which is the
+/// ordered scan's answer without the scan.
 #[derive(Debug, Clone, Default)]
 pub struct Spd {
-    /// Sorted by (priority, specificity descending, id).
-    policies: Vec<Arc<Policy>>,
+    pairs: CowMap<(Dir, IpAddr, IpAddr), Bucket>,
+    dsts: CowMap<(Dir, IpAddr), Bucket>,
+    srcs: CowMap<(Dir, IpAddr), Bucket>,
+    inexact: [Arc<Bucket>; 3],
+    by_selector: CowMap<(Dir, Selector), Arc<Policy>>,
     next_id: u64,
+    version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -270,19 +298,76 @@ fn describe(s: &Selector) -> String {
     d
 }
 
+fn dir_index(d: Dir) -> usize {
+    match d {
+        Dir::In => 0,
+        Dir::Out => 1,
+        Dir::Fwd => 2,
+    }
+}
+
+fn bucket_insert(v: &mut Bucket, p: Arc<Policy>) {
+    let r = rank(&p);
+    let at = v.partition_point(|q| rank(q) < r);
+    v.insert(at, p);
+}
+
+/// The first policy of `v` (in order) that matches `flow`, if it comes
+/// before `best`.
+#[inline]
+fn first_match<'a>(v: &'a Bucket, flow: &Flow, best: &mut Option<&'a Arc<Policy>>) {
+    for p in v {
+        if best.is_some_and(|b| rank(p) > rank(b)) {
+            return;
+        }
+        if p.selector.matches(flow) {
+            *best = Some(p);
+            return;
+        }
+    }
+}
+
 impl Spd {
     pub fn len(&self) -> usize {
-        self.policies.len()
+        self.by_selector.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
+        self.by_selector.is_empty()
     }
 
-    fn position(&self, dir: Dir, sel: &Selector) -> Option<usize> {
-        self.policies
-            .iter()
-            .position(|p| p.dir == dir && p.selector == *sel)
+    /// Changes with every change to this SPD (and only then).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Apply `f` to the bucket `p` belongs in.
+    fn with_bucket(&mut self, p: &Policy, f: impl FnOnce(&mut Bucket)) {
+        let (s, d) = (&p.selector.src, &p.selector.dst);
+        match (s.is_host(), d.is_host()) {
+            (true, true) => {
+                let k = (p.dir, s.addr, d.addr);
+                f(self.pairs.entry_or_default(k));
+                if self.pairs.get(&k).is_some_and(|v| v.is_empty()) {
+                    self.pairs.remove(&k);
+                }
+            }
+            (false, true) => {
+                let k = (p.dir, d.addr);
+                f(self.dsts.entry_or_default(k));
+                if self.dsts.get(&k).is_some_and(|v| v.is_empty()) {
+                    self.dsts.remove(&k);
+                }
+            }
+            (true, false) => {
+                let k = (p.dir, s.addr);
+                f(self.srcs.entry_or_default(k));
+                if self.srcs.get(&k).is_some_and(|v| v.is_empty()) {
+                    self.srcs.remove(&k);
+                }
+            }
+            (false, false) => f(Arc::make_mut(&mut self.inexact[dir_index(p.dir)])),
+        }
     }
 
     fn insert(
@@ -293,6 +378,7 @@ impl Spd {
         action: Action,
     ) -> Arc<Policy> {
         self.next_id += 1;
+        self.version += 1;
         let p = Arc::new(Policy {
             dir,
             selector,
@@ -301,15 +387,16 @@ impl Spd {
             id: self.next_id,
             used: Default::default(),
         });
-        self.policies.push(p.clone());
-        self.policies.sort_by_key(|p| {
-            (
-                p.priority,
-                std::cmp::Reverse(p.selector.specificity()),
-                p.id,
-            )
-        });
+        self.by_selector.insert((dir, selector), p.clone());
+        self.with_bucket(&p, |v| bucket_insert(v, p.clone()));
         p
+    }
+
+    fn remove(&mut self, dir: Dir, sel: &Selector) -> Option<Arc<Policy>> {
+        let p = self.by_selector.remove(&(dir, *sel))?;
+        self.version += 1;
+        self.with_bucket(&p, |v| v.retain(|q| q.id != p.id));
+        Some(p)
     }
 
     /// setkey `spdadd`: fails if a policy with the same selector and
@@ -321,7 +408,7 @@ impl Spd {
         priority: u32,
         action: Action,
     ) -> Result<Arc<Policy>, SpdError> {
-        if self.position(dir, &selector).is_some() {
+        if self.by_selector.contains_key(&(dir, selector)) {
             return Err(SpdError::Exists(describe(&selector), dir.name()));
         }
         Ok(self.insert(dir, selector, priority, action))
@@ -335,35 +422,54 @@ impl Spd {
         priority: u32,
         action: Action,
     ) -> Arc<Policy> {
-        if let Some(i) = self.position(dir, &selector) {
-            self.policies.remove(i);
-        }
+        self.remove(dir, &selector);
         self.insert(dir, selector, priority, action)
     }
 
     /// setkey `spddelete`.
     pub fn delete(&mut self, dir: Dir, selector: &Selector) -> Result<Arc<Policy>, SpdError> {
-        match self.position(dir, selector) {
-            Some(i) => Ok(self.policies.remove(i)),
-            None => Err(SpdError::NotFound(describe(selector), dir.name())),
-        }
+        self.remove(dir, selector)
+            .ok_or_else(|| SpdError::NotFound(describe(selector), dir.name()))
+    }
+
+    /// The policy for (dir, selector), if there is one.
+    pub fn get(&self, dir: Dir, selector: &Selector) -> Option<&Arc<Policy>> {
+        self.by_selector.get(&(dir, *selector))
     }
 
     pub fn flush(&mut self) {
-        self.policies.clear();
+        let (next_id, version) = (self.next_id, self.version + 1);
+        *self = Spd {
+            next_id,
+            version,
+            ..Spd::default()
+        };
     }
 
-    /// The policy that decides for `flow` in direction `dir`.
+    /// The policy that decides for `flow` in direction `dir`: the first in
+    /// evaluation order whose selector matches.
     #[inline]
     pub fn lookup(&self, dir: Dir, flow: &Flow) -> Option<&Arc<Policy>> {
-        self.policies
-            .iter()
-            .find(|p| p.dir == dir && p.selector.matches(flow))
+        let mut best = None;
+        if let Some(v) = self.pairs.get(&(dir, flow.src, flow.dst)) {
+            first_match(v, flow, &mut best);
+        }
+        if let Some(v) = self.dsts.get(&(dir, flow.dst)) {
+            first_match(v, flow, &mut best);
+        }
+        if let Some(v) = self.srcs.get(&(dir, flow.src)) {
+            first_match(v, flow, &mut best);
+        }
+        first_match(&self.inexact[dir_index(dir)], flow, &mut best);
+        best
     }
 
-    /// All policies in evaluation order.
+    /// All policies in evaluation order (sorted on each call: for dumps
+    /// and plumbing, not packets).
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
-        self.policies.iter()
+        let mut v: Vec<&Arc<Policy>> = self.by_selector.values().collect();
+        v.sort_by_key(|p| rank(p));
+        v.into_iter()
     }
 }
 

@@ -171,3 +171,113 @@ proptest! {
         prop_assert!(matches!(engine::inbound(&b, &mut wb, &mut buf, Duration::ZERO), Verdict::Drop(_)));
     }
 }
+
+mod spd_index {
+    use proptest::prelude::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use tunsec::spd::{Action, Dir, Flow, Prefix, Selector, Spd};
+
+    /// Addresses from a small pool, so that selectors and flows meet.
+    fn addr(i: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, i / 4, i % 4))
+    }
+
+    fn prefix() -> impl Strategy<Value = Prefix> {
+        (
+            0u8..16,
+            prop_oneof![Just(32u8), Just(32), Just(30), Just(24), Just(0)],
+        )
+            .prop_map(|(a, l)| Prefix::new(addr(a), l).unwrap())
+    }
+
+    fn selector() -> impl Strategy<Value = Selector> {
+        (
+            prefix(),
+            prefix(),
+            prop::option::of(prop_oneof![Just(6u8), Just(17), Just(1)]),
+            prop::option::of(0u16..3),
+            prop::option::of(0u16..3),
+        )
+            .prop_map(|(src, dst, proto, sport, dport)| Selector {
+                src,
+                dst,
+                proto,
+                sport: proto.and(sport),
+                dport: proto.and(dport),
+            })
+    }
+
+    fn dir() -> impl Strategy<Value = Dir> {
+        prop_oneof![Just(Dir::In), Just(Dir::Out), Just(Dir::Fwd)]
+    }
+
+    fn flow() -> impl Strategy<Value = Flow> {
+        (
+            0u8..16,
+            0u8..16,
+            prop_oneof![Just(6u8), Just(17), Just(1), Just(50)],
+            0u16..3,
+            0u16..3,
+        )
+            .prop_map(|(s, d, proto, a, b)| Flow {
+                src: addr(s),
+                dst: addr(d),
+                proto,
+                ports: (proto != 50).then_some((a, b)),
+            })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(Dir, Selector, u32),
+        Update(Dir, Selector, u32),
+        Delete(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (dir(), selector(), 0u32..4).prop_map(|(d, s, p)| Op::Add(d, s, p)),
+            1 => (dir(), selector(), 0u32..4).prop_map(|(d, s, p)| Op::Update(d, s, p)),
+            1 => (0usize..64).prop_map(Op::Delete),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The indexed lookup decides as the ordered scan over the
+        /// policies in evaluation order does, after any adds, updates and
+        /// deletes, and an older snapshot keeps deciding as it did.
+        #[test]
+        fn indexed_lookup_is_the_ordered_scan(ops in prop::collection::vec(op(), 1..60),
+                                              flows in prop::collection::vec((dir(), flow()), 1..40)) {
+            let mut spd = Spd::default();
+            let mut snapshots = Vec::new();
+            for (n, o) in ops.iter().enumerate() {
+                let act = if n % 3 == 0 { Action::Bypass } else { Action::Discard };
+                match o {
+                    Op::Add(d, s, p) => { let _ = spd.add(*d, *s, *p, act); }
+                    Op::Update(d, s, p) => { spd.update(*d, *s, *p, act); }
+                    Op::Delete(i) => {
+                        let victim = spd.iter().nth(*i).map(|p| (p.dir, p.selector));
+                        if let Some((d, s)) = victim {
+                            spd.delete(d, &s).unwrap();
+                        }
+                    }
+                }
+                if n % 10 == 0 {
+                    let decided: Vec<_> = flows.iter().map(|(d, f)| spd.lookup(*d, f).map(|p| p.id)).collect();
+                    snapshots.push((spd.clone(), decided));
+                }
+            }
+            for (d, f) in &flows {
+                let scan = spd.iter().find(|p| p.dir == *d && p.selector.matches(f)).map(|p| p.id);
+                prop_assert_eq!(spd.lookup(*d, f).map(|p| p.id), scan, "{:?} {:?}", d, f);
+            }
+            for (snap, decided) in snapshots {
+                let now: Vec<_> = flows.iter().map(|(d, f)| snap.lookup(*d, f).map(|p| p.id)).collect();
+                prop_assert_eq!(now, decided);
+            }
+        }
+    }
+}

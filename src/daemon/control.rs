@@ -358,11 +358,7 @@ impl Control {
         cur: &Arc<State>,
         next: State,
     ) -> Result<(), String> {
-        let spd_changed = cur
-            .spd
-            .iter()
-            .map(|p| p.id)
-            .ne(next.spd.iter().map(|p| p.id));
+        let spd_changed = cur.spd.version() != next.spd.version();
         if spd_changed && let Err(e) = plumbing.update(&next) {
             return Err(format!("policies not applied: {e:#}"));
         }
