@@ -8,6 +8,7 @@
 //! `bench`, the `run` daemon) are thin shells around the engine's
 //! [`engine::outbound`] and [`engine::inbound`].
 
+pub mod acquire;
 pub mod ah;
 pub mod bench;
 pub mod buf;

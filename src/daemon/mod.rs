@@ -15,7 +15,6 @@ use crate::sad::Expiry;
 use crate::state::State;
 use anyhow::{Context, Result, bail};
 use plumbing::Instance;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -400,7 +399,7 @@ fn serve(
                 .spawn(move || workers::run(i, s, io, seed))?,
         );
     }
-    let mut acquires: HashMap<String, Instant> = HashMap::new();
+    let mut acquires = crate::acquire::Pending::default();
     let mut last_tick = Instant::now();
     while !term.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -409,20 +408,20 @@ fn serve(
             tracing::info!("counters: {}", describe_counters(&c, &io));
         }
         if ctl.changed.swap(false, Relaxed) {
-            // New SAs or policies may resolve what was acquired.
-            acquires.clear();
+            // A new outbound SA may resolve what was acquired.
+            acquires.resolve(&shared.state.load());
         }
         let events: Vec<Event> =
             std::mem::take(&mut *shared.events.lock().unwrap_or_else(|e| e.into_inner()));
         for e in events {
-            if report(e, &mut acquires) {
+            if report(e, &mut acquires, shared.now()) {
                 ctl.broadcast(&e);
             }
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             for e in expire(shared, ctl) {
-                report(e, &mut acquires);
+                report(e, &mut acquires, shared.now());
                 ctl.broadcast(&e);
             }
         }
@@ -454,12 +453,9 @@ fn stop_workers(
     }
 }
 
-/// How long an ACQUIRE stays pending before it is raised again.
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Log an event and say whether to pass it on: an ACQUIRE goes out once per
-/// (policy, selector) until a change resolves it or it times out.
-fn report(e: Event, acquires: &mut HashMap<String, Instant>) -> bool {
+/// Log an event and say whether to pass it on: an ACQUIRE goes out once
+/// until an SA resolves it or it times out (`crate::acquire`).
+fn report(e: Event, acquires: &mut crate::acquire::Pending, now: Duration) -> bool {
     match e {
         Event::Acquire {
             policy,
@@ -469,12 +465,8 @@ fn report(e: Event, acquires: &mut HashMap<String, Instant>) -> bool {
             reqid,
             ..
         } => {
-            let key = format!("{policy} {src} {dst} {proto}");
-            let due = acquires
-                .get(&key)
-                .is_none_or(|t| t.elapsed() >= ACQUIRE_TIMEOUT);
+            let due = acquires.raise(&e, now);
             if due {
-                acquires.insert(key, Instant::now());
                 tracing::warn!(
                     "ACQUIRE policy {policy}: no usable {proto} SA {src} -> {dst}{}; packets wait up to 1 s for it, then are dropped",
                     reqid.map(|r| format!(" reqid {r}")).unwrap_or_default()

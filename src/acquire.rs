@@ -1,0 +1,132 @@
+//! Pending ACQUIREs: the kernel's larval "acquire" state, as bookkeeping.
+//! An ACQUIRE is raised once per (policy, source, destination, protocol)
+//! and stays pending until an outbound SA that resolves it exists (its
+//! policy's rule can find one), or `ACQUIRE_TIMEOUT` passes. Other
+//! changes, such as the keying daemon reserving its inbound SPI with
+//! getspi/ALLOCSPI while it negotiates, do not raise it again: a second
+//! ACQUIRE in the middle of a negotiation makes pluto build a second
+//! CHILD_SA. Time is passed in.
+
+use crate::engine::Event;
+use crate::sad::Proto;
+use crate::state::State;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// How long an ACQUIRE stays pending before it is raised again (Linux's
+/// `xfrm_acq_expires` default).
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    policy: u64,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: Proto,
+    reqid: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct Pending {
+    raised: HashMap<Key, Duration>,
+}
+
+impl Pending {
+    /// Should this ACQUIRE event go out now? (Other events always do.)
+    pub fn raise(&mut self, e: &Event, now: Duration) -> bool {
+        let Event::Acquire {
+            policy,
+            src,
+            dst,
+            proto,
+            reqid,
+            ..
+        } = *e
+        else {
+            return true;
+        };
+        let k = Key {
+            policy,
+            src,
+            dst,
+            proto,
+            reqid,
+        };
+        let due = self
+            .raised
+            .get(&k)
+            .is_none_or(|t| now.saturating_sub(*t) >= ACQUIRE_TIMEOUT);
+        if due {
+            self.raised.insert(k, now);
+        }
+        due
+    }
+
+    /// After a change: forget the ACQUIREs that `state` resolves.
+    pub fn resolve(&mut self, state: &State) {
+        self.raised.retain(|k, _| {
+            state
+                .sad
+                .lookup_outbound(k.src, k.dst, k.proto, k.reqid)
+                .is_none()
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.raised.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raised.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(s: &State, text: &str) -> State {
+        let p = crate::setkey::parse(text, "t").unwrap();
+        s.apply(&p.statements, "t", Duration::ZERO).unwrap().0
+    }
+
+    #[test]
+    fn raised_once_until_an_sa_resolves_it_or_it_times_out() {
+        let e = Event::Acquire {
+            policy: 1,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: Proto::Esp,
+            reqid: None,
+            upper: 6,
+            ports: Some((1000, 22)),
+        };
+        let mut p = Pending::default();
+        let t = Duration::from_secs(5);
+        assert!(p.raise(&e, t));
+        assert!(!p.raise(&e, t + Duration::from_secs(1)));
+        // The keying daemon reserves its inbound SPI: still pending.
+        let s = apply(&State::seeded(1), "getspi 10.0.0.2 10.0.0.1 esp;");
+        p.resolve(&s);
+        assert!(!p.raise(&e, t + Duration::from_secs(2)));
+        // An inbound SA alone does not resolve it either.
+        let s = apply(
+            &s,
+            "add 10.0.0.2 10.0.0.1 esp 0x2000 -E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213;",
+        );
+        p.resolve(&s);
+        assert!(!p.raise(&e, t + Duration::from_secs(3)));
+        // The outbound SA does.
+        let s = apply(
+            &s,
+            "add 10.0.0.1 10.0.0.2 esp 0x1000 -E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213;",
+        );
+        p.resolve(&s);
+        assert!(p.is_empty());
+        assert!(p.raise(&e, t + Duration::from_secs(4)));
+        // Unanswered, it is raised again after the timeout.
+        assert!(!p.raise(&e, t + Duration::from_secs(33)));
+        assert!(p.raise(&e, t + Duration::from_secs(34)));
+    }
+}
