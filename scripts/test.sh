@@ -15,6 +15,17 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# aws-lc-rs (the AEADs) compiles AWS-LC's C sources: it needs a C compiler.
+if ! command -v cc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null
+    else
+        echo "scripts/test.sh: building tunsec needs a C compiler (apt-get install -y gcc)" >&2
+        exit 1
+    fi
+fi
+
 cargo build
 cargo test
 

@@ -11,7 +11,7 @@
 pub mod peers;
 
 use crate::buf::PacketBuf;
-use crate::crypto::{Auth, Cipher};
+use crate::crypto::Auth;
 use crate::engine::{self, Verdict, Worker};
 use crate::sad::{Proto, Sa};
 use crate::state::State;
@@ -269,13 +269,13 @@ impl Placed {
 enum Step {
     Deflate(usize),
     Inflate(Vec<u8>),
-    CbcEnc(Cipher, usize),
-    CbcDec(Cipher, usize),
-    Seal(Cipher, usize),
-    /// Ciphertexts and their valid tags (one per pooled input): the AEADs
-    /// check the tag before decrypting, so a wrong one would skip half the
-    /// work.
-    Open(Cipher, Vec<(Placed, [u8; 16])>),
+    /// The SA's cipher (the SA is shared, the cipher keyed once).
+    CbcEnc(Arc<Sa>, usize),
+    CbcDec(Arc<Sa>, usize),
+    Seal(Arc<Sa>, usize),
+    /// Ciphertexts and their valid tags (one per pooled input): a wrong
+    /// tag would measure a failure path, not the work.
+    Open(Arc<Sa>, Vec<(Placed, [u8; 16])>),
     Mac(Auth, usize),
 }
 
@@ -307,23 +307,23 @@ impl Primitive {
                 Step::CbcEnc(c, n) => {
                     s.clear();
                     s.extend_from_slice(&src[..*n]);
-                    c.cbc_encrypt(&[7; 16], s);
+                    c.cipher.cbc_encrypt(&[7; 16], s);
                 }
                 Step::CbcDec(c, n) => {
                     s.clear();
                     s.extend_from_slice(&src[..*n]);
-                    c.cbc_decrypt(&[7; 16], s);
+                    c.cipher.cbc_decrypt(&[7; 16], s);
                 }
                 Step::Seal(c, n) => {
                     s.clear();
                     s.extend_from_slice(&src[..*n]);
-                    black_box(c.aead_seal(&[1; 8], &[2; 8], s));
+                    black_box(c.cipher.aead_seal(&[1; 8], &[2; 8], s));
                 }
                 Step::Open(c, sealed) => {
                     let (ct, tag) = &sealed[i % sealed.len()];
                     s.clear();
                     s.extend_from_slice(ct.get());
-                    assert!(c.aead_open(&[1; 8], &[2; 8], s, tag));
+                    assert!(c.cipher.aead_open(&[1; 8], &[2; 8], s, tag));
                 }
                 Step::Mac(a, n) => {
                     let mut out = [0u8; 32];
@@ -369,7 +369,7 @@ fn primitive(sas: &[Arc<Sa>], plain: &[u8], out_dir: bool) -> Primitive {
                 };
                 let ct = payload + ovh - 8 - sa.cipher.iv_len() - icv;
                 if sa.cipher.is_aead() {
-                    steps.push(Step::Seal(sa.cipher.clone(), ct));
+                    steps.push(Step::Seal(sa.clone(), ct));
                     let sealed = (0..POOL)
                         .map(|j| {
                             let mut b = plain.to_vec();
@@ -378,11 +378,11 @@ fn primitive(sas: &[Arc<Sa>], plain: &[u8], out_dir: bool) -> Primitive {
                             (Placed::new(&b, dst), tag)
                         })
                         .collect();
-                    inbound_steps.push(Step::Open(sa.cipher.clone(), sealed));
+                    inbound_steps.push(Step::Open(sa.clone(), sealed));
                 } else {
                     if sa.cipher.iv_len() > 0 {
-                        steps.push(Step::CbcEnc(sa.cipher.clone(), ct));
-                        inbound_steps.push(Step::CbcDec(sa.cipher.clone(), ct));
+                        steps.push(Step::CbcEnc(sa.clone(), ct));
+                        inbound_steps.push(Step::CbcDec(sa.clone(), ct));
                     }
                     steps.push(Step::Mac(sa.mac.clone(), 8 + sa.cipher.iv_len() + ct));
                     inbound_steps.push(Step::Mac(sa.mac.clone(), 8 + sa.cipher.iv_len() + ct));
