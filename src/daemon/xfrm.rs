@@ -117,6 +117,21 @@ impl Server {
 
     fn client(&self, fd: OwnedFd) {
         let raw = fd.as_raw_fd();
+        // A netlink socket holds about 200 KiB; replies go out in 4 KiB
+        // datagrams the client reads as they come. 1 MiB (not the control
+        // socket's 16 MiB for JSON dumps) bounds what a listener that
+        // stopped reading pins before its events are dropped.
+        let snd: libc::c_int = 1 << 20;
+        // SAFETY: setting a buffer size on our own descriptor.
+        unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                &snd as *const _ as *const libc::c_void,
+                4,
+            );
+        }
         let groups = Arc::new(AtomicU32::new(0));
         // SAFETY: dup of our own descriptor, owned by the listener entry.
         let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };

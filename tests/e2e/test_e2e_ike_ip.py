@@ -120,6 +120,24 @@ def test_bad_input_is_refused_and_changes_nothing(net):
         assert struct.unpack("=I", r[8:12])[0] == 1000 + i
     rate = 10_000 / (time.monotonic() - t0)
     print(f"GETSPDINFO round trips: {rate:.0f}/s")
+    # 2,000 changes while the idle listener's buffer fills: each is
+    # multicast to it (NEWSA/DELSA) without blocking the writer, and the
+    # daemon still answers at once.
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ctl.connect(str(net.db.control))
+    key = "0x" + "33" * 20
+    t0 = time.monotonic()
+    for i in range(1000):
+        for req in (f"add {A4} 10.77.0.9 esp 0x5000 -E aes-gcm-16 {key};", f"delete {A4} 10.77.0.9 esp 0x5000;"):
+            ctl.send(req.encode())
+            assert b'"ok":true' in ctl.recv(1 << 20).replace(b" ", b""), req
+    print(f"2000 SA changes with a stalled listener: {time.monotonic() - t0:.2f} s")
+    ctl.close()
+    t0 = time.monotonic()
+    s.send(nl(0x25, 1, 99, b"\0" * 4))
+    assert struct.unpack("=I", s.recv(65536)[8:12])[0] == 99
+    assert time.monotonic() - t0 < 0.5
+    assert "a listener is not reading" in net.db.log()
     # The other clients and the state are as they were.
     after = ipx(net, net.b, net.db, "state", "list").stdout + ipx(net, net.b, net.db, "policy", "list").stdout
     assert after == before
