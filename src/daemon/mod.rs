@@ -6,6 +6,7 @@ pub mod control;
 pub mod lock;
 pub mod net;
 pub mod plumbing;
+pub mod rtnl;
 pub mod tun;
 pub mod workers;
 pub mod xfrm;

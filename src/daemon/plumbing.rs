@@ -1,12 +1,21 @@
-//! What the daemon changes in the host's networking, as a plan of commands
+//! What the daemon changes in the host's networking, as a plan of steps
 //! with their undo: routes that send the protected peers' traffic into the
 //! TUN device, a policy-routing rule that lets tunsec's own (marked)
 //! packets bypass those routes, and an nftables table that refuses
-//! plaintext the inbound SPD says must be protected. `--dry-run` prints the
-//! plan; a run applies it and undoes it in reverse at exit. Undo commands
-//! are also run (errors ignored) before applying, so a crashed instance
-//! leaves nothing that blocks the next start.
+//! plaintext the inbound SPD says must be protected. Routes and rules are
+//! made over rtnetlink from within tunsec (`rtnl`); the nftables table is
+//! loaded by `nft`. `--dry-run` prints the plan (as `ip` and `nft`
+//! commands); a run applies it and undoes it in reverse at exit. Undo
+//! steps are also run (errors ignored) before applying, so a crashed
+//! instance leaves nothing that blocks the next start.
+//!
+//! Fail closed: under each peer's route into the TUN device lies a
+//! blackhole route to the same peer (a higher metric). While tunsec runs
+//! the TUN route wins; if tunsec is killed, the TUN device and its routes
+//! go with it, and the peer's traffic meets the blackhole instead of
+//! leaving in the clear by the main table. A clean stop removes both.
 
+use super::rtnl::{Change, Rtnl};
 use crate::spd::{Action, Dir, Policy, Prefix};
 use crate::state::State;
 use anyhow::{Context, Result, bail};
@@ -16,12 +25,20 @@ use std::process::{Command, Stdio};
 
 /// One change and how to take it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
-    pub apply: Vec<String>,
-    pub undo: Vec<String>,
-    /// Text fed to the command's standard input (nft rulesets).
-    pub stdin: Option<String>,
+pub enum Step {
+    /// A route or rule, made and removed over rtnetlink.
+    Net(Change),
+    /// A command and its undo (the nftables table, loaded from `stdin`).
+    Cmd {
+        apply: Vec<String>,
+        undo: Vec<String>,
+        stdin: Option<String>,
+    },
 }
+
+/// The metric of the blackhole routes under the TUN routes (the TUN
+/// routes have the kernel's default, 0 for IPv4 and 1024 for IPv6).
+pub const BLACKHOLE_METRIC: u32 = 0x7453;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -76,10 +93,6 @@ fn argv(s: &str) -> Vec<String> {
     s.split_whitespace().map(String::from).collect()
 }
 
-fn fam(a: IpAddr) -> &'static str {
-    if a.is_ipv4() { "-4" } else { "-6" }
-}
-
 /// Destinations (and the local source to use) of outbound policies that
 /// tunsec must see: `ipsec` ones and bypasses, except catch-all prefixes.
 pub fn routed_peers(state: &State) -> Vec<(Prefix, Option<IpAddr>)> {
@@ -108,46 +121,35 @@ pub fn routed_peers(state: &State) -> Vec<(Prefix, Option<IpAddr>)> {
 pub fn plan(state: &State, inst: &Instance) -> Plan {
     let mut steps = Vec::new();
     let peers = routed_peers(state);
-    for fam_flag in ["-4", "-6"] {
-        if !peers.iter().any(|(d, _)| fam(d.addr) == fam_flag) {
+    for v6 in [false, true] {
+        if !peers.iter().any(|(d, _)| d.addr.is_ipv6() == v6) {
             continue;
         }
-        let rule = format!(
-            "ip {fam_flag} rule add not fwmark {:#x} table {} priority {}",
-            inst.mark, inst.table, inst.rule_priority
-        );
-        steps.push(Step {
-            undo: argv(&rule.replace(" add ", " del ")),
-            apply: argv(&rule),
-            stdin: None,
-        });
+        steps.push(Step::Net(Change::Rule {
+            v6,
+            mark: inst.mark,
+            table: inst.table,
+            priority: inst.rule_priority,
+        }));
     }
     for (dst, src) in &peers {
-        let mut r = format!(
-            "ip {} route replace {} dev {} table {}",
-            fam(dst.addr),
-            dst,
-            inst.tun,
-            inst.table
-        );
-        if let Some(src) = src {
-            write!(r, " src {src}").unwrap();
-        }
-        let undo = format!(
-            "ip {} route del {} dev {} table {}",
-            fam(dst.addr),
-            dst,
-            inst.tun,
-            inst.table
-        );
-        steps.push(Step {
-            apply: argv(&r),
-            undo: argv(&undo),
-            stdin: None,
-        });
+        steps.push(Step::Net(Change::Route {
+            dst: *dst,
+            dev: None,
+            table: inst.table,
+            src: None,
+            metric: Some(BLACKHOLE_METRIC),
+        }));
+        steps.push(Step::Net(Change::Route {
+            dst: *dst,
+            dev: Some(inst.tun.clone()),
+            table: inst.table,
+            src: *src,
+            metric: None,
+        }));
     }
     let ruleset = nft_ruleset(state, inst);
-    steps.push(Step {
+    steps.push(Step::Cmd {
         apply: argv("nft -f -"),
         undo: argv(&format!("nft delete table inet {}", inst.nft_table())),
         stdin: Some(ruleset),
@@ -284,10 +286,13 @@ impl Plan {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         for step in &self.steps {
-            writeln!(s, "{}", step.apply.join(" ")).unwrap();
-            if let Some(input) = &step.stdin {
-                for line in input.lines() {
-                    writeln!(s, "    {line}").unwrap();
+            match step {
+                Step::Net(c) => writeln!(s, "{}", c.describe(true)).unwrap(),
+                Step::Cmd { apply, stdin, .. } => {
+                    writeln!(s, "{}", apply.join(" ")).unwrap();
+                    for line in stdin.iter().flat_map(|i| i.lines()) {
+                        writeln!(s, "    {line}").unwrap();
+                    }
                 }
             }
         }
@@ -296,14 +301,14 @@ impl Plan {
 
     /// Apply every step; on failure undo what was applied and report.
     /// Returns the steps applied (to undo at exit).
-    pub fn apply(&self) -> Result<Vec<Step>> {
+    pub fn apply(&self, rtnl: &mut Rtnl) -> Result<Vec<Step>> {
         for step in self.steps.iter().rev() {
-            let _ = run(&step.undo, None);
+            let _ = exec(rtnl, step, false);
         }
         let mut done = Vec::new();
         for step in &self.steps {
-            if let Err(e) = run(&step.apply, step.stdin.as_deref()) {
-                undo(&done);
+            if let Err(e) = exec(rtnl, step, true) {
+                undo(rtnl, &done);
                 return Err(e);
             }
             done.push(step.clone());
@@ -312,11 +317,26 @@ impl Plan {
     }
 }
 
+/// Make (`add`) or take back one step.
+fn exec(rtnl: &mut Rtnl, step: &Step, add: bool) -> Result<()> {
+    match step {
+        Step::Net(c) => rtnl.apply(c, add),
+        Step::Cmd { apply, undo, stdin } => {
+            if add {
+                run(apply, stdin.as_deref())
+            } else {
+                run(undo, None)
+            }
+        }
+    }
+}
+
 /// The plumbing in force: what was applied, kept so that a policy change
 /// applies only the difference and exit undoes exactly what is there.
 pub struct Plumbing {
     pub inst: Instance,
     applied: Vec<Step>,
+    rtnl: Rtnl,
     /// Set by `stop`: the daemon is going down, no more changes.
     closed: bool,
 }
@@ -324,10 +344,12 @@ pub struct Plumbing {
 impl Plumbing {
     /// Apply the plan for `state`.
     pub fn start(state: &State, inst: Instance) -> Result<Plumbing> {
-        let applied = plan(state, &inst).apply()?;
+        let mut rtnl = Rtnl::open().context("cannot open a NETLINK_ROUTE socket")?;
+        let applied = plan(state, &inst).apply(&mut rtnl)?;
         Ok(Plumbing {
             inst,
             applied,
+            rtnl,
             closed: false,
         })
     }
@@ -345,11 +367,15 @@ impl Plumbing {
             if self.applied.contains(step) {
                 continue;
             }
-            if let Err(e) = run(&step.apply, step.stdin.as_deref()) {
-                undo(&added);
+            if let Err(e) = exec(&mut self.rtnl, step, true) {
+                undo(&mut self.rtnl, &added);
                 // The nft step replaces the table whole: put the old one back.
-                for old in self.applied.iter().filter(|s| s.stdin.is_some()) {
-                    let _ = run(&old.apply, old.stdin.as_deref());
+                for old in self
+                    .applied
+                    .iter()
+                    .filter(|s| matches!(s, Step::Cmd { .. }))
+                {
+                    let _ = exec(&mut self.rtnl, old, true);
                 }
                 return Err(e);
             }
@@ -358,26 +384,26 @@ impl Plumbing {
         let stale: Vec<Step> = self
             .applied
             .iter()
-            .filter(|s| !next.steps.contains(s) && s.stdin.is_none())
+            .filter(|s| !next.steps.contains(s) && matches!(s, Step::Net(_)))
             .cloned()
             .collect();
-        undo(&stale);
+        undo(&mut self.rtnl, &stale);
         self.applied = next.steps;
         Ok(())
     }
 
     /// Undo everything, in reverse order (once).
     pub fn stop(&mut self) {
-        undo(&self.applied);
-        self.applied.clear();
+        let applied = std::mem::take(&mut self.applied);
+        undo(&mut self.rtnl, &applied);
         self.closed = true;
     }
 }
 
 /// Undo applied steps in reverse order; errors are logged, not fatal.
-pub fn undo(done: &[Step]) {
+pub fn undo(rtnl: &mut Rtnl, done: &[Step]) {
     for step in done.iter().rev() {
-        if let Err(e) = run(&step.undo, None) {
+        if let Err(e) = exec(rtnl, step, false) {
             tracing::warn!("undo failed: {e:#}");
         }
     }
@@ -465,7 +491,14 @@ mod tests {
             !d.contains("0.0.0.0/0 dev"),
             "catch-all bypasses are not routed"
         );
-        assert!(p.steps.iter().all(|s| !s.undo.is_empty()));
+        // Fail closed: a blackhole under every TUN route.
+        assert!(
+            d.contains(&format!(
+                "ip -4 route replace blackhole 172.17.207.66/32 table {} metric {BLACKHOLE_METRIC}",
+                inst.table
+            )),
+            "{d}"
+        );
         // IKE is never refused nor routed into the TUN device
         let ike = d.find("udp dport { 500, 4500 } accept").expect(&d);
         assert!(ike < icmp, "IKE is accepted before any policy rule");

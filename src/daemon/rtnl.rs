@@ -1,0 +1,354 @@
+//! Routes and policy-routing rules over rtnetlink, from within tunsec: a
+//! change is one request and its ack (tens of microseconds), not an `ip`
+//! process (a millisecond or more, per route, per policy change). The
+//! message layouts come from `netlink-packet-route`; [`request`] builds
+//! the bytes (pure), [`Rtnl`] sends them and reads the ack.
+
+use crate::spd::Prefix;
+use anyhow::{Result, bail};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// One route or rule, as `ip` would name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `ip route replace DST dev DEV table T [src S]`, or with `dev` None,
+    /// `ip route replace blackhole DST table T metric M`.
+    Route {
+        dst: Prefix,
+        dev: Option<String>,
+        table: u32,
+        src: Option<IpAddr>,
+        metric: Option<u32>,
+    },
+    /// `ip -4|-6 rule add not fwmark MARK table T priority P`.
+    Rule {
+        v6: bool,
+        mark: u32,
+        table: u32,
+        priority: u32,
+    },
+}
+
+impl Change {
+    /// The `ip` command this stands for (`--dry-run`, logs, errors).
+    pub fn describe(&self, add: bool) -> String {
+        match self {
+            Change::Route {
+                dst,
+                dev,
+                table,
+                src,
+                metric,
+            } => {
+                let fam = if dst.addr.is_ipv4() { "-4" } else { "-6" };
+                let verb = if add { "replace" } else { "del" };
+                let mut s = match dev {
+                    Some(d) => format!("ip {fam} route {verb} {dst} dev {d} table {table}"),
+                    None => format!("ip {fam} route {verb} blackhole {dst} table {table}"),
+                };
+                if let Some(m) = metric {
+                    s.push_str(&format!(" metric {m}"));
+                }
+                if let (true, Some(src)) = (add, src) {
+                    s.push_str(&format!(" src {src}"));
+                }
+                s
+            }
+            Change::Rule {
+                v6,
+                mark,
+                table,
+                priority,
+            } => format!(
+                "ip {} rule {} not fwmark {mark:#x} table {table} priority {priority}",
+                if *v6 { "-6" } else { "-4" },
+                if add { "add" } else { "del" }
+            ),
+        }
+    }
+}
+
+fn family(v6: bool) -> AddressFamily {
+    if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
+}
+
+fn address(a: IpAddr) -> RouteAddress {
+    match a {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    }
+}
+
+/// The request for `change` (`add` or delete), `ifindex` the device's
+/// index for a route through a device.
+pub fn request(change: &Change, add: bool, ifindex: Option<u32>, seq: u32) -> Vec<u8> {
+    let mut flags = NLM_F_REQUEST | NLM_F_ACK;
+    let msg = match change {
+        Change::Route {
+            dst,
+            dev,
+            table,
+            src,
+            metric,
+        } => {
+            let mut m = RouteMessage::default();
+            m.header.address_family = family(dst.addr.is_ipv6());
+            m.header.destination_prefix_length = dst.len;
+            m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            m.header.protocol = RouteProtocol::Boot;
+            m.header.scope = if dev.is_some() {
+                RouteScope::Link
+            } else {
+                RouteScope::Universe
+            };
+            m.header.kind = if dev.is_some() {
+                RouteType::Unicast
+            } else {
+                RouteType::BlackHole
+            };
+            m.attributes
+                .push(RouteAttribute::Destination(address(dst.addr)));
+            m.attributes.push(RouteAttribute::Table(*table));
+            if let Some(i) = ifindex {
+                m.attributes.push(RouteAttribute::Oif(i));
+            }
+            if let Some(p) = metric {
+                m.attributes.push(RouteAttribute::Priority(*p));
+            }
+            if add {
+                if let Some(s) = src {
+                    m.attributes.push(RouteAttribute::PrefSource(address(*s)));
+                }
+                flags |= NLM_F_CREATE | NLM_F_REPLACE;
+                RouteNetlinkMessage::NewRoute(m)
+            } else {
+                RouteNetlinkMessage::DelRoute(m)
+            }
+        }
+        Change::Rule {
+            v6,
+            mark,
+            table,
+            priority,
+        } => {
+            let mut m = RuleMessage::default();
+            m.header.family = family(*v6);
+            m.header.action = RuleAction::ToTable;
+            m.header.flags = RuleFlags::Invert;
+            m.attributes.push(RuleAttribute::FwMark(*mark));
+            m.attributes.push(RuleAttribute::FwMask(u32::MAX));
+            m.attributes.push(RuleAttribute::Table(*table));
+            m.attributes.push(RuleAttribute::Priority(*priority));
+            if add {
+                flags |= NLM_F_CREATE;
+                RouteNetlinkMessage::NewRule(m)
+            } else {
+                RouteNetlinkMessage::DelRule(m)
+            }
+        }
+    };
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    buf
+}
+
+/// The errno of an ack (0 for success), if `reply` is one for `seq`.
+pub fn ack_errno(reply: &[u8], seq: u32) -> Option<i32> {
+    if reply.len() < 20 {
+        return None;
+    }
+    let ty = u16::from_ne_bytes([reply[4], reply[5]]);
+    let rseq = u32::from_ne_bytes(reply[8..12].try_into().unwrap());
+    (ty == 2 && rseq == seq).then(|| -i32::from_ne_bytes(reply[16..20].try_into().unwrap()))
+}
+
+/// A NETLINK_ROUTE socket for changes.
+pub struct Rtnl {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Rtnl {
+    pub fn open() -> io::Result<Rtnl> {
+        // SAFETY: plain socket call; the descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: a receive timeout on our own socket (never hang on the
+        // kernel).
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        Ok(Rtnl { fd, seq: 1 })
+    }
+
+    /// Make `change` (or undo it); an error names the `ip` command it
+    /// stands for and the kernel's reason.
+    pub fn apply(&mut self, change: &Change, add: bool) -> Result<()> {
+        let ifindex = match change {
+            Change::Route { dev: Some(d), .. } => {
+                let name = std::ffi::CString::new(d.as_str())?;
+                // SAFETY: a NUL-terminated name.
+                let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                if i == 0 {
+                    bail!("`{}` failed: no device {d}", change.describe(add));
+                }
+                Some(i)
+            }
+            _ => None,
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let req = request(change, add, ifindex, seq);
+        // SAFETY: the buffer is valid for the call; the kernel is the
+        // default destination of an unconnected netlink socket.
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                req.as_ptr() as *const libc::c_void,
+                req.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            bail!(
+                "`{}` failed: {}",
+                change.describe(add),
+                io::Error::last_os_error()
+            );
+        }
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: the buffer is valid for the call.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                bail!(
+                    "`{}`: no answer from the kernel: {}",
+                    change.describe(add),
+                    io::Error::last_os_error()
+                );
+            }
+            match ack_errno(&buf[..n as usize], seq) {
+                Some(0) => return Ok(()),
+                Some(e) => bail!(
+                    "`{}` failed: {}",
+                    change.describe(add),
+                    io::Error::from_raw_os_error(e)
+                ),
+                None => continue, // not ours (an older reply)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_carry_what_ip_would_send() {
+        let r = Change::Route {
+            dst: Prefix::new("10.77.0.2".parse().unwrap(), 32).unwrap(),
+            dev: Some("tsec0".into()),
+            table: 0x7453_1234,
+            src: Some("10.77.0.1".parse().unwrap()),
+            metric: None,
+        };
+        assert_eq!(
+            r.describe(true),
+            "ip -4 route replace 10.77.0.2/32 dev tsec0 table 1951601204 src 10.77.0.1"
+        );
+        let b = request(&r, true, Some(7), 9);
+        // nlmsghdr: RTM_NEWROUTE (24), REQUEST|ACK|CREATE|REPLACE, seq 9
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 24);
+        assert_eq!(u16::from_ne_bytes([b[6], b[7]]), 0x1 | 0x4 | 0x400 | 0x100);
+        assert_eq!(u32::from_ne_bytes(b[8..12].try_into().unwrap()), 9);
+        // rtmsg: AF_INET, /32, table unspec (RTA_TABLE carries it), link scope, unicast
+        assert_eq!(&b[16..24], &[2, 32, 0, 0, 0, 3, 253, 1]);
+        let table = 0x7453_1234u32.to_ne_bytes();
+        assert!(b.windows(4).any(|w| w == table), "RTA_TABLE");
+        let bh = Change::Route {
+            dst: Prefix::new("fd77::2".parse().unwrap(), 128).unwrap(),
+            dev: None,
+            table: 5,
+            src: None,
+            metric: Some(4096),
+        };
+        assert_eq!(
+            bh.describe(false),
+            "ip -6 route del blackhole fd77::2/128 table 5 metric 4096"
+        );
+        let b = request(&bh, false, None, 3);
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 25, "RTM_DELROUTE");
+        assert_eq!(b[16 + 7], 6, "RTN_BLACKHOLE");
+        let rule = Change::Rule {
+            v6: false,
+            mark: 0x7453_0001,
+            table: 0x7453_0001,
+            priority: 1234,
+        };
+        let b = request(&rule, true, None, 4);
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 32, "RTM_NEWRULE");
+        // fib_rule_hdr: AF_INET, action FR_ACT_TO_TBL (1), flags FIB_RULE_INVERT
+        assert_eq!(b[16], 2);
+        assert_eq!(b[16 + 7], 1);
+        assert_eq!(u32::from_ne_bytes(b[24..28].try_into().unwrap()), 2);
+    }
+
+    #[test]
+    fn acks_are_matched_by_sequence() {
+        let mut ack = vec![0u8; 36];
+        ack[4..6].copy_from_slice(&2u16.to_ne_bytes());
+        ack[8..12].copy_from_slice(&5u32.to_ne_bytes());
+        ack[16..20].copy_from_slice(&(-17i32).to_ne_bytes());
+        assert_eq!(ack_errno(&ack, 5), Some(17));
+        assert_eq!(ack_errno(&ack, 6), None);
+        assert_eq!(ack_errno(&ack[..10], 5), None);
+    }
+}
