@@ -24,7 +24,7 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 /// One change and how to take it back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Step {
     /// A route or rule, made and removed over rtnetlink.
     Net(Change),
@@ -362,9 +362,12 @@ impl Plumbing {
             bail!("tunsec is shutting down");
         }
         let next = plan(state, &self.inst);
+        // Sets, not lists: a change at 10,000 peers compares 20,000 steps.
+        let applied: std::collections::HashSet<&Step> = self.applied.iter().collect();
+        let wanted: std::collections::HashSet<&Step> = next.steps.iter().collect();
         let mut added = Vec::new();
         for step in &next.steps {
-            if self.applied.contains(step) {
+            if applied.contains(step) {
                 continue;
             }
             if let Err(e) = exec(&mut self.rtnl, step, true) {
@@ -384,7 +387,7 @@ impl Plumbing {
         let stale: Vec<Step> = self
             .applied
             .iter()
-            .filter(|s| !next.steps.contains(s) && matches!(s, Step::Net(_)))
+            .filter(|s| !wanted.contains(s) && matches!(s, Step::Net(_)))
             .cloned()
             .collect();
         undo(&mut self.rtnl, &stale);

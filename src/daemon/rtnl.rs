@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// One route or rule, as `ip` would name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Change {
     /// `ip route replace DST dev DEV table T [src S]`, or with `dev` None,
     /// `ip route replace blackhole DST table T metric M`.
