@@ -33,7 +33,10 @@ pub enum Cmd {
         /// decrypt and check the inbound SPD.
         #[arg(long, short = 'd', value_enum)]
         direction: Dir,
-        /// Input pcap (linktype RAW or Ethernet).
+        #[arg(help = format!(
+            "Input capture, pcap or pcapng; link type {}",
+            crate::pcap::LINK_TYPES
+        ))]
         input: PathBuf,
         /// Output pcap (linktype RAW, bare IP packets).
         output: PathBuf,
@@ -63,5 +66,14 @@ mod tests {
     #[test]
     fn the_definition_is_consistent() {
         super::command().debug_assert();
+    }
+
+    #[test]
+    fn pcap_help_names_every_link_type_it_reads() {
+        let mut cmd = super::command();
+        let pcap = cmd.find_subcommand_mut("pcap").unwrap();
+        let help = pcap.render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(help.contains(crate::pcap::LINK_TYPES), "{help}");
     }
 }
