@@ -1,6 +1,8 @@
 //! The control socket's client side: `tunsec setkey` (with setkey(8)'s
 //! habits) and `tunsec stats`.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use crate::control;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -20,13 +22,15 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(path: &Path) -> Result<Conn> {
-        // SAFETY: plain socket calls on an fd we own.
+        // SAFETY: socket() takes no pointers; the result is checked below.
         let fd =
             unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             bail!("cannot create a socket: {}", io::Error::last_os_error());
         }
+        // SAFETY: fd is a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
         let mut addr: libc::sockaddr_un = unsafe { zeroed() };
         addr.sun_family = libc::AF_UNIX as u16;
         let bytes = path.as_os_str().as_encoded_bytes();
@@ -36,6 +40,8 @@ impl Conn {
         for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
             *d = *s as libc::c_char;
         }
+        // SAFETY: addr is a valid sockaddr_un (NUL-terminated: the path is
+        // shorter than sun_path, which was zeroed) and the length is its size.
         let r = unsafe {
             libc::connect(
                 fd.as_raw_fd(),
@@ -52,6 +58,7 @@ impl Conn {
             );
         }
         let rcv: libc::c_int = 16 << 20;
+        // SAFETY: the option value points to a c_int and the length is 4.
         unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
@@ -69,6 +76,7 @@ impl Conn {
 
     /// Send one request message.
     pub fn send(&self, msg: &str) -> Result<()> {
+        // SAFETY: msg's bytes are valid for msg.len() during the call.
         let r = unsafe {
             libc::send(
                 self.fd.as_raw_fd(),
@@ -85,6 +93,7 @@ impl Conn {
 
     /// Receive one reply or event message.
     pub fn recv(&mut self) -> Result<Value> {
+        // SAFETY: the buffer is valid and writable for buf.len() bytes.
         let n = unsafe {
             libc::recv(
                 self.fd.as_raw_fd(),
