@@ -371,7 +371,7 @@ _tunsec() {
             return 0
             ;;
         tunsec__subcmd__stats)
-            opts="-h --json --watch --control --help"
+            opts="-h --json --watch --prometheus --control --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -67,6 +67,7 @@ complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s h -l help -d 'P
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l watch -d 'Refresh every SECS seconds, like top' -r
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l control -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l json -d 'One JSON object (per refresh with --watch)'
+complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l prometheus -d 'The counters in the Prometheus text exposition format (for a node_exporter textfile or a scrape wrapper)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -s h -l help -d 'Print help'
 complete -c tunsec -n "__fish_tunsec_using_subcommand ike" -l xfrm -d 'tunsec\'s XFRM socket (`tunsec run --xfrm PATH`)' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand ike" -l library -d 'The preload library (default: beside this binary, then where a package installs it)' -r -F

@@ -331,6 +331,10 @@ pub struct StatsArgs {
     /// Refresh every SECS seconds, like top.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
     pub watch: Option<f64>,
+    /// The counters in the Prometheus text exposition format (for a
+    /// node_exporter textfile or a scrape wrapper).
+    #[arg(long, conflicts_with_all = ["json", "watch"])]
+    pub prometheus: bool,
     #[arg(long, default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
 }
@@ -440,13 +444,177 @@ fn render_stats(v: &Value, prev: Option<&Value>) -> String {
     s
 }
 
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn prom_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The daemon's `stats;` reply in the Prometheus text exposition format
+/// (version 0.0.4): HELP and TYPE once per family, then its samples.
+/// Absent numbers read as 0, so a family always has its samples.
+pub fn render_prometheus(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        writeln!(s, "# HELP {name} {help}").unwrap();
+        writeln!(s, "# TYPE {name} {kind}").unwrap();
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                writeln!(s, "{name} {value}").unwrap();
+            } else {
+                writeln!(s, "{name}{{{labels}}} {value}").unwrap();
+            }
+        }
+    };
+    let one = |x: u64| vec![(String::new(), x.to_string())];
+    let c = &v["counters"];
+    let io = &v["io"];
+    family(
+        "tunsec_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        &[(
+            String::new(),
+            format!("{}", v["uptime_secs"].as_f64().unwrap_or(0.0)),
+        )],
+    );
+    let dirs = |key: &str| {
+        ["out", "in"]
+            .iter()
+            .map(|d| {
+                (
+                    format!("direction=\"{d}\""),
+                    n(&c[format!("{d}_{key}")]).to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "tunsec_packets_total",
+        "counter",
+        "Packets protected (out) and accepted after verification (in).",
+        &dirs("packets"),
+    );
+    family(
+        "tunsec_bytes_total",
+        "counter",
+        "Bytes of the packets in tunsec_packets_total.",
+        &dirs("bytes"),
+    );
+    family(
+        "tunsec_bypassed_packets_total",
+        "counter",
+        "Packets passed in the clear by a none policy or no policy.",
+        &one(n(&c["bypassed"])),
+    );
+    let drops: Vec<(String, String)> = c["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(r, x)| (format!("reason=\"{}\"", prom_label(r)), n(x).to_string()))
+        .collect();
+    family(
+        "tunsec_drops_total",
+        "counter",
+        "Packets dropped by the engine, by reason.",
+        &drops,
+    );
+    family(
+        "tunsec_nft_plaintext_refused_total",
+        "counter",
+        "Plaintext that had to be protected, dropped by tunsec's nftables table.",
+        &one(n(&v["plaintext_refused"])),
+    );
+    let io_pair = |key: &str| {
+        ["tun", "net"]
+            .iter()
+            .flat_map(|dev| {
+                ["rx", "tx"].iter().filter_map(move |d| {
+                    let k = if key.is_empty() {
+                        format!("{dev}_{d}")
+                    } else {
+                        format!("{dev}_{d}_{key}")
+                    };
+                    io.get(&k).map(|x| {
+                        (
+                            format!("device=\"{dev}\",direction=\"{d}\""),
+                            n(x).to_string(),
+                        )
+                    })
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "tunsec_io_packets_total",
+        "counter",
+        "Packets read (rx) and written (tx) on the TUN device and the network sockets.",
+        &io_pair(""),
+    );
+    family(
+        "tunsec_io_errors_total",
+        "counter",
+        "Failed writes to the TUN device and the network sockets.",
+        &io_pair("errors"),
+    );
+    family(
+        "tunsec_io_net_rx_trimmed_total",
+        "counter",
+        "Received packets whose link-layer padding was trimmed.",
+        &one(n(&io["net_rx_trimmed"])),
+    );
+    let sas: Vec<&Value> = v["sas"].as_array().into_iter().flatten().collect();
+    let per_sa = |key: &str| {
+        sas.iter()
+            .map(|sa| {
+                (
+                    format!(
+                        "spi=\"{:#010x}\",proto=\"{}\",src=\"{}\",dst=\"{}\"",
+                        n(&sa["spi"]),
+                        prom_label(sa["proto"].as_str().unwrap_or("")),
+                        prom_label(sa["src"].as_str().unwrap_or("")),
+                        prom_label(sa["dst"].as_str().unwrap_or(""))
+                    ),
+                    n(&sa[key]).to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for (name, key, help) in [
+        (
+            "tunsec_sa_packets_total",
+            "packets",
+            "Packets through the SA.",
+        ),
+        ("tunsec_sa_bytes_total", "bytes", "Bytes through the SA."),
+        (
+            "tunsec_sa_replay_drops_total",
+            "replay_drops",
+            "Packets the SA's replay window refused.",
+        ),
+        (
+            "tunsec_sa_icv_failures_total",
+            "icv_failures",
+            "Packets of the SA whose ICV did not verify.",
+        ),
+    ] {
+        family(name, "counter", help, &per_sa(key));
+    }
+    s
+}
+
 pub fn stats(a: &StatsArgs) -> Result<()> {
     let mut conn = Conn::connect(&a.control)?;
     let mut prev: Option<Value> = None;
     loop {
         let v = conn.request("stats;")?;
         check(&v, "stats")?;
-        if a.json {
+        if a.prometheus {
+            print!("{}", render_prometheus(&v));
+        } else if a.json {
             println!("{v}");
         } else {
             if a.watch.is_some() {
@@ -461,5 +629,227 @@ pub fn stats(a: &StatsArgs) -> Result<()> {
         }
         prev = Some(v);
         std::thread::sleep(Duration::from_secs_f64(secs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Counters, DropReason};
+    use std::collections::{BTreeMap, HashSet};
+
+    /// A series: metric name and its labels, sorted.
+    type Series = (String, BTreeMap<String, String>);
+
+    /// A small parser for the Prometheus text format (0.0.4): checks that
+    /// every sample belongs to a family declared by one HELP and one TYPE
+    /// line before it, that a family's samples are contiguous, that names,
+    /// labels and values are well formed, and that no series repeats.
+    fn parse_prometheus(text: &str) -> BTreeMap<Series, f64> {
+        fn name_ok(n: &str) -> bool {
+            let mut c = n.chars();
+            c.next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+                && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+        }
+        let mut help = HashSet::new();
+        let mut types: BTreeMap<String, String> = BTreeMap::new();
+        let mut finished: HashSet<String> = HashSet::new();
+        let mut current: Option<String> = None;
+        let mut out = BTreeMap::new();
+        assert!(text.ends_with('\n'), "the last line ends with a newline");
+        for line in text.lines() {
+            assert!(!line.is_empty(), "no empty lines");
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, doc) = rest.split_once(' ').expect("HELP name text");
+                assert!(name_ok(name) && !doc.is_empty(), "{line}");
+                assert!(help.insert(name.to_string()), "second HELP for {name}");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert!(help.contains(name), "TYPE before HELP for {name}");
+                assert!(
+                    ["counter", "gauge", "untyped", "summary", "histogram"].contains(&kind),
+                    "{line}"
+                );
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "counter {name} without _total");
+                }
+                assert!(
+                    types.insert(name.into(), kind.into()).is_none(),
+                    "second TYPE for {name}"
+                );
+                if let Some(c) = current.replace(name.to_string()) {
+                    finished.insert(c);
+                }
+                continue;
+            }
+            assert!(!line.starts_with('#'), "unknown comment: {line}");
+            // name{labels} value
+            let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.strip_suffix('}').expect("closing brace")),
+                None => (series, ""),
+            };
+            assert!(name_ok(name), "{line}");
+            assert!(types.contains_key(name), "sample before TYPE: {line}");
+            assert!(!finished.contains(name), "{name}'s samples are split");
+            assert_eq!(current.as_deref(), Some(name), "{line}");
+            let mut map = BTreeMap::new();
+            let mut rest = labels;
+            while !rest.is_empty() {
+                let (k, r) = rest.split_once("=\"").expect("label=\"value\"");
+                assert!(name_ok(k) && !k.contains(':'), "label name {k}");
+                // the value runs to the first unescaped quote
+                let mut val = String::new();
+                let mut chars = r.char_indices();
+                let end = loop {
+                    match chars.next().expect("unterminated label value") {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next().expect("escape").1 {
+                            'n' => val.push('\n'),
+                            c @ ('\\' | '"') => val.push(c),
+                            c => panic!("bad escape \\{c} in {line}"),
+                        },
+                        (_, c) => val.push(c),
+                    }
+                };
+                assert!(map.insert(k.to_string(), val).is_none(), "label {k} twice");
+                rest = &r[end + 1..];
+                rest = rest.strip_prefix(',').unwrap_or(rest);
+            }
+            assert!(
+                out.insert((name.to_string(), map), value).is_none(),
+                "series repeated: {line}"
+            );
+        }
+        out
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn stats_fixture() -> Value {
+        let mut c = Counters {
+            out_packets: 120,
+            out_bytes: 150_000,
+            in_packets: 110,
+            in_bytes: 140_000,
+            bypassed: 3,
+            ..Counters::default()
+        };
+        c.count_drop(DropReason::IcvFailure);
+        c.count_drop(DropReason::Replay);
+        c.count_drop(DropReason::Replay);
+        let mut v = serde_json::json!({
+            "ok": true,
+            "uptime_secs": 12.5,
+            "counters": crate::control::counters_json(&c),
+            "io": {"tun_rx": 121, "tun_tx": 111, "tun_tx_errors": 0,
+                   "net_rx": 114, "net_tx": 120, "net_tx_errors": 1, "net_rx_trimmed": 2},
+            "plaintext_refused": 4,
+            "sas": [
+                {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4096,
+                 "packets": 120, "bytes": 150000, "replay_drops": 0, "icv_failures": 0},
+                {"src": "fd77::2", "dst": "fd77::1", "proto": "ah", "spi": 0xdeadbeef_u32,
+                 "packets": 110, "bytes": 140000, "replay_drops": 2, "icv_failures": 1},
+            ],
+        });
+        // A label value that needs escaping.
+        v["sas"][1]["src"] = json_str("fd77::2\"\\\n");
+        v
+    }
+
+    fn json_str(s: &str) -> Value {
+        Value::String(s.to_string())
+    }
+
+    #[test]
+    fn prometheus_output_parses_and_carries_every_counter() {
+        let text = render_prometheus(&stats_fixture());
+        let m = parse_prometheus(&text);
+        let get = |name: &str, l: &[(&str, &str)]| {
+            *m.get(&(name.to_string(), labels(l)))
+                .unwrap_or_else(|| panic!("no {name}{l:?} in\n{text}"))
+        };
+        assert_eq!(get("tunsec_uptime_seconds", &[]), 12.5);
+        assert_eq!(get("tunsec_packets_total", &[("direction", "out")]), 120.0);
+        assert_eq!(get("tunsec_packets_total", &[("direction", "in")]), 110.0);
+        assert_eq!(get("tunsec_bytes_total", &[("direction", "out")]), 150e3);
+        assert_eq!(get("tunsec_bytes_total", &[("direction", "in")]), 140e3);
+        assert_eq!(get("tunsec_bypassed_packets_total", &[]), 3.0);
+        // Every drop reason the engine has, zero or not.
+        for r in DropReason::ALL {
+            let want = match r {
+                DropReason::IcvFailure => 1.0,
+                DropReason::Replay => 2.0,
+                _ => 0.0,
+            };
+            assert_eq!(get("tunsec_drops_total", &[("reason", r.name())]), want);
+        }
+        assert_eq!(get("tunsec_nft_plaintext_refused_total", &[]), 4.0);
+        let io = |dev, dir| [("device", dev), ("direction", dir)];
+        assert_eq!(get("tunsec_io_packets_total", &io("tun", "rx")), 121.0);
+        assert_eq!(get("tunsec_io_packets_total", &io("net", "tx")), 120.0);
+        assert_eq!(get("tunsec_io_errors_total", &io("net", "tx")), 1.0);
+        assert_eq!(get("tunsec_io_errors_total", &io("tun", "tx")), 0.0);
+        assert_eq!(get("tunsec_io_net_rx_trimmed_total", &[]), 2.0);
+        let esp = [
+            ("spi", "0x00001000"),
+            ("proto", "esp"),
+            ("src", "10.77.0.1"),
+            ("dst", "10.77.0.2"),
+        ];
+        assert_eq!(get("tunsec_sa_packets_total", &esp), 120.0);
+        assert_eq!(get("tunsec_sa_bytes_total", &esp), 150e3);
+        let ah = [
+            ("spi", "0xdeadbeef"),
+            ("proto", "ah"),
+            ("src", "fd77::2\"\\\n"),
+            ("dst", "fd77::1"),
+        ];
+        assert_eq!(get("tunsec_sa_replay_drops_total", &ah), 2.0);
+        assert_eq!(get("tunsec_sa_icv_failures_total", &ah), 1.0);
+        assert_eq!(get("tunsec_sa_packets_total", &ah), 110.0);
+        // Nothing else: 1 + 2 + 2 + 1 + 15 + 1 + 4 + 2 + 1 + 2 * 4 series.
+        assert_eq!(m.len(), 37, "{text}");
+    }
+
+    #[test]
+    fn prometheus_output_is_stable() {
+        // The exact text of a few lines, as scrapers and alerts see it.
+        let text = render_prometheus(&stats_fixture());
+        for line in [
+            "# TYPE tunsec_packets_total counter",
+            "tunsec_packets_total{direction=\"out\"} 120",
+            "tunsec_drops_total{reason=\"icv-failure\"} 1",
+            "tunsec_sa_packets_total{spi=\"0x00001000\",proto=\"esp\",src=\"10.77.0.1\",dst=\"10.77.0.2\"} 120",
+            "tunsec_sa_bytes_total{spi=\"0xdeadbeef\",proto=\"ah\",src=\"fd77::2\\\"\\\\\\n\",dst=\"fd77::1\"} 140000",
+            "tunsec_uptime_seconds 12.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_parser_rejects_what_prometheus_rejects() {
+        for bad in [
+            "x_total 1\n",                                                  // no TYPE
+            "# HELP x_total h\n# TYPE x_total counter\nx_total{a=\"1} 1\n", // unterminated
+            "# HELP x h\n# TYPE x counter\nx 1\n", // counter without _total
+            "# HELP x_total h\n# TYPE x_total counter\nx_total one\n",
+            "# HELP x_total h\n# TYPE x_total counter\nx_total 1\nx_total 2\n",
+        ] {
+            assert!(
+                std::panic::catch_unwind(|| parse_prometheus(bad)).is_err(),
+                "accepted {bad:?}"
+            );
+        }
     }
 }
