@@ -349,7 +349,7 @@ _tunsec() {
             return 0
             ;;
         tunsec__subcmd__setkey)
-            opts="-f -c -D -F -P -x -k -h --json --control --help"
+            opts="-f -c -D -F -P -x -k -h --wireshark --json --control --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

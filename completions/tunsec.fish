@@ -62,6 +62,7 @@ complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s F -d 'Flush the
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s P -d 'With -D or -F: the SPD instead of the SAD'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s x -d 'Print events as they happen (setkey -x)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s k -d 'With -D: show keys'
+complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l wireshark -d 'With -D: the ESP SAs, keys included (as -k), as lines of Wireshark\'s `esp_sa` file (Wireshark 4.0 names), to decrypt captures: redirect into ~/.config/wireshark/esp_sa'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l json -d 'Machine-readable output: the daemon\'s JSON replies (one per line)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s h -l help -d 'Print help'
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l watch -d 'Refresh every SECS seconds, like top' -r

@@ -145,6 +145,11 @@ pub struct SetkeyArgs {
     /// With -D: show keys.
     #[arg(short = 'k')]
     pub keys: bool,
+    /// With -D: the ESP SAs, keys included (as -k), as lines of
+    /// Wireshark's `esp_sa` file (Wireshark 4.0 names), to decrypt
+    /// captures: redirect into ~/.config/wireshark/esp_sa.
+    #[arg(long, requires = "dump", conflicts_with_all = ["policy", "json"])]
+    pub wireshark: bool,
     /// Machine-readable output: the daemon's JSON replies (one per line).
     #[arg(long)]
     pub json: bool,
@@ -248,6 +253,17 @@ pub fn setkey(a: &SetkeyArgs) -> Result<()> {
             io::stdout().flush()?;
         }
     }
+    if a.dump && a.wireshark {
+        let v = conn.request("dump esp -k;")?;
+        check(&v, "dump")?;
+        let sas: Vec<Value> = v["sas"].as_array().cloned().unwrap_or_default();
+        let (text, notes) = wireshark_esp_sa(&sas);
+        print!("{text}");
+        for n in notes {
+            eprintln!("tunsec: {n}");
+        }
+        return Ok(());
+    }
     if a.dump {
         let req = if a.policy {
             "spddump;".to_string()
@@ -321,6 +337,103 @@ pub fn setkey(a: &SetkeyArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Wireshark's name (`esp_sa` UAT, Wireshark 4.0) of an encryption
+/// algorithm, if it has the algorithm.
+fn wireshark_enc(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "null" => "NULL",
+        "aes-cbc" => "AES-CBC [RFC3602]",
+        "aes-gcm-16" => "AES-GCM with 16 octet ICV [RFC4106]",
+        _ => return None, // chacha20-poly1305: not in Wireshark 4.0
+    })
+}
+
+fn wireshark_auth(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "null" => "NULL",
+        "hmac-sha1" => "HMAC-SHA-1-96 [RFC2404]",
+        "hmac-sha256" => "HMAC-SHA-256-128 [RFC4868]",
+        "hmac-sha384" => "HMAC-SHA-384-192 [RFC4868]",
+        "hmac-sha512" => "HMAC-SHA-512-256 [RFC4868]",
+        _ => return None,
+    })
+}
+
+/// The ESP SAs of a `dump -k` reply as Wireshark `esp_sa` lines, one per
+/// SA: protocol, source, destination, SPI, encryption, its key (AEADs:
+/// key and salt), authentication, its key. Other SAs are skipped; the
+/// notes say which and why.
+pub fn wireshark_esp_sa(sas: &[Value]) -> (String, Vec<String>) {
+    let mut out = String::new();
+    let mut notes = Vec::new();
+    let q = |x: &str| format!("\"{}\"", x.replace('"', ""));
+    let key = |sa: &Value, k: &str| {
+        let h = sa[k].as_str().unwrap_or("");
+        if h == "0x" {
+            String::new()
+        } else {
+            h.to_string()
+        }
+    };
+    for sa in sas {
+        let g = |k: &str| sa[k].as_str().unwrap_or("");
+        if g("proto") != "esp" {
+            continue;
+        }
+        let spi = sa["spi"].as_u64().unwrap_or(0);
+        let what = format!("esp SA {} -> {} spi {spi:#010x}", g("src"), g("dst"));
+        if sa.get("enc_key").is_none() {
+            notes.push(format!("{what}: the daemon sent no keys; left out"));
+            continue;
+        }
+        let Some(enc) = wireshark_enc(g("enc")) else {
+            notes.push(format!(
+                "{what}: Wireshark 4.0 has no {}; left out",
+                g("enc")
+            ));
+            continue;
+        };
+        let aead = matches!(g("enc"), "aes-gcm-16" | "chacha20-poly1305");
+        let (auth, auth_key) = if aead {
+            ("NULL", String::new())
+        } else {
+            match wireshark_auth(g("auth")) {
+                Some(a) => (a, key(sa, "auth_key")),
+                None => {
+                    notes.push(format!(
+                        "{what}: Wireshark 4.0 has no {}; left out",
+                        g("auth")
+                    ));
+                    continue;
+                }
+            }
+        };
+        if sa["esn"] == Value::Bool(true) {
+            notes.push(format!(
+                "{what}: extended sequence numbers: Wireshark 4.0 decrypts but cannot check its ICV"
+            ));
+        }
+        let fam = if g("src").contains(':') {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        let fields = [
+            q(fam),
+            q(g("src")),
+            q(g("dst")),
+            q(&format!("{spi:#010x}")),
+            q(enc),
+            q(&key(sa, "enc_key")),
+            q(auth),
+            q(&auth_key),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    (out, notes)
 }
 
 #[derive(Debug, clap::Args)]
@@ -835,6 +948,40 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn wireshark_lines_are_esp_sa_uat_records() {
+        let sas = serde_json::json!([
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4096, "enc": "aes-gcm-16",
+             "auth": "null", "esn": false, "enc_key": "0x000102030405060708090a0b0c0d0e0f10111213",
+             "auth_key": "0x"},
+            {"src": "fd77::2", "dst": "fd77::1", "proto": "esp", "spi": 0xdeadbeef_u32, "enc": "aes-cbc",
+             "auth": "hmac-sha1", "esn": false, "enc_key": "0x00112233445566778899aabbccddeeff",
+             "auth_key": "0x0102030405060708090a0b0c0d0e0f1011121314"},
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4097, "enc": "null",
+             "auth": "hmac-sha256", "esn": true, "enc_key": "0x", "auth_key": "0xaa"},
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "ah", "spi": 4098, "enc": "null",
+             "auth": "hmac-sha1", "esn": false, "enc_key": "0x", "auth_key": "0xbb"},
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4099,
+             "enc": "chacha20-poly1305", "auth": "null", "esn": false, "enc_key": "0xcc", "auth_key": "0x"},
+        ]);
+        let (text, notes) = wireshark_esp_sa(sas.as_array().unwrap());
+        assert_eq!(
+            text,
+            concat!(
+                "\"IPv4\",\"10.77.0.1\",\"10.77.0.2\",\"0x00001000\",\"AES-GCM with 16 octet ICV [RFC4106]\",",
+                "\"0x000102030405060708090a0b0c0d0e0f10111213\",\"NULL\",\"\"\n",
+                "\"IPv6\",\"fd77::2\",\"fd77::1\",\"0xdeadbeef\",\"AES-CBC [RFC3602]\",",
+                "\"0x00112233445566778899aabbccddeeff\",\"HMAC-SHA-1-96 [RFC2404]\",",
+                "\"0x0102030405060708090a0b0c0d0e0f1011121314\"\n",
+                "\"IPv4\",\"10.77.0.1\",\"10.77.0.2\",\"0x00001001\",\"NULL\",\"\",",
+                "\"HMAC-SHA-256-128 [RFC4868]\",\"0xaa\"\n",
+            )
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("0x00001001") && notes[0].contains("extended"));
+        assert!(notes[1].contains("0x00001003") && notes[1].contains("chacha20-poly1305"));
     }
 
     #[test]
