@@ -500,6 +500,30 @@ mod tests {
                 rh_hop(&mut routed);
             }
             assert_eq!(&routed[24..40], &v6_addr(2));
+
+            // The ICV, computed here by hand (RFC 4302 3.3.3.1 and
+            // appendix A): over the headers as they arrive at B (the
+            // routing header walked to its end by rh_hop, no segments
+            // left, B the destination), with traffic class, flow label and
+            // hop limit zeroed and the ICV field (16 bytes, then 4 of
+            // IPv6 padding) zeroed.
+            let at = 48 + 16 * addrs.len();
+            assert_eq!(w[at + 1], 6, "AH length: 12 + 16 + 4 padding = 8 words - 2");
+            let mut h = routed[..at + 32].to_vec();
+            assert_eq!(h[43], 0, "no segments left on arrival");
+            h[0] = 0x60;
+            h[1..4].fill(0);
+            h[7] = 0;
+            h[at + 12..].fill(0);
+            let mut m = Hmac::<Sha256>::new_from_slice(&KEY).unwrap();
+            m.update(&h);
+            m.update(&routed[at + 32..]);
+            assert_eq!(
+                &m.finalize().into_bytes()[..16],
+                &w[at + 12..at + 28],
+                "type {rtype}, {left} left: the ICV is not the one over the arriving headers"
+            );
+
             let got = open_copy(&routed, &sa).unwrap_or_else(|e| panic!("type {rtype}: {e}"));
             assert_eq!(got.len(), plain.len());
             assert_eq!(

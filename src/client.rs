@@ -1,6 +1,8 @@
 //! The control socket's client side: `tunsec setkey` (with setkey(8)'s
 //! habits) and `tunsec stats`.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use crate::control;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -20,13 +22,15 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(path: &Path) -> Result<Conn> {
-        // SAFETY: plain socket calls on an fd we own.
+        // SAFETY: socket() takes no pointers; the result is checked below.
         let fd =
             unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             bail!("cannot create a socket: {}", io::Error::last_os_error());
         }
+        // SAFETY: fd is a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
         let mut addr: libc::sockaddr_un = unsafe { zeroed() };
         addr.sun_family = libc::AF_UNIX as u16;
         let bytes = path.as_os_str().as_encoded_bytes();
@@ -36,6 +40,8 @@ impl Conn {
         for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
             *d = *s as libc::c_char;
         }
+        // SAFETY: addr is a valid sockaddr_un (NUL-terminated: the path is
+        // shorter than sun_path, which was zeroed) and the length is its size.
         let r = unsafe {
             libc::connect(
                 fd.as_raw_fd(),
@@ -52,6 +58,7 @@ impl Conn {
             );
         }
         let rcv: libc::c_int = 16 << 20;
+        // SAFETY: the option value points to a c_int and the length is 4.
         unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
@@ -69,6 +76,7 @@ impl Conn {
 
     /// Send one request message.
     pub fn send(&self, msg: &str) -> Result<()> {
+        // SAFETY: msg's bytes are valid for msg.len() during the call.
         let r = unsafe {
             libc::send(
                 self.fd.as_raw_fd(),
@@ -85,6 +93,7 @@ impl Conn {
 
     /// Receive one reply or event message.
     pub fn recv(&mut self) -> Result<Value> {
+        // SAFETY: the buffer is valid and writable for buf.len() bytes.
         let n = unsafe {
             libc::recv(
                 self.fd.as_raw_fd(),
@@ -136,6 +145,11 @@ pub struct SetkeyArgs {
     /// With -D: show keys.
     #[arg(short = 'k')]
     pub keys: bool,
+    /// With -D: the ESP SAs, keys included (as -k), as lines of
+    /// Wireshark's `esp_sa` file (Wireshark 4.0 names), to decrypt
+    /// captures: redirect into ~/.config/wireshark/esp_sa.
+    #[arg(long, requires = "dump", conflicts_with_all = ["policy", "json"])]
+    pub wireshark: bool,
     /// Machine-readable output: the daemon's JSON replies (one per line).
     #[arg(long)]
     pub json: bool,
@@ -239,6 +253,17 @@ pub fn setkey(a: &SetkeyArgs) -> Result<()> {
             io::stdout().flush()?;
         }
     }
+    if a.dump && a.wireshark {
+        let v = conn.request("dump esp -k;")?;
+        check(&v, "dump")?;
+        let sas: Vec<Value> = v["sas"].as_array().cloned().unwrap_or_default();
+        let (text, notes) = wireshark_esp_sa(&sas);
+        print!("{text}");
+        for n in notes {
+            eprintln!("tunsec: {n}");
+        }
+        return Ok(());
+    }
     if a.dump {
         let req = if a.policy {
             "spddump;".to_string()
@@ -314,6 +339,103 @@ pub fn setkey(a: &SetkeyArgs) -> Result<()> {
     Ok(())
 }
 
+/// Wireshark's name (`esp_sa` UAT, Wireshark 4.0) of an encryption
+/// algorithm, if it has the algorithm.
+fn wireshark_enc(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "null" => "NULL",
+        "aes-cbc" => "AES-CBC [RFC3602]",
+        "aes-gcm-16" => "AES-GCM with 16 octet ICV [RFC4106]",
+        _ => return None, // chacha20-poly1305: not in Wireshark 4.0
+    })
+}
+
+fn wireshark_auth(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "null" => "NULL",
+        "hmac-sha1" => "HMAC-SHA-1-96 [RFC2404]",
+        "hmac-sha256" => "HMAC-SHA-256-128 [RFC4868]",
+        "hmac-sha384" => "HMAC-SHA-384-192 [RFC4868]",
+        "hmac-sha512" => "HMAC-SHA-512-256 [RFC4868]",
+        _ => return None,
+    })
+}
+
+/// The ESP SAs of a `dump -k` reply as Wireshark `esp_sa` lines, one per
+/// SA: protocol, source, destination, SPI, encryption, its key (AEADs:
+/// key and salt), authentication, its key. Other SAs are skipped; the
+/// notes say which and why.
+pub fn wireshark_esp_sa(sas: &[Value]) -> (String, Vec<String>) {
+    let mut out = String::new();
+    let mut notes = Vec::new();
+    let q = |x: &str| format!("\"{}\"", x.replace('"', ""));
+    let key = |sa: &Value, k: &str| {
+        let h = sa[k].as_str().unwrap_or("");
+        if h == "0x" {
+            String::new()
+        } else {
+            h.to_string()
+        }
+    };
+    for sa in sas {
+        let g = |k: &str| sa[k].as_str().unwrap_or("");
+        if g("proto") != "esp" {
+            continue;
+        }
+        let spi = sa["spi"].as_u64().unwrap_or(0);
+        let what = format!("esp SA {} -> {} spi {spi:#010x}", g("src"), g("dst"));
+        if sa.get("enc_key").is_none() {
+            notes.push(format!("{what}: the daemon sent no keys; left out"));
+            continue;
+        }
+        let Some(enc) = wireshark_enc(g("enc")) else {
+            notes.push(format!(
+                "{what}: Wireshark 4.0 has no {}; left out",
+                g("enc")
+            ));
+            continue;
+        };
+        let aead = matches!(g("enc"), "aes-gcm-16" | "chacha20-poly1305");
+        let (auth, auth_key) = if aead {
+            ("NULL", String::new())
+        } else {
+            match wireshark_auth(g("auth")) {
+                Some(a) => (a, key(sa, "auth_key")),
+                None => {
+                    notes.push(format!(
+                        "{what}: Wireshark 4.0 has no {}; left out",
+                        g("auth")
+                    ));
+                    continue;
+                }
+            }
+        };
+        if sa["esn"] == Value::Bool(true) {
+            notes.push(format!(
+                "{what}: extended sequence numbers: Wireshark 4.0 decrypts but cannot check its ICV"
+            ));
+        }
+        let fam = if g("src").contains(':') {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        let fields = [
+            q(fam),
+            q(g("src")),
+            q(g("dst")),
+            q(&format!("{spi:#010x}")),
+            q(enc),
+            q(&key(sa, "enc_key")),
+            q(auth),
+            q(&auth_key),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    (out, notes)
+}
+
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
     /// One JSON object (per refresh with --watch).
@@ -322,6 +444,10 @@ pub struct StatsArgs {
     /// Refresh every SECS seconds, like top.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
     pub watch: Option<f64>,
+    /// The counters in the Prometheus text exposition format (for a
+    /// node_exporter textfile or a scrape wrapper).
+    #[arg(long, conflicts_with_all = ["json", "watch"])]
+    pub prometheus: bool,
     #[arg(long, default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
 }
@@ -431,13 +557,177 @@ fn render_stats(v: &Value, prev: Option<&Value>) -> String {
     s
 }
 
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn prom_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The daemon's `stats;` reply in the Prometheus text exposition format
+/// (version 0.0.4): HELP and TYPE once per family, then its samples.
+/// Absent numbers read as 0, so a family always has its samples.
+pub fn render_prometheus(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        writeln!(s, "# HELP {name} {help}").unwrap();
+        writeln!(s, "# TYPE {name} {kind}").unwrap();
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                writeln!(s, "{name} {value}").unwrap();
+            } else {
+                writeln!(s, "{name}{{{labels}}} {value}").unwrap();
+            }
+        }
+    };
+    let one = |x: u64| vec![(String::new(), x.to_string())];
+    let c = &v["counters"];
+    let io = &v["io"];
+    family(
+        "tunsec_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        &[(
+            String::new(),
+            format!("{}", v["uptime_secs"].as_f64().unwrap_or(0.0)),
+        )],
+    );
+    let dirs = |key: &str| {
+        ["out", "in"]
+            .iter()
+            .map(|d| {
+                (
+                    format!("direction=\"{d}\""),
+                    n(&c[format!("{d}_{key}")]).to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "tunsec_packets_total",
+        "counter",
+        "Packets protected (out) and accepted after verification (in).",
+        &dirs("packets"),
+    );
+    family(
+        "tunsec_bytes_total",
+        "counter",
+        "Bytes of the packets in tunsec_packets_total.",
+        &dirs("bytes"),
+    );
+    family(
+        "tunsec_bypassed_packets_total",
+        "counter",
+        "Packets passed in the clear by a none policy or no policy.",
+        &one(n(&c["bypassed"])),
+    );
+    let drops: Vec<(String, String)> = c["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(r, x)| (format!("reason=\"{}\"", prom_label(r)), n(x).to_string()))
+        .collect();
+    family(
+        "tunsec_drops_total",
+        "counter",
+        "Packets dropped by the engine, by reason.",
+        &drops,
+    );
+    family(
+        "tunsec_nft_plaintext_refused_total",
+        "counter",
+        "Plaintext that had to be protected, dropped by tunsec's nftables table.",
+        &one(n(&v["plaintext_refused"])),
+    );
+    let io_pair = |key: &str| {
+        ["tun", "net"]
+            .iter()
+            .flat_map(|dev| {
+                ["rx", "tx"].iter().filter_map(move |d| {
+                    let k = if key.is_empty() {
+                        format!("{dev}_{d}")
+                    } else {
+                        format!("{dev}_{d}_{key}")
+                    };
+                    io.get(&k).map(|x| {
+                        (
+                            format!("device=\"{dev}\",direction=\"{d}\""),
+                            n(x).to_string(),
+                        )
+                    })
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "tunsec_io_packets_total",
+        "counter",
+        "Packets read (rx) and written (tx) on the TUN device and the network sockets.",
+        &io_pair(""),
+    );
+    family(
+        "tunsec_io_errors_total",
+        "counter",
+        "Failed writes to the TUN device and the network sockets.",
+        &io_pair("errors"),
+    );
+    family(
+        "tunsec_io_net_rx_trimmed_total",
+        "counter",
+        "Received packets whose link-layer padding was trimmed.",
+        &one(n(&io["net_rx_trimmed"])),
+    );
+    let sas: Vec<&Value> = v["sas"].as_array().into_iter().flatten().collect();
+    let per_sa = |key: &str| {
+        sas.iter()
+            .map(|sa| {
+                (
+                    format!(
+                        "spi=\"{:#010x}\",proto=\"{}\",src=\"{}\",dst=\"{}\"",
+                        n(&sa["spi"]),
+                        prom_label(sa["proto"].as_str().unwrap_or("")),
+                        prom_label(sa["src"].as_str().unwrap_or("")),
+                        prom_label(sa["dst"].as_str().unwrap_or(""))
+                    ),
+                    n(&sa[key]).to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for (name, key, help) in [
+        (
+            "tunsec_sa_packets_total",
+            "packets",
+            "Packets through the SA.",
+        ),
+        ("tunsec_sa_bytes_total", "bytes", "Bytes through the SA."),
+        (
+            "tunsec_sa_replay_drops_total",
+            "replay_drops",
+            "Packets the SA's replay window refused.",
+        ),
+        (
+            "tunsec_sa_icv_failures_total",
+            "icv_failures",
+            "Packets of the SA whose ICV did not verify.",
+        ),
+    ] {
+        family(name, "counter", help, &per_sa(key));
+    }
+    s
+}
+
 pub fn stats(a: &StatsArgs) -> Result<()> {
     let mut conn = Conn::connect(&a.control)?;
     let mut prev: Option<Value> = None;
     loop {
         let v = conn.request("stats;")?;
         check(&v, "stats")?;
-        if a.json {
+        if a.prometheus {
+            print!("{}", render_prometheus(&v));
+        } else if a.json {
             println!("{v}");
         } else {
             if a.watch.is_some() {
@@ -452,5 +742,261 @@ pub fn stats(a: &StatsArgs) -> Result<()> {
         }
         prev = Some(v);
         std::thread::sleep(Duration::from_secs_f64(secs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Counters, DropReason};
+    use std::collections::{BTreeMap, HashSet};
+
+    /// A series: metric name and its labels, sorted.
+    type Series = (String, BTreeMap<String, String>);
+
+    /// A small parser for the Prometheus text format (0.0.4): checks that
+    /// every sample belongs to a family declared by one HELP and one TYPE
+    /// line before it, that a family's samples are contiguous, that names,
+    /// labels and values are well formed, and that no series repeats.
+    fn parse_prometheus(text: &str) -> BTreeMap<Series, f64> {
+        fn name_ok(n: &str) -> bool {
+            let mut c = n.chars();
+            c.next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+                && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+        }
+        let mut help = HashSet::new();
+        let mut types: BTreeMap<String, String> = BTreeMap::new();
+        let mut finished: HashSet<String> = HashSet::new();
+        let mut current: Option<String> = None;
+        let mut out = BTreeMap::new();
+        assert!(text.ends_with('\n'), "the last line ends with a newline");
+        for line in text.lines() {
+            assert!(!line.is_empty(), "no empty lines");
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, doc) = rest.split_once(' ').expect("HELP name text");
+                assert!(name_ok(name) && !doc.is_empty(), "{line}");
+                assert!(help.insert(name.to_string()), "second HELP for {name}");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert!(help.contains(name), "TYPE before HELP for {name}");
+                assert!(
+                    ["counter", "gauge", "untyped", "summary", "histogram"].contains(&kind),
+                    "{line}"
+                );
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "counter {name} without _total");
+                }
+                assert!(
+                    types.insert(name.into(), kind.into()).is_none(),
+                    "second TYPE for {name}"
+                );
+                if let Some(c) = current.replace(name.to_string()) {
+                    finished.insert(c);
+                }
+                continue;
+            }
+            assert!(!line.starts_with('#'), "unknown comment: {line}");
+            // name{labels} value
+            let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.strip_suffix('}').expect("closing brace")),
+                None => (series, ""),
+            };
+            assert!(name_ok(name), "{line}");
+            assert!(types.contains_key(name), "sample before TYPE: {line}");
+            assert!(!finished.contains(name), "{name}'s samples are split");
+            assert_eq!(current.as_deref(), Some(name), "{line}");
+            let mut map = BTreeMap::new();
+            let mut rest = labels;
+            while !rest.is_empty() {
+                let (k, r) = rest.split_once("=\"").expect("label=\"value\"");
+                assert!(name_ok(k) && !k.contains(':'), "label name {k}");
+                // the value runs to the first unescaped quote
+                let mut val = String::new();
+                let mut chars = r.char_indices();
+                let end = loop {
+                    match chars.next().expect("unterminated label value") {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next().expect("escape").1 {
+                            'n' => val.push('\n'),
+                            c @ ('\\' | '"') => val.push(c),
+                            c => panic!("bad escape \\{c} in {line}"),
+                        },
+                        (_, c) => val.push(c),
+                    }
+                };
+                assert!(map.insert(k.to_string(), val).is_none(), "label {k} twice");
+                rest = &r[end + 1..];
+                rest = rest.strip_prefix(',').unwrap_or(rest);
+            }
+            assert!(
+                out.insert((name.to_string(), map), value).is_none(),
+                "series repeated: {line}"
+            );
+        }
+        out
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn stats_fixture() -> Value {
+        let mut c = Counters {
+            out_packets: 120,
+            out_bytes: 150_000,
+            in_packets: 110,
+            in_bytes: 140_000,
+            bypassed: 3,
+            ..Counters::default()
+        };
+        c.count_drop(DropReason::IcvFailure);
+        c.count_drop(DropReason::Replay);
+        c.count_drop(DropReason::Replay);
+        let mut v = serde_json::json!({
+            "ok": true,
+            "uptime_secs": 12.5,
+            "counters": crate::control::counters_json(&c),
+            "io": {"tun_rx": 121, "tun_tx": 111, "tun_tx_errors": 0,
+                   "net_rx": 114, "net_tx": 120, "net_tx_errors": 1, "net_rx_trimmed": 2},
+            "plaintext_refused": 4,
+            "sas": [
+                {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4096,
+                 "packets": 120, "bytes": 150000, "replay_drops": 0, "icv_failures": 0},
+                {"src": "fd77::2", "dst": "fd77::1", "proto": "ah", "spi": 0xdeadbeef_u32,
+                 "packets": 110, "bytes": 140000, "replay_drops": 2, "icv_failures": 1},
+            ],
+        });
+        // A label value that needs escaping.
+        v["sas"][1]["src"] = json_str("fd77::2\"\\\n");
+        v
+    }
+
+    fn json_str(s: &str) -> Value {
+        Value::String(s.to_string())
+    }
+
+    #[test]
+    fn prometheus_output_parses_and_carries_every_counter() {
+        let text = render_prometheus(&stats_fixture());
+        let m = parse_prometheus(&text);
+        let get = |name: &str, l: &[(&str, &str)]| {
+            *m.get(&(name.to_string(), labels(l)))
+                .unwrap_or_else(|| panic!("no {name}{l:?} in\n{text}"))
+        };
+        assert_eq!(get("tunsec_uptime_seconds", &[]), 12.5);
+        assert_eq!(get("tunsec_packets_total", &[("direction", "out")]), 120.0);
+        assert_eq!(get("tunsec_packets_total", &[("direction", "in")]), 110.0);
+        assert_eq!(get("tunsec_bytes_total", &[("direction", "out")]), 150e3);
+        assert_eq!(get("tunsec_bytes_total", &[("direction", "in")]), 140e3);
+        assert_eq!(get("tunsec_bypassed_packets_total", &[]), 3.0);
+        // Every drop reason the engine has, zero or not.
+        for r in DropReason::ALL {
+            let want = match r {
+                DropReason::IcvFailure => 1.0,
+                DropReason::Replay => 2.0,
+                _ => 0.0,
+            };
+            assert_eq!(get("tunsec_drops_total", &[("reason", r.name())]), want);
+        }
+        assert_eq!(get("tunsec_nft_plaintext_refused_total", &[]), 4.0);
+        let io = |dev, dir| [("device", dev), ("direction", dir)];
+        assert_eq!(get("tunsec_io_packets_total", &io("tun", "rx")), 121.0);
+        assert_eq!(get("tunsec_io_packets_total", &io("net", "tx")), 120.0);
+        assert_eq!(get("tunsec_io_errors_total", &io("net", "tx")), 1.0);
+        assert_eq!(get("tunsec_io_errors_total", &io("tun", "tx")), 0.0);
+        assert_eq!(get("tunsec_io_net_rx_trimmed_total", &[]), 2.0);
+        let esp = [
+            ("spi", "0x00001000"),
+            ("proto", "esp"),
+            ("src", "10.77.0.1"),
+            ("dst", "10.77.0.2"),
+        ];
+        assert_eq!(get("tunsec_sa_packets_total", &esp), 120.0);
+        assert_eq!(get("tunsec_sa_bytes_total", &esp), 150e3);
+        let ah = [
+            ("spi", "0xdeadbeef"),
+            ("proto", "ah"),
+            ("src", "fd77::2\"\\\n"),
+            ("dst", "fd77::1"),
+        ];
+        assert_eq!(get("tunsec_sa_replay_drops_total", &ah), 2.0);
+        assert_eq!(get("tunsec_sa_icv_failures_total", &ah), 1.0);
+        assert_eq!(get("tunsec_sa_packets_total", &ah), 110.0);
+        // Nothing else: 1 + 2 + 2 + 1 + 15 + 1 + 4 + 2 + 1 + 2 * 4 series.
+        assert_eq!(m.len(), 37, "{text}");
+    }
+
+    #[test]
+    fn prometheus_output_is_stable() {
+        // The exact text of a few lines, as scrapers and alerts see it.
+        let text = render_prometheus(&stats_fixture());
+        for line in [
+            "# TYPE tunsec_packets_total counter",
+            "tunsec_packets_total{direction=\"out\"} 120",
+            "tunsec_drops_total{reason=\"icv-failure\"} 1",
+            "tunsec_sa_packets_total{spi=\"0x00001000\",proto=\"esp\",src=\"10.77.0.1\",dst=\"10.77.0.2\"} 120",
+            "tunsec_sa_bytes_total{spi=\"0xdeadbeef\",proto=\"ah\",src=\"fd77::2\\\"\\\\\\n\",dst=\"fd77::1\"} 140000",
+            "tunsec_uptime_seconds 12.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn wireshark_lines_are_esp_sa_uat_records() {
+        let sas = serde_json::json!([
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4096, "enc": "aes-gcm-16",
+             "auth": "null", "esn": false, "enc_key": "0x000102030405060708090a0b0c0d0e0f10111213",
+             "auth_key": "0x"},
+            {"src": "fd77::2", "dst": "fd77::1", "proto": "esp", "spi": 0xdeadbeef_u32, "enc": "aes-cbc",
+             "auth": "hmac-sha1", "esn": false, "enc_key": "0x00112233445566778899aabbccddeeff",
+             "auth_key": "0x0102030405060708090a0b0c0d0e0f1011121314"},
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4097, "enc": "null",
+             "auth": "hmac-sha256", "esn": true, "enc_key": "0x", "auth_key": "0xaa"},
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "ah", "spi": 4098, "enc": "null",
+             "auth": "hmac-sha1", "esn": false, "enc_key": "0x", "auth_key": "0xbb"},
+            {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4099,
+             "enc": "chacha20-poly1305", "auth": "null", "esn": false, "enc_key": "0xcc", "auth_key": "0x"},
+        ]);
+        let (text, notes) = wireshark_esp_sa(sas.as_array().unwrap());
+        assert_eq!(
+            text,
+            concat!(
+                "\"IPv4\",\"10.77.0.1\",\"10.77.0.2\",\"0x00001000\",\"AES-GCM with 16 octet ICV [RFC4106]\",",
+                "\"0x000102030405060708090a0b0c0d0e0f10111213\",\"NULL\",\"\"\n",
+                "\"IPv6\",\"fd77::2\",\"fd77::1\",\"0xdeadbeef\",\"AES-CBC [RFC3602]\",",
+                "\"0x00112233445566778899aabbccddeeff\",\"HMAC-SHA-1-96 [RFC2404]\",",
+                "\"0x0102030405060708090a0b0c0d0e0f1011121314\"\n",
+                "\"IPv4\",\"10.77.0.1\",\"10.77.0.2\",\"0x00001001\",\"NULL\",\"\",",
+                "\"HMAC-SHA-256-128 [RFC4868]\",\"0xaa\"\n",
+            )
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("0x00001001") && notes[0].contains("extended"));
+        assert!(notes[1].contains("0x00001003") && notes[1].contains("chacha20-poly1305"));
+    }
+
+    #[test]
+    fn the_parser_rejects_what_prometheus_rejects() {
+        for bad in [
+            "x_total 1\n",                                                  // no TYPE
+            "# HELP x_total h\n# TYPE x_total counter\nx_total{a=\"1} 1\n", // unterminated
+            "# HELP x h\n# TYPE x counter\nx 1\n", // counter without _total
+            "# HELP x_total h\n# TYPE x_total counter\nx_total one\n",
+            "# HELP x_total h\n# TYPE x_total counter\nx_total 1\nx_total 2\n",
+        ] {
+            assert!(
+                std::panic::catch_unwind(|| parse_prometheus(bad)).is_err(),
+                "accepted {bad:?}"
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ pub mod acquire;
 pub mod ah;
 pub mod bench;
 pub mod buf;
+pub mod cli;
 pub mod client;
 pub mod control;
 pub mod cowmap;

@@ -1,59 +1,12 @@
 //! The `tunsec` command.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tunsec::cli::{Cli, Cmd, Dir};
 use tunsec::state::State;
-
-#[derive(Parser)]
-#[command(
-    name = "tunsec",
-    version,
-    about = "A userspace IPsec (ESP/AH/IPComp transport mode) data plane speaking setkey(8)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Dir {
-    Out,
-    In,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Apply the engine to a capture file, offline: no TUN, no privileges.
-    Pcap {
-        /// setkey(8) file of the host doing the processing.
-        #[arg(long, short = 'c')]
-        config: PathBuf,
-        /// `out`: protect plaintext per the outbound SPD; `in`: verify,
-        /// decrypt and check the inbound SPD.
-        #[arg(long, short = 'd', value_enum)]
-        direction: Dir,
-        /// Input pcap (linktype RAW or Ethernet).
-        input: PathBuf,
-        /// Output pcap (linktype RAW, bare IP packets).
-        output: PathBuf,
-    },
-    /// Parse a setkey(8) file and print the policies and SAs it defines.
-    Check { config: PathBuf },
-    /// Measure the engine against the raw crypto primitives (like `openssl speed`).
-    Bench(tunsec::bench::Args),
-    /// Run the data plane: TUN device, raw sockets, routes and nftables.
-    Run(tunsec::daemon::Args),
-    /// Talk to a running daemon like setkey(8): -f FILE, -c, -D, -DP, -F, -FP, -x.
-    Setkey(tunsec::client::SetkeyArgs),
-    /// Counters of a running daemon: traffic, drops by reason, per-SA rates.
-    Stats(tunsec::client::StatsArgs),
-    /// Run an IKE daemon (charon, pluto) or `ip xfrm` against a tunsec
-    /// serving --xfrm: its XFRM netlink reaches tunsec, nothing else changes.
-    Ike(tunsec::ike::Args),
-}
 
 fn load(path: &PathBuf) -> Result<State> {
     let text =

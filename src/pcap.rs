@@ -136,6 +136,10 @@ fn lenient_header<R: Read>(r: &mut R) -> std::io::Result<Vec<u8>> {
     Ok(h)
 }
 
+/// The link types read, as `--help` and errors name them.
+pub const LINK_TYPES: &str =
+    "RAW (or IPv4, IPv6), Ethernet (VLAN tags too), Linux cooked v1 and v2, BSD loopback";
+
 fn supported(link: DataLink) -> bool {
     matches!(
         link,
@@ -282,7 +286,7 @@ fn for_each_frame(
     let link = reader.header().datalink;
     if !supported(link) {
         bail!(
-            "{}: unsupported link type {:?} (use RAW or Ethernet)",
+            "{}: unsupported link type {:?} (tunsec reads {LINK_TYPES})",
             input.display(),
             link
         );
@@ -387,6 +391,27 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_named_link_types_are_the_supported_ones() {
+        use pcap_file::DataLink as L;
+        for (link, name) in [
+            (L::RAW, "RAW"),
+            (L::IPV4, "IPv4"),
+            (L::IPV6, "IPv6"),
+            (L::ETHERNET, "Ethernet (VLAN"),
+            (L::LINUX_SLL, "Linux cooked v1"),
+            (L::LINUX_SLL2, "v2"),
+            (L::NULL, "BSD loopback"),
+            (L::LOOP, "BSD loopback"),
+        ] {
+            assert!(super::supported(link), "{link:?}");
+            assert!(super::LINK_TYPES.contains(name), "{name} is not named");
+        }
+        for link in [L::IEEE802_11, L::PPP, L::USER0] {
+            assert!(!super::supported(link), "{link:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

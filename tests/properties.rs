@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use std::time::Duration;
 use tunsec::buf::PacketBuf;
-use tunsec::engine::{self, Verdict, Worker};
+use tunsec::engine::{self, DropReason, Verdict, Worker};
 use tunsec::packet::fix_lengths;
 use tunsec::state::State;
 
@@ -82,6 +82,109 @@ fn packet(v6: bool, proto: u8, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// Bundles without an integrity check (ESP with `-A null`, IPComp alone):
+/// a changed packet gets past the SA lookup and the ICV to the padding,
+/// next-header and inflate checks.
+const OPEN_BUNDLES: &[&[(&str, &str)]] = &[
+    &[("esp", "-E aes-cbc 0x{16} -A null")],
+    &[("ipcomp", "-C deflate")],
+    &[
+        ("ipcomp", "-C deflate"),
+        ("esp", "-E aes-cbc 0x{32} -A null"),
+    ],
+];
+
+/// Every bundle: the integrity-protected ones, then the open ones.
+fn any_bundle(i: usize) -> &'static [(&'static str, &'static str)] {
+    if i < BUNDLES.len() {
+        BUNDLES[i]
+    } else {
+        OPEN_BUNDLES[i - BUNDLES.len()]
+    }
+}
+
+const ALL_BUNDLES: usize = BUNDLES.len() + OPEN_BUNDLES.len();
+
+/// A change to a sealed packet, past its IP header (the IPsec headers,
+/// the ciphertext, the ICV, the compressed data).
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// XOR a byte (at an index taken modulo the length past the header).
+    Xor(usize, u8),
+    /// Cut the packet to this many bytes past the header.
+    Truncate(usize),
+    /// Append bytes.
+    Extend(Vec<u8>),
+    /// Set the byte at this offset into the first IPsec header (for AH:
+    /// 1 is the payload length, 0 the next header).
+    Header(usize, u8),
+    /// Change one of the last 40 bytes (ESP padding, pad length, next
+    /// header, ICV; the end of the compressed data).
+    Tail(usize, u8),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        4 => (any::<usize>(), 1u8..=255).prop_map(|(i, x)| Mutation::Xor(i, x)),
+        1 => (0usize..64).prop_map(Mutation::Truncate),
+        1 => proptest::collection::vec(any::<u8>(), 1..40).prop_map(Mutation::Extend),
+        2 => (0usize..12, any::<u8>()).prop_map(|(i, x)| Mutation::Header(i, x)),
+        2 => (0usize..40, 1u8..=255).prop_map(|(i, x)| Mutation::Tail(i, x)),
+    ]
+}
+
+fn mutate(wire: &mut Vec<u8>, hdr: usize, m: &Mutation) {
+    let body = wire.len() - hdr;
+    match m {
+        Mutation::Xor(i, x) if body > 0 => wire[hdr + i % body] ^= x,
+        Mutation::Truncate(n) => wire.truncate(hdr + n.min(&body)),
+        Mutation::Extend(b) => wire.extend_from_slice(b),
+        Mutation::Header(i, x) if *i < body => wire[hdr + i] = *x,
+        Mutation::Tail(i, x) if *i < body => {
+            let k = wire.len() - 1 - i;
+            wire[k] ^= x
+        }
+        _ => {}
+    }
+}
+
+/// Seal `p` at A, change it, hand it to B: B must not panic, and what it
+/// forwards is an IP packet. The verdict, for the coverage test.
+fn seal_mutate_open(
+    a: &State,
+    b: &State,
+    wa: &mut Worker,
+    wb: &mut Worker,
+    p: &[u8],
+    ms: &[Mutation],
+    fix: bool,
+) -> Option<Verdict> {
+    let mut buf = PacketBuf::new();
+    buf.load(p);
+    if engine::outbound(a, wa, &mut buf, Duration::ZERO) != Verdict::Forward {
+        return None;
+    }
+    let hdr = if p[0] >> 4 == 6 { 40 } else { 20 };
+    let mut wire = buf.data().to_vec();
+    for m in ms {
+        mutate(&mut wire, hdr, m);
+    }
+    if fix {
+        // Lengths that agree with the packet: the change reaches the
+        // transforms instead of the IP parser.
+        fix_lengths(&mut wire);
+    }
+    buf.load(&wire);
+    let v = engine::inbound(b, wb, &mut buf, Duration::ZERO);
+    if v == Verdict::Forward {
+        assert!(
+            tunsec::packet::parse(buf.data()).is_ok(),
+            "forwarded something that is not an IP packet"
+        );
+    }
+    Some(v)
+}
+
 fn payload_strategy() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..2000),
@@ -146,6 +249,28 @@ proptest! {
     }
 
     #[test]
+    fn changed_sealed_packets_never_panic(
+        bundle in 0..ALL_BUNDLES,
+        v6 in any::<bool>(),
+        payloads in proptest::collection::vec(
+            (payload_strategy(), proptest::collection::vec(mutation(), 1..4), any::<bool>()),
+            1..6,
+        ),
+    ) {
+        // Sealed with the receiver's own SAs (valid SPIs, sequence numbers
+        // and, unless a mutation breaks them, lengths), then changed.
+        let text = config(any_bundle(bundle));
+        let (a, _, _) = State::default().apply_text(&text, "a", Duration::ZERO).unwrap();
+        let (b, _, _) = State::default().apply_text(&text, "b", Duration::ZERO).unwrap();
+        let mut wa = Worker::new([8; 32]);
+        let mut wb = Worker::new([9; 32]);
+        for (payload, ms, fix) in &payloads {
+            let p = packet(v6, 17, payload);
+            seal_mutate_open(&a, &b, &mut wa, &mut wb, &p, ms, *fix);
+        }
+    }
+
+    #[test]
     fn flipping_any_bit_of_a_protected_packet_is_caught(
         bundle in 0..BUNDLES.len(),
         v6 in any::<bool>(),
@@ -170,6 +295,82 @@ proptest! {
         buf.load(&wire);
         prop_assert!(matches!(engine::inbound(&b, &mut wb, &mut buf, Duration::ZERO), Verdict::Drop(_)));
     }
+}
+
+/// The changed packets of `changed_sealed_packets_never_panic` get past
+/// the SPI lookup: over a fixed set of changes, each check behind it
+/// (ICV, padding, AH header length, inflate, replay window) drops some.
+/// Random bytes, as `garbage_never_panics` feeds, reach almost none.
+#[test]
+fn changed_sealed_packets_reach_every_inbound_check() {
+    // (outermost protocol, drop reason) -> packets
+    let mut seen = std::collections::BTreeMap::<(&str, &str), usize>::new();
+    let text_payload: Vec<u8> = b"lorem ipsum dolor sit amet "
+        .iter()
+        .cycle()
+        .take(600)
+        .cloned()
+        .collect();
+    for bundle in 0..ALL_BUNDLES {
+        for v6 in [false, true] {
+            let text = config(any_bundle(bundle));
+            let (a, _, _) = State::default()
+                .apply_text(&text, "a", Duration::ZERO)
+                .unwrap();
+            let (b, _, _) = State::default()
+                .apply_text(&text, "b", Duration::ZERO)
+                .unwrap();
+            let mut wa = Worker::new([8; 32]);
+            let mut wb = Worker::new([9; 32]);
+            let p = packet(v6, 17, &text_payload);
+            let mut changes: Vec<Vec<Mutation>> = Vec::new();
+            for i in 0..40 {
+                changes.push(vec![Mutation::Tail(i, 0x5a)]);
+                changes.push(vec![Mutation::Xor(i * 7 + 3, 0x80)]);
+            }
+            for i in 0..12 {
+                changes.push(vec![Mutation::Header(i, 0xff)]);
+                changes.push(vec![Mutation::Header(i, 1)]);
+            }
+            for n in [0, 3, 8, 15, 30, 63] {
+                changes.push(vec![Mutation::Truncate(n)]);
+            }
+            for ms in &changes {
+                for fix in [true, false] {
+                    if let Some(Verdict::Drop(r)) =
+                        seal_mutate_open(&a, &b, &mut wa, &mut wb, &p, ms, fix)
+                    {
+                        let outer = any_bundle(bundle).last().unwrap().0;
+                        *seen.entry((outer, r.name())).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    for (outer, r) in [
+        ("esp", DropReason::IcvFailure),
+        ("esp", DropReason::BadPadding),
+        ("esp", DropReason::Malformed),
+        ("esp", DropReason::ReplayOld),
+        ("ah", DropReason::IcvFailure),
+        ("ah", DropReason::Malformed), // the AH header length check
+        ("ah", DropReason::ReplayOld),
+        ("ipcomp", DropReason::Decompress),
+    ] {
+        assert!(
+            seen.contains_key(&(outer, r.name())),
+            "no {outer} packet reached {}: {seen:?}",
+            r.name()
+        );
+    }
+    // Most changes are caught by a check behind the SPI lookup, not by it.
+    let total: usize = seen.values().sum();
+    let unknown: usize = seen
+        .iter()
+        .filter(|((_, r), _)| *r == "unknown-spi")
+        .map(|(_, n)| n)
+        .sum();
+    assert!(unknown * 4 < total, "{seen:?}");
 }
 
 mod spd_index {

@@ -9,6 +9,8 @@
 //! without blocking (a monitor that does not keep up loses events, and is
 //! dropped after many).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use super::plumbing::Plumbing;
 use super::workers::Shared;
 use crate::control::{self, Request};
@@ -64,45 +66,102 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Create the listening socket at `path`, replacing a stale one (the caller
-/// holds the instance lock for this path, so no live instance owns it).
-pub fn listen(path: &Path) -> Result<OwnedFd> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(path);
-    // SAFETY: plain socket calls on an fd we own; sockaddr_un filled below.
-    let fd =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+/// A `sockaddr_un` for `path`, or None if the path does not fit.
+fn unix_addr(path: &Path) -> Option<libc::sockaddr_un> {
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { zeroed() };
     addr.sun_family = libc::AF_UNIX as u16;
     let bytes = path.as_os_str().as_encoded_bytes();
     if bytes.len() >= addr.sun_path.len() {
-        anyhow::bail!(
-            "control path {} is too long for a Unix socket",
-            path.display()
-        );
+        return None;
     }
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
-    // Created 0600 from the start: no window where others may connect.
-    let old = unsafe { libc::umask(0o177) };
-    let r = cvt(unsafe {
+    Some(addr)
+}
+
+/// Create the listening socket at `path`, replacing a stale one (the caller
+/// holds the instance lock for this path, so no live instance owns it).
+///
+/// The socket is never reachable by others with a mode wider than 0600,
+/// and the process's umask is not touched (it is process-wide: changing it
+/// would change the mode of files other threads create meanwhile). The
+/// socket is bound inside a fresh directory of mode 0700 beside `path`,
+/// which nobody else can traverse, made 0600 there, and then renamed to
+/// `path`: a rename keeps the inode, so the bound socket answers at its
+/// new name.
+pub fn listen(path: &Path) -> Result<OwnedFd> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tag = [0u8; 6];
+    getrandom::fill(&mut tag).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    let private = dir.join(format!(
+        ".tunsec-{}",
+        tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    // mode 0700 (the umask can only narrow it); an existing entry of that
+    // name, whoever made it, is an error, never reused.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("cannot create {}", private.display()))?;
+    let tmp = private.join("s");
+    let r = bind_private(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    let fd = r?;
+    // Whatever the umask, the socket is 0600 before anyone can reach it.
+    debug_assert_eq!(
+        std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok(),
+        Some(0o600)
+    );
+    Ok(fd)
+}
+
+/// Bind and listen at `tmp` (in a private directory), chmod 0600, and move
+/// the socket to `path`.
+fn bind_private(tmp: &Path, path: &Path) -> Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(addr) = unix_addr(tmp) else {
+        anyhow::bail!(
+            "control path {} is too long for a Unix socket (it is bound as {} first)",
+            path.display(),
+            tmp.display()
+        );
+    };
+    // SAFETY: socket() takes no pointers; the result is checked by cvt.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un and the length is its size.
+    cvt(unsafe {
         libc::bind(
             fd.as_raw_fd(),
             &addr as *const _ as *const libc::sockaddr,
             size_of::<libc::sockaddr_un>() as u32,
         )
-    });
-    unsafe { libc::umask(old) };
-    r.with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    })
+    .with_context(|| format!("cannot bind control socket {}", tmp.display()))?;
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", tmp.display()))?;
+    // SAFETY: listen() on our own socket takes no pointers.
     cvt(unsafe { libc::listen(fd.as_raw_fd(), 16) })?;
+    let _ = std::fs::remove_file(path);
+    std::fs::rename(tmp, path)
+        .with_context(|| format!("cannot move the control socket to {}", path.display()))?;
     Ok(fd)
 }
 
 pub fn peer_uid(fd: RawFd) -> Option<u32> {
+    // SAFETY: ucred is plain old data; all zeroes is a valid value.
     let mut cred: libc::ucred = unsafe { zeroed() };
     let mut len = size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: cred/len are valid output space.
@@ -210,6 +269,8 @@ impl Control {
                             let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
                             if dup >= 0 {
                                 let m = Monitor {
+                                    // SAFETY: dup is a new descriptor that
+                                    // nothing else owns.
                                     fd: unsafe { OwnedFd::from_raw_fd(dup) },
                                     lost: 0,
                                 };
@@ -516,5 +577,73 @@ pub fn join(h: std::thread::JoinHandle<()>) {
     }
     if h.is_finished() {
         let _ = h.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    fn umask_now() -> String {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find(|l| l.starts_with("Umask:"))
+            .unwrap_or("Umask: ?")
+            .to_string()
+    }
+
+    #[test]
+    fn the_socket_is_0600_in_place_and_nothing_is_left_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/ctl.sock");
+        let fd = listen(&path).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ctl.sock"], "the private directory is gone");
+        // The renamed socket is the bound one: a client reaches it.
+        let _c = crate::client::Conn::connect(&path).unwrap();
+        assert!(poll_in(fd.as_raw_fd(), 1000), "the connection arrives");
+        // A second instance replaces a stale socket.
+        drop(fd);
+        let _fd = listen(&path).unwrap();
+        let _c = crate::client::Conn::connect(&path).unwrap();
+    }
+
+    #[test]
+    fn listening_never_changes_the_process_umask() {
+        // The umask is process-wide: while one thread binds the socket,
+        // another creating a file must get its usual mode. Watch it from
+        // a second thread (Linux shows it in /proc/self/status).
+        let before = umask_now();
+        assert_ne!(before, "Umask: ?", "no Umask in /proc/self/status");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            let before = before.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Relaxed) {
+                    let u = umask_now();
+                    if u != before {
+                        seen.push(u);
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..300 {
+            drop(listen(&path).unwrap());
+        }
+        stop.store(true, Relaxed);
+        let seen = watcher.join().unwrap();
+        assert!(seen.is_empty(), "umask {before} changed to {seen:?}");
     }
 }

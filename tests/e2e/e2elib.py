@@ -286,6 +286,21 @@ COUNTERS_RE = re.compile(
 COUNTERS_LINE = re.compile(r"^.*?\b(final )?counters: (.*)$", re.M)
 
 
+def drop_reasons() -> frozenset[str]:
+    """The engine's drop reasons, as it names them (DropReason::name in
+    src/engine.rs), so that a renamed or removed reason fails the tests
+    that ask for it instead of reading as 0."""
+    text = (REPO_ROOT / "src" / "engine.rs").read_text()
+    body = text[text.index("pub fn name(self) -> &'static str"):]
+    body = body[:body.index("\n    }\n")]
+    names = frozenset(re.findall(r'DropReason::\w+ => "([a-z0-9-]+)"', body))
+    assert len(names) >= 10, f"cannot read the drop reasons from src/engine.rs: {sorted(names)}"
+    return names
+
+
+DROP_REASONS = drop_reasons()
+
+
 @dataclass
 class Counters:
     line: str
@@ -293,8 +308,14 @@ class Counters:
     reasons: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, k: str) -> int:
+        """A total (`dropped`, `in_packets`, ...) or a drop reason's count.
+        The line names only the reasons that dropped something, so a known
+        reason it does not name is 0; a name tunsec does not have raises."""
         if k in self.values:
             return self.values[k]
+        if k not in DROP_REASONS:
+            raise KeyError(f"{k!r} is neither a counter ({', '.join(self.values)}) nor a drop reason "
+                           f"({', '.join(sorted(DROP_REASONS))})")
         return self.reasons.get(k, 0)
 
 
@@ -308,6 +329,8 @@ def parse_counters(line: str) -> Counters:
             name, n = part.rsplit(" ", 1)
             reasons[name] = int(n)
     assert sum(reasons.values()) == vals["dropped"], f"drop reasons do not add up: {line}"
+    unknown = set(reasons) - DROP_REASONS
+    assert not unknown, f"drop reasons {sorted(unknown)} are not the engine's ({sorted(DROP_REASONS)}): {line}"
     return Counters(line, vals, reasons)
 
 

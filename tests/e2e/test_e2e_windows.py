@@ -3,16 +3,19 @@ hmac-sha1 under AH hmac-sha1, ICMP bypassed, IPv4 and IPv6) between two
 namespaces: bulk TCP both ways, UDP, ping, and what the wire shows.
 """
 
+import os
 import secrets
+import subprocess
 import sys
 from collections import Counter, defaultdict
 
+import nettool
 import pytest
 
 from e2elib import (
     A4, A6, AH_ESP_LINE, B4, B6, IFACE_A, PROTO_AH, PROTO_ESP, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     Capture, between, find_sa, ip_packets, make_topology, mkconf, parse_sas, ping, tcp_transfer_check,
-    tcp_transfer_start, tcpdump_read, tshark_esp,
+    tcp_transfer_start, tcpdump_read, tshark_esp, tunsec_bin,
 )
 
 FAMILIES = {"v4": (A4, B4), "v6": (A6, B6)}
@@ -209,3 +212,58 @@ def test_icmp_is_bypassed_in_the_clear(net, tmp_path):
     assert c1["bypassed"] - c0["bypassed"] == 4 * n, f"{c0.line} -> {c1.line}"
     assert c1["out_packets"] == c0["out_packets"], f"ICMP was protected: {c0.line} -> {c1.line}"
     assert c1["dropped"] == c0["dropped"], f"{c0.line} -> {c1.line}"
+
+
+def test_wireshark_decrypts_with_the_sa_file_tunsec_writes(net, tmp_path):
+    """`tunsec setkey -D --wireshark` writes Wireshark's esp_sa file: with
+    only that file in its configuration directory, tshark decrypts a
+    capture of the veth and sees the inner TCP and UDP, markers and all."""
+    marker = "TUNSEC-E2E-WS-" + secrets.token_hex(6)
+    cap = Capture(net, net.a, IFACE_A, tmp_path / "ws.pcap")
+    tx, rx = tcp_transfer_start(net, net.a, net.b, B4, 5011, 200_000, text=True, marker=marker)
+    tcp_transfer_check(tx, rx, 200_000)
+    urx = net.tool(net.a, "udp-recv", "--bind", A6, "--port", "6011", "--count", "30", "--marker", marker)
+    urx.wait_ready()
+    utx = net.tool(net.b, "udp-send", "--to", A6, "--port", "6011", "--count", "30", "--marker", marker)
+    utx.result(60)
+    urx.result(60)
+    cap.stop()
+
+    r = subprocess.run([str(tunsec_bin()), "setkey", "-D", "--wireshark", "--control", str(net.da.control)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    esp = [s for s in net.sas if s.proto == "esp"]
+    assert len(lines) == len(esp) == 4, r.stdout
+    for sa in esp:
+        assert any(f'"{sa.src}","{sa.dst}","0x{sa.spi:08x}","AES-CBC [RFC3602]","{sa.enc_key}",'
+                   f'"HMAC-SHA-1-96 [RFC2404]","{sa.auth_key}"' in line for line in lines), (sa, lines)
+    conf = tmp_path / "wireshark"
+    conf.mkdir()
+    (conf / "esp_sa").write_text(r.stdout)
+
+    def tshark(*args):
+        env = {**os.environ, "WIRESHARK_CONFIG_DIR": str(conf)}
+        p = subprocess.run(["tshark", "-n", "-r", str(tmp_path / "ws.pcap"),
+                            "-o", "esp.enable_encryption_decode:TRUE",
+                            "-o", "esp.enable_authentication_check:TRUE", *args],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.splitlines()
+
+    hexmarker = marker.encode().hex()
+    tcp = tshark("-Y", "tcp.port == 5011 && esp", "-T", "fields", "-e", "esp.icv_good", "-e", "tcp.payload")
+    assert len(tcp) > 100, f"tshark decrypted {len(tcp)} TCP segments"
+    assert all(row.split("\t")[0] in ("1", "True") for row in tcp), tcp[:5]
+    assert sum(hexmarker in row.replace(":", "") for row in tcp) >= 10, "no marker in the decrypted TCP"
+    udp = tshark("-Y", "udp.dstport == 6011 && esp", "-T", "fields", "-e", "ipv6.src", "-e", "data.data")
+    assert len(udp) == 30, udp
+    assert all(row.startswith(B6 + "\t") for row in udp), udp[:3]
+    # Each datagram decrypted byte for byte as nettool.py sent it.
+    sent = {nettool.datagram(i, max(nettool.UDP_SIZES[i % len(nettool.UDP_SIZES)], 13), marker.encode()).hex()
+            for i in range(30)}
+    assert {row.split("\t")[1].replace(":", "") for row in udp} == sent, udp[:3]
+    assert sum(hexmarker in row for row in udp) >= 3, udp[:3]
+    # Without the file, the same capture shows no TCP or UDP at all.
+    (conf / "esp_sa").write_text("")
+    assert tshark("-Y", "(tcp.port == 5011 || udp.dstport == 6011) && esp") == []

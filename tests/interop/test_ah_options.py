@@ -398,6 +398,19 @@ def test_v6_routing_header(work, rtype, hops):
     scapy_verify_ah(routed, out_sa)
     with pytest.raises(IPSecIntegrityError):
         scapy_verify_ah(sent, out_sa)
-    run2 = run_tunsec(cfg_in, "in", [routed], work)
-    expect_summary(run2, read=1, written=1)
-    assert run2.packets == [rh_route(bytes(plain))]
+    # tunsec verifies what scapy signed, not only what tunsec signed:
+    # scapy as the sender (it rearranges the routing header for the ICV),
+    # then the packet routed to B. (scapy cannot sign the packet in its
+    # arrived form, no segments left: what its encrypt makes of that fails
+    # scapy's own verification, so it is no reference.)
+    scapy_sent = bytes(canonical(out_sa.scapy().encrypt(plain, seq_num=2)))
+    assert header_chain(scapy_sent) == ["IPv6", "RT", "AH", "UDP"]
+    scapy_routed = rh_route(scapy_sent)
+    scapy_verify_ah(scapy_routed, out_sa)
+    # and a copy with one payload bit changed, which tunsec must refuse
+    # (first: after its genuine twin it would be a replay)
+    bad = bytearray(scapy_routed)
+    bad[-1] ^= 1
+    run2 = run_tunsec(cfg_in, "in", [bytes(bad), routed, scapy_routed], work)
+    expect_summary(run2, read=3, written=2, icv_failure=1)
+    assert run2.packets == [rh_route(bytes(plain))] * 2
