@@ -1,7 +1,8 @@
 //! Pending ACQUIREs: the kernel's larval "acquire" state, as bookkeeping.
-//! An ACQUIRE is raised once per (policy, source, destination, protocol)
-//! and stays pending until an outbound SA that resolves it exists (its
-//! policy's rule can find one), or `ACQUIRE_TIMEOUT` passes. Other
+//! An ACQUIRE is raised once per SA asked for (source, destination,
+//! protocol, reqid: not per policy, since pluto replaces its `%trap`
+//! policy with a `%hold` one while it negotiates) and stays pending until
+//! an outbound SA that resolves it exists, or `ACQUIRE_TIMEOUT` passes. Other
 //! changes, such as the keying daemon reserving its inbound SPI with
 //! getspi/ALLOCSPI while it negotiates, do not raise it again: a second
 //! ACQUIRE in the middle of a negotiation makes pluto build a second
@@ -9,6 +10,7 @@
 
 use crate::engine::Event;
 use crate::sad::Proto;
+use crate::spd::Flow;
 use crate::state::State;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,7 +22,6 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    policy: u64,
     src: IpAddr,
     dst: IpAddr,
     proto: Proto,
@@ -29,25 +30,32 @@ struct Key {
 
 #[derive(Debug, Default)]
 pub struct Pending {
-    raised: HashMap<Key, Duration>,
+    /// When each was raised, and the flow that raised it.
+    raised: HashMap<Key, (Duration, Flow)>,
 }
 
 impl Pending {
     /// Should this ACQUIRE event go out now? (Other events always do.)
     pub fn raise(&mut self, e: &Event, now: Duration) -> bool {
         let Event::Acquire {
-            policy,
             src,
             dst,
             proto,
             reqid,
+            upper,
+            ports,
             ..
         } = *e
         else {
             return true;
         };
+        let flow = Flow {
+            src,
+            dst,
+            proto: upper,
+            ports,
+        };
         let k = Key {
-            policy,
             src,
             dst,
             proto,
@@ -56,21 +64,18 @@ impl Pending {
         let due = self
             .raised
             .get(&k)
-            .is_none_or(|t| now.saturating_sub(*t) >= ACQUIRE_TIMEOUT);
+            .is_none_or(|(t, _)| now.saturating_sub(*t) >= ACQUIRE_TIMEOUT);
         if due {
-            self.raised.insert(k, now);
+            self.raised.insert(k, (now, flow));
         }
         due
     }
 
-    /// After a change: forget the ACQUIREs that `state` resolves.
+    /// After a change: forget the ACQUIREs that `state` resolves (an
+    /// outbound SA that would carry the flow that raised them).
     pub fn resolve(&mut self, state: &State) {
-        self.raised.retain(|k, _| {
-            state
-                .sad
-                .lookup_outbound(k.src, k.dst, k.proto, k.reqid)
-                .is_none()
-        });
+        self.raised
+            .retain(|k, (_, flow)| state.sad.lookup_flow(flow, k.proto, k.reqid).is_none());
     }
 
     pub fn len(&self) -> usize {
@@ -92,6 +97,44 @@ mod tests {
     }
 
     #[test]
+    fn an_sa_for_other_traffic_does_not_resolve_it() {
+        let e = Event::Acquire {
+            policy: 1,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: Proto::Esp,
+            reqid: None,
+            upper: 6,
+            ports: Some((40000, 5101)),
+        };
+        let mut p = Pending::default();
+        assert!(p.raise(&e, Duration::ZERO));
+        // An outbound SA negotiated for TCP port 5102 between the same hosts.
+        let text = "add 10.0.0.1 10.0.0.2 esp 0x1000 -E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213;";
+        let add = |spi: u32, dport: u16, base: &State| {
+            let mut st = crate::setkey::parse(text, "t").unwrap().statements;
+            if let crate::setkey::Command::Add(cfg) = &mut st[0].cmd {
+                cfg.spi = spi;
+                cfg.selector = Some(crate::spd::Selector {
+                    src: crate::spd::Prefix::host(cfg.src),
+                    dst: crate::spd::Prefix::host(cfg.dst),
+                    proto: Some(6),
+                    sport: None,
+                    dport: Some(dport),
+                });
+            }
+            base.apply(&st, "t", Duration::ZERO).unwrap().0
+        };
+        let s = add(0x1000, 5102, &State::seeded(1));
+        p.resolve(&s);
+        assert!(!p.raise(&e, Duration::from_secs(1)), "still pending");
+        // The one for port 5101 resolves it.
+        let s = add(0x2000, 5101, &s);
+        p.resolve(&s);
+        assert!(p.is_empty());
+    }
+
+    #[test]
     fn raised_once_until_an_sa_resolves_it_or_it_times_out() {
         let e = Event::Acquire {
             policy: 1,
@@ -106,6 +149,13 @@ mod tests {
         let t = Duration::from_secs(5);
         assert!(p.raise(&e, t));
         assert!(!p.raise(&e, t + Duration::from_secs(1)));
+        // The keying daemon replaces its trap policy while it negotiates:
+        // the same SA asked for by another policy is the same ACQUIRE.
+        let mut other = e;
+        if let Event::Acquire { policy, .. } = &mut other {
+            *policy = 2;
+        }
+        assert!(!p.raise(&other, t + Duration::from_secs(1)));
         // The keying daemon reserves its inbound SPI: still pending.
         let s = apply(&State::seeded(1), "getspi 10.0.0.2 10.0.0.1 esp;");
         p.resolve(&s);

@@ -320,6 +320,7 @@ mod tests {
             auth_key: Zeroizing::new(KEY.to_vec()),
             raw_cpi: false,
             lifetime: Lifetime::default(),
+            selector: None,
         };
         Sa::new(cfg, Duration::ZERO, 1).unwrap()
     }

@@ -280,10 +280,7 @@ fn resolve_out(state: &State, w: &mut Worker, flow: &Flow) -> Result<OutCache, V
     if let Action::Ipsec(rules) = &policy.action {
         let mut n = 0;
         for r in rules.iter().take(MAX_BUNDLE) {
-            match state
-                .sad
-                .lookup_outbound(flow.src, flow.dst, r.proto, r.level.reqid())
-            {
+            match state.sad.lookup_flow(flow, r.proto, r.level.reqid()) {
                 Some(sa) => {
                     sas[n] = Some(sa.clone());
                     n += 1;

@@ -256,6 +256,7 @@ mod tests {
             auth_key: Zeroizing::new(h(akey)),
             raw_cpi: false,
             lifetime: Lifetime::default(),
+            selector: None,
         };
         Sa::new(cfg, Duration::ZERO, 1).unwrap()
     }

@@ -91,6 +91,12 @@ pub struct SaConfig {
     /// IPComp: `-R` given, the SPI field is the CPI on the wire.
     pub raw_cpi: bool,
     pub lifetime: Lifetime,
+    /// The traffic this SA may carry out, when narrower than everything
+    /// between its two addresses (XFRM's `xfrm_usersa_info.sel`: the
+    /// traffic selector an IKE daemon negotiated). An outbound lookup skips
+    /// an SA whose selector does not match the flow, as the kernel's
+    /// `xfrm_state_find` does; setkey SAs have none.
+    pub selector: Option<crate::spd::Selector>,
 }
 
 impl fmt::Debug for SaConfig {
@@ -607,6 +613,26 @@ impl Sad {
             .find(|sa| !sa.is_dead() && reqid.is_none_or(|r| sa.config.reqid == r))
     }
 
+    /// Outbound lookup for a flow: as [`Sad::lookup_outbound`], skipping
+    /// SAs whose own selector does not match the flow.
+    #[inline]
+    pub fn lookup_flow(
+        &self,
+        flow: &crate::spd::Flow,
+        proto: Proto,
+        reqid: Option<u32>,
+    ) -> Option<&Arc<Sa>> {
+        self.by_pair
+            .get(&(flow.src, flow.dst, proto))?
+            .iter()
+            .rev()
+            .find(|sa| {
+                !sa.is_dead()
+                    && reqid.is_none_or(|r| sa.config.reqid == r)
+                    && sa.config.selector.is_none_or(|s| s.matches(flow))
+            })
+    }
+
     /// All SAs, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Sa>> {
         let mut v: Vec<_> = self.by_spi.values().collect();
@@ -648,6 +674,7 @@ mod tests {
             auth_key: Zeroizing::new(vec![2; 20]),
             raw_cpi: false,
             lifetime: Lifetime::default(),
+            selector: None,
         }
     }
 

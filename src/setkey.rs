@@ -817,6 +817,7 @@ fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig,
         auth_key,
         raw_cpi: raw.is_some(),
         lifetime,
+        selector: None,
     };
     if let Err(e) = crate::sad::Sa::new(config.clone(), Duration::ZERO, 0) {
         return Err(c.err(c.line, e.to_string()));

@@ -178,13 +178,17 @@ pub fn peer_uid(fd: RawFd) -> Option<u32> {
 }
 
 fn send_msg(fd: RawFd, v: &Value, flags: libc::c_int) -> io::Result<()> {
-    let text = v.to_string();
-    // SAFETY: buffer valid for the call.
+    send_bytes(fd, v.to_string().as_bytes(), flags)
+}
+
+/// Send one message (a datagram on these sockets), never raising SIGPIPE.
+pub fn send_bytes(fd: RawFd, msg: &[u8], flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: the buffer is valid for the call.
     let r = unsafe {
         libc::send(
             fd,
-            text.as_ptr() as *const libc::c_void,
-            text.len(),
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
             flags | libc::MSG_NOSIGNAL,
         )
     };

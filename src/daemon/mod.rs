@@ -340,7 +340,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     shared.stop.store(true, Relaxed);
     control::join(ctl_thread);
     if let Some(h) = xfrm_thread {
-        xfrm::join(h);
+        control::join(h);
     }
     ctl.clear_listeners();
     let _ = std::fs::remove_file(&args.control);

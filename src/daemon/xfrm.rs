@@ -16,12 +16,11 @@ use crate::state::State;
 use crate::xfrm as x;
 use crate::xfrm::convert::Clock;
 use crate::xfrm::netlink::{self, SHIM_BIND, errno};
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 /// The largest datagram read: netlink requests are small, but a client
 /// may try anything.
@@ -50,23 +49,6 @@ fn clock(ctl: &Control) -> Clock {
         wall: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-    }
-}
-
-fn send(fd: RawFd, msg: &[u8], flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: the buffer is valid for the call.
-    let r = unsafe {
-        libc::send(
-            fd,
-            msg.as_ptr() as *const libc::c_void,
-            msg.len(),
-            flags | libc::MSG_NOSIGNAL,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
@@ -203,7 +185,7 @@ impl Server {
             }
             let mut broken = false;
             for d in pack(replies) {
-                if let Err(e) = send(raw, &d, 0) {
+                if let Err(e) = control::send_bytes(raw, &d, 0) {
                     tracing::warn!("xfrm: cannot answer a client ({e}): closing the connection");
                     broken = true;
                     break;
@@ -245,7 +227,7 @@ impl Server {
             if c.groups.load(Relaxed) & bit == 0 {
                 continue;
             }
-            if send(c.fd.as_raw_fd(), msg, libc::MSG_DONTWAIT).is_err() {
+            if control::send_bytes(c.fd.as_raw_fd(), msg, libc::MSG_DONTWAIT).is_err() {
                 let lost = c.lost.fetch_add(1, Relaxed);
                 if lost == 0 {
                     tracing::warn!("xfrm: a listener is not reading: events to it are lost");
@@ -279,16 +261,5 @@ impl Listener for Server {
         if let Some((g, m)) = x::event(state, e, seq, clock(&self.ctl)) {
             self.multicast(g, &m);
         }
-    }
-}
-
-/// Wait for a server thread to end (bounded).
-pub fn join(h: std::thread::JoinHandle<()>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while !h.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if h.is_finished() {
-        let _ = h.join();
     }
 }

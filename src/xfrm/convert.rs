@@ -348,6 +348,16 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
     } else {
         info.id.spi
     };
+    // The SA's selector, kept when it narrows what the SA may carry (it is
+    // neither the wildcard nor all traffic between the SA's two hosts).
+    let sel = selector(&info.selector).ok().filter(|s| {
+        let wildcard = s.src.len == 0
+            && s.dst.len == 0
+            && s.proto.is_none()
+            && s.sport.is_none()
+            && s.dport.is_none();
+        !wildcard && *s != host_pair(src, dst)
+    });
     Ok(SaConfig {
         src,
         dst,
@@ -369,7 +379,18 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
             soft_packets: limit(lt.soft_packet_limit),
             hard_packets: limit(lt.hard_packet_limit),
         },
+        selector: sel,
     })
+}
+
+fn host_pair(src: IpAddr, dst: IpAddr) -> Selector {
+    Selector {
+        src: Prefix::host(src),
+        dst: Prefix::host(dst),
+        proto: None,
+        sport: None,
+        dport: None,
+    }
 }
 
 fn has_crypt(attrs: &[XfrmAttrs]) -> bool {
@@ -421,7 +442,10 @@ pub fn sa_info(sa: &Sa, clock: Clock, keys: bool) -> (UserSaInfo, Vec<XfrmAttrs>
     let c = &sa.config;
     let lt = &c.lifetime;
     let info = UserSaInfo {
-        selector: host_selector(c.src, c.dst, None, None),
+        selector: c
+            .selector
+            .as_ref()
+            .map_or_else(|| host_selector(c.src, c.dst, None, None), xselector),
         id: Id {
             daddr: xaddr(c.dst),
             spi: c.wire_spi(),

@@ -246,11 +246,52 @@ fn recorded_sas_become_the_right_transforms() {
         if proto == Proto::IpComp {
             assert!(c.raw_cpi && c.spi <= 0xffff, "{f}: the CPI is on the wire");
         }
+        // Host-to-host children carry everything between the hosts: no
+        // selector is kept.
+        if f.starts_with("charon") {
+            assert_eq!(c.selector, None, "{f}");
+        }
         // Rendered back (GETSA), the same SA comes out.
         let sa = crate::sad::Sa::new(c.clone(), CLOCK.now, 1).unwrap();
         let (info2, attrs2) = convert::sa_info(&sa, CLOCK, true);
         assert_eq!(convert::sa_config(&info2, &attrs2).unwrap(), c, "{f}");
     }
+}
+
+#[test]
+fn an_sa_keeps_a_selector_that_narrows_it_and_carries_only_that_traffic() {
+    // pluto's conn with leftprotoport=tcp rightprotoport=tcp/5101 (or any
+    // NEWSA whose selector names a protocol or ports).
+    let b = fixture("ip-001-newsa-esp-aes-gcm-out.hex");
+    let mut info = UserSaInfo::parse(&b[16..]).unwrap();
+    let attrs = attributes(&b[16 + USERSA_INFO..]).unwrap();
+    let (src, dst) = (ip("10.99.0.1"), ip("10.99.0.2"));
+    info.selector = convert::host_selector(src, dst, Some(6), Some((0, 5101)));
+    info.selector.sport_mask = 0;
+    let c = convert::sa_config(&info, &attrs).unwrap();
+    let sel = c.selector.expect("kept");
+    assert_eq!(
+        (sel.proto, sel.sport, sel.dport),
+        (Some(6), None, Some(5101))
+    );
+    let mut s = State::seeded(4);
+    let st = vec![Statement {
+        line: 1,
+        cmd: Command::Add(c),
+    }];
+    s = s.apply(&st, "t", CLOCK.now).unwrap().0;
+    let flow = |dport| crate::spd::Flow {
+        src,
+        dst,
+        proto: 6,
+        ports: Some((40000, dport)),
+    };
+    assert!(s.sad.lookup_flow(&flow(5101), Proto::Esp, None).is_some());
+    assert!(s.sad.lookup_flow(&flow(5102), Proto::Esp, None).is_none());
+    // GETSA shows the selector as it came.
+    let sa = s.sad.iter().next().unwrap();
+    let (out, _) = convert::sa_info(sa, CLOCK, false);
+    assert_eq!((out.selector.proto, out.selector.dport), (6, 5101));
 }
 
 #[test]
