@@ -35,8 +35,11 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Should this ACQUIRE event go out now? (Other events always do.)
-    pub fn raise(&mut self, e: &Event, now: Duration) -> bool {
+    /// Should this ACQUIRE event go out now, with `state` the running
+    /// state? (Other events always do.) Not if an SA that carries its
+    /// flow exists by now: a worker raised it against an older state, and
+    /// the keying daemon answered meanwhile.
+    pub fn raise(&mut self, e: &Event, now: Duration, state: &State) -> bool {
         let Event::Acquire {
             src,
             dst,
@@ -61,6 +64,10 @@ impl Pending {
             proto,
             reqid,
         };
+        if state.sad.lookup_flow(&flow, proto, reqid).is_some() {
+            self.raised.remove(&k);
+            return false;
+        }
         let due = self
             .raised
             .get(&k)
@@ -108,7 +115,8 @@ mod tests {
             ports: Some((40000, 5101)),
         };
         let mut p = Pending::default();
-        assert!(p.raise(&e, Duration::ZERO));
+        let empty = State::default();
+        assert!(p.raise(&e, Duration::ZERO, &empty));
         // An outbound SA negotiated for TCP port 5102 between the same hosts.
         let text = "add 10.0.0.1 10.0.0.2 esp 0x1000 -E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213;";
         let add = |spi: u32, dport: u16, base: &State| {
@@ -127,11 +135,15 @@ mod tests {
         };
         let s = add(0x1000, 5102, &State::seeded(1));
         p.resolve(&s);
-        assert!(!p.raise(&e, Duration::from_secs(1)), "still pending");
+        assert!(!p.raise(&e, Duration::from_secs(1), &s), "still pending");
         // The one for port 5101 resolves it.
-        let s = add(0x2000, 5101, &s);
-        p.resolve(&s);
+        let s2 = add(0x2000, 5101, &s);
+        p.resolve(&s2);
         assert!(p.is_empty());
+        // An event raised against the older state, reported after the SA
+        // came: it does not go out.
+        assert!(p.raise(&e, Duration::from_secs(2), &s));
+        assert!(!p.raise(&e, Duration::from_secs(2), &s2));
     }
 
     #[test]
@@ -147,26 +159,27 @@ mod tests {
         };
         let mut p = Pending::default();
         let t = Duration::from_secs(5);
-        assert!(p.raise(&e, t));
-        assert!(!p.raise(&e, t + Duration::from_secs(1)));
+        let empty = State::default();
+        assert!(p.raise(&e, t, &empty));
+        assert!(!p.raise(&e, t + Duration::from_secs(1), &empty));
         // The keying daemon replaces its trap policy while it negotiates:
         // the same SA asked for by another policy is the same ACQUIRE.
         let mut other = e;
         if let Event::Acquire { policy, .. } = &mut other {
             *policy = 2;
         }
-        assert!(!p.raise(&other, t + Duration::from_secs(1)));
+        assert!(!p.raise(&other, t + Duration::from_secs(1), &empty));
         // The keying daemon reserves its inbound SPI: still pending.
         let s = apply(&State::seeded(1), "getspi 10.0.0.2 10.0.0.1 esp;");
         p.resolve(&s);
-        assert!(!p.raise(&e, t + Duration::from_secs(2)));
+        assert!(!p.raise(&e, t + Duration::from_secs(2), &s));
         // An inbound SA alone does not resolve it either.
         let s = apply(
             &s,
             "add 10.0.0.2 10.0.0.1 esp 0x2000 -E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213;",
         );
         p.resolve(&s);
-        assert!(!p.raise(&e, t + Duration::from_secs(3)));
+        assert!(!p.raise(&e, t + Duration::from_secs(3), &s));
         // The outbound SA does.
         let s = apply(
             &s,
@@ -174,9 +187,11 @@ mod tests {
         );
         p.resolve(&s);
         assert!(p.is_empty());
-        assert!(p.raise(&e, t + Duration::from_secs(4)));
+        // While the SA is there, none is raised; once it is gone, one is.
+        assert!(!p.raise(&e, t + Duration::from_secs(4), &s));
+        assert!(p.raise(&e, t + Duration::from_secs(4), &empty));
         // Unanswered, it is raised again after the timeout.
-        assert!(!p.raise(&e, t + Duration::from_secs(33)));
-        assert!(p.raise(&e, t + Duration::from_secs(34)));
+        assert!(!p.raise(&e, t + Duration::from_secs(33), &empty));
+        assert!(p.raise(&e, t + Duration::from_secs(34), &empty));
     }
 }

@@ -427,14 +427,14 @@ fn serve(
         let events: Vec<Event> =
             std::mem::take(&mut *shared.events.lock().unwrap_or_else(|e| e.into_inner()));
         for e in events {
-            if report(e, &mut acquires, shared.now()) {
+            if report(e, &mut acquires, shared.now(), &shared.state.load()) {
                 ctl.broadcast(&e);
             }
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             for e in expire(shared, ctl) {
-                report(e, &mut acquires, shared.now());
+                report(e, &mut acquires, shared.now(), &shared.state.load());
                 ctl.broadcast(&e);
             }
         }
@@ -468,7 +468,12 @@ fn stop_workers(
 
 /// Log an event and say whether to pass it on: an ACQUIRE goes out once
 /// until an SA resolves it or it times out (`crate::acquire`).
-fn report(e: Event, acquires: &mut crate::acquire::Pending, now: Duration) -> bool {
+fn report(
+    e: Event,
+    acquires: &mut crate::acquire::Pending,
+    now: Duration,
+    state: &crate::state::State,
+) -> bool {
     match e {
         Event::Acquire {
             policy,
@@ -478,7 +483,7 @@ fn report(e: Event, acquires: &mut crate::acquire::Pending, now: Duration) -> bo
             reqid,
             ..
         } => {
-            let due = acquires.raise(&e, now);
+            let due = acquires.raise(&e, now, state);
             if due {
                 tracing::warn!(
                     "ACQUIRE policy {policy}: no usable {proto} SA {src} -> {dst}{}; packets wait up to 1 s for it, then are dropped",

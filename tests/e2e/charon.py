@@ -122,7 +122,13 @@ secrets {{ ike-1 {{ id-1 = {local}
                     cur[m[1] + "_cpi"] = m[3]
         return res
 
-    def installed(self, child: str) -> dict:
-        sas = [c for c in self.children().get(child, []) if c["state"] == "INSTALLED"]
-        assert sas, f"no INSTALLED CHILD_SA {child}:\n{self.swanctl('--list-sas')}"
-        return sas[-1]
+    def installed(self, child: str, timeout: float = 10) -> dict:
+        """The newest INSTALLED CHILD_SA of `child`, waiting for one while
+        a rekey is under way."""
+        end = time.monotonic() + timeout
+        while True:
+            sas = [c for c in self.children().get(child, []) if c["state"] == "INSTALLED"]
+            if sas:
+                return sas[-1]
+            assert time.monotonic() < end, f"no INSTALLED CHILD_SA {child}:\n{self.swanctl('--list-sas')}"
+            time.sleep(0.2)

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""What the number of peers costs the running daemon (issue 10), as root:
+
+    scripts/bench-peers.py [N ...]        (default 100 1000 10000)
+
+For each N: a namespace of its own (tsbenchP, a veth with 10.77.0.1), a
+setkey file with N peers (ESP aes-gcm-16 SAs both ways, an out and an in
+policy each, the ICMP bypass), then `tunsec run` on it. It prints the time
+to start (until the daemon says it is up) and to stop (SIGINT until it has
+restored everything), and the median and worst time of changes made one
+request at a time over the control socket, as an IKE daemon makes them:
+200 SA adds, 50 outbound policies (routes over rtnetlink) and 20 inbound
+ones (they reload the nftables table). `tunsec bench --peers` measures the
+engine's share of the same changes and the per-packet cost, without the
+daemon. Everything is removed at exit.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NS = "tsbenchP"
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "target" / "release" / "tunsec"
+KEY = "0x" + "11" * 20
+
+
+def sh(*argv, check=True):
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def peer(i: int) -> str:
+    i += 1
+    return f"10.{128 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}"
+
+
+def config(n: int) -> str:
+    lines = ["spdadd 0.0.0.0/0 0.0.0.0/0 icmp -P out priority 10 none;",
+             "spdadd 0.0.0.0/0 0.0.0.0/0 icmp -P in priority 10 none;"]
+    for i in range(n):
+        p = peer(i)
+        lines += [f"add 10.77.0.1 {p} esp {0x10000 + 2 * i:#x} -r 64 -E aes-gcm-16 {KEY};",
+                  f"add {p} 10.77.0.1 esp {0x10001 + 2 * i:#x} -r 64 -E aes-gcm-16 {KEY};",
+                  f"spdadd 10.77.0.1 {p} any -P out ipsec esp/transport//require;",
+                  f"spdadd {p} 10.77.0.1 any -P in ipsec esp/transport//require;"]
+    return "\n".join(lines) + "\n"
+
+
+def measure(n: int, d: Path) -> str:
+    (d / "c.conf").write_text(config(n))
+    log = open(d / "log", "w")
+    t0 = time.monotonic()
+    p = subprocess.Popen(["ip", "netns", "exec", NS, str(BIN), "run", "-c", str(d / "c.conf"), "--tun", "tsbp0",
+                          "--control", str(d / "c.sock"), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                         env={**os.environ, "RUST_LOG": "warn,tunsec=info", "NO_COLOR": "1"})
+    try:
+        while " up: " not in (d / "log").read_text():
+            if p.poll() is not None:
+                raise SystemExit(f"tunsec exited at start:\n{(d / 'log').read_text()[-2000:]}")
+            time.sleep(0.01)
+        start = time.monotonic() - t0
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(str(d / "c.sock"))
+
+        def timed(reqs):
+            v = []
+            for r in reqs:
+                t = time.perf_counter()
+                s.send(r.encode())
+                reply = json.loads(s.recv(1 << 24))
+                v.append((time.perf_counter() - t) * 1e6)
+                if not reply["ok"]:
+                    raise SystemExit(f"{r}: {reply}")
+            v.sort()
+            return f"{v[len(v) // 2]:.0f} µs (worst {v[-1]:.0f})"
+
+        sa = timed([f"add 10.77.0.1 10.200.{i // 250}.{i % 250 + 1} esp {0x900000 + i:#x} -E aes-gcm-16 {KEY};"
+                    for i in range(200)])
+        out = timed([f"spdadd 10.77.0.1 10.201.{i // 250}.{i % 250 + 1} any -P out ipsec esp/transport//require;"
+                     for i in range(50)])
+        inp = timed([f"spdadd 10.202.{i // 250}.{i % 250 + 1} 10.77.0.1 any -P in ipsec esp/transport//require;"
+                     for i in range(20)])
+        s.close()
+        t0 = time.monotonic()
+        p.send_signal(2)
+        p.wait(timeout=60)
+        stop = time.monotonic() - t0
+        return (f"peers {n:>6}: start {start:.2f} s, stop {stop:.2f} s; SA add {sa}; "
+                f"outbound policy {out}; inbound policy {inp}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("bench-peers.py: needs root (a network namespace, routes, nftables)")
+    sizes = [int(a) for a in sys.argv[1:]] or [100, 1000, 10000]
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    sh("ip", "netns", "del", NS, check=False)
+    try:
+        sh("ip", "netns", "add", NS)
+        sh("ip", "-n", NS, "link", "set", "lo", "up")
+        sh("ip", "-n", NS, "link", "add", "tsbp1", "type", "veth", "peer", "name", "tsbp2")
+        sh("ip", "-n", NS, "addr", "add", "10.77.0.1/24", "dev", "tsbp1")
+        sh("ip", "-n", NS, "link", "set", "tsbp1", "up")
+        sh("ip", "-n", NS, "link", "set", "tsbp2", "up")
+        with tempfile.TemporaryDirectory() as d:
+            for n in sizes:
+                print(measure(n, Path(d)), flush=True)
+    finally:
+        sh("ip", "netns", "del", NS, check=False)
+
+
+if __name__ == "__main__":
+    main()
