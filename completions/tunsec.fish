@@ -49,13 +49,13 @@ complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -s h -l help -d 'Pr
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -s c -l config -d 'setkey(8) file: policies and (optionally) SAs. Without one, tunsec starts empty, to be keyed at run time (--control, --xfrm)' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l tun -d 'Name of the TUN device to create' -r
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l workers -d 'Worker threads (default: the number of CPUs)' -r
-complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l control -d 'Control socket path (one per instance)' -r -F
+complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l control -d 'Control socket path (one per instance). Default: /run/tunsec/TUN.sock in the initial network namespace, /run/tunsec/net-INODE-TUN.sock in any other' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l xfrm -d 'Serve the Linux XFRM netlink API on this Unix socket (root only), for IKE daemons started with `tunsec ike --xfrm PATH -- DAEMON`' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l dry-run -d 'Print every change to interfaces, routes, rules and nftables, and exit'
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l no-offload -d 'Open the TUN device without IFF_VNET_HDR offloads: one packet per read and write (for comparison and for kernels without TUN offload)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -s h -l help -d 'Print help'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s f -d 'Read statements from FILE (setkey -f)' -r -F
-complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l control -d 'The daemon\'s control socket' -r -F
+complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l control -d 'The daemon\'s control socket (default: the one daemon of this network namespace that runs with its default path)' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s c -d 'Read statements from standard input (setkey -c)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s D -d 'Dump the SAD (with -P: the SPD)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s F -d 'Flush the SAD (with -P: the SPD)'
@@ -66,7 +66,7 @@ complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l wireshark -d 'W
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l json -d 'Machine-readable output: the daemon\'s JSON replies (one per line)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s h -l help -d 'Print help'
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l watch -d 'Refresh every SECS seconds, like top' -r
-complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l control -r -F
+complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l control -d 'The daemon\'s control socket (default: the one daemon of this network namespace that runs with its default path)' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l json -d 'One JSON object (per refresh with --watch)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -l prometheus -d 'The counters in the Prometheus text exposition format (for a node_exporter textfile or a scrape wrapper)'
 complete -c tunsec -n "__fish_tunsec_using_subcommand stats" -s h -l help -d 'Print help'

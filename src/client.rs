@@ -12,8 +12,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const DEFAULT_CONTROL: &str = "/run/tunsec/tunsec.sock";
-
 /// A connection to a daemon's control socket.
 pub struct Conn {
     fd: OwnedFd,
@@ -153,9 +151,32 @@ pub struct SetkeyArgs {
     /// Machine-readable output: the daemon's JSON replies (one per line).
     #[arg(long)]
     pub json: bool,
-    /// The daemon's control socket.
-    #[arg(long, default_value = DEFAULT_CONTROL)]
-    pub control: PathBuf,
+    /// The daemon's control socket (default: the one daemon of this
+    /// network namespace that runs with its default path).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+}
+
+/// `--control`, or this network namespace's one daemon socket.
+fn control_path(given: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.clone());
+    }
+    let found = crate::daemon::lock::default_controls_here();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no tunsec daemon of this network namespace runs with its default control socket ({}); give --control PATH",
+            crate::daemon::lock::default_control("TUN").display()
+        ),
+        many => bail!(
+            "several tunsec daemons run in this network namespace: give --control with one of {}",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 fn check(v: &Value, file: &str) -> Result<()> {
@@ -234,7 +255,7 @@ fn print_sa_text(sa: &Value) {
 }
 
 pub fn setkey(a: &SetkeyArgs) -> Result<()> {
-    let mut conn = Conn::connect(&a.control)?;
+    let mut conn = Conn::connect(&control_path(&a.control)?)?;
     let show = |v: &Value| {
         if a.json {
             println!("{v}");
@@ -448,8 +469,10 @@ pub struct StatsArgs {
     /// node_exporter textfile or a scrape wrapper).
     #[arg(long, conflicts_with_all = ["json", "watch"])]
     pub prometheus: bool,
-    #[arg(long, default_value = DEFAULT_CONTROL)]
-    pub control: PathBuf,
+    /// The daemon's control socket (default: the one daemon of this
+    /// network namespace that runs with its default path).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
 }
 
 fn rate(cur: &Value, prev: Option<&Value>, key: &str, secs: f64) -> f64 {
@@ -720,7 +743,7 @@ pub fn render_prometheus(v: &Value) -> String {
 }
 
 pub fn stats(a: &StatsArgs) -> Result<()> {
-    let mut conn = Conn::connect(&a.control)?;
+    let mut conn = Conn::connect(&control_path(&a.control)?)?;
     let mut prev: Option<Value> = None;
     loop {
         let v = conn.request("stats;")?;

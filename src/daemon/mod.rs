@@ -34,9 +34,11 @@ pub struct Args {
     /// Worker threads (default: the number of CPUs).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Control socket path (one per instance).
-    #[arg(long, default_value = "/run/tunsec/tunsec.sock")]
-    pub control: PathBuf,
+    /// Control socket path (one per instance). Default:
+    /// /run/tunsec/TUN.sock in the initial network namespace,
+    /// /run/tunsec/net-INODE-TUN.sock in any other.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
     /// Serve the Linux XFRM netlink API on this Unix socket (root only),
     /// for IKE daemons started with `tunsec ike --xfrm PATH -- DAEMON`.
     #[arg(long)]
@@ -133,6 +135,10 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn run_with(args: &Args, signals: &Signals) -> Result<()> {
+    let control_path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| lock::default_control(&args.tun));
     let seed = os_seed()?;
     let base = State::seeded(u64::from_le_bytes(seed[..8].try_into().unwrap()));
     let state = match &args.config {
@@ -218,11 +224,11 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         &PathBuf::from(lock::LOCK_DIR).join(format!("{}-{}.lock", lock::netns_id(), inst.tun)),
         &format!("TUN device {}", inst.tun),
     )?;
-    let mut control_lock = args.control.clone().into_os_string();
+    let mut control_lock = control_path.clone().into_os_string();
     control_lock.push(".lock");
     let _control_lock = lock::take(
         &PathBuf::from(control_lock),
-        &format!("control path {}", args.control.display()),
+        &format!("control path {}", control_path.display()),
     )?;
 
     let _xfrm_lock = match &args.xfrm {
@@ -262,7 +268,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     let plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
 
     let shared = Arc::new(Shared::new(state, workers));
-    let listener = match control::listen(&args.control) {
+    let listener = match control::listen(&control_path) {
         Ok(l) => l,
         Err(e) => {
             let mut plumbing = plumbing;
@@ -279,7 +285,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .stop();
-                let _ = std::fs::remove_file(&args.control);
+                let _ = std::fs::remove_file(&control_path);
                 return Err(e.context("cannot serve XFRM"));
             }
         },
@@ -287,7 +293,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     };
     let ctl_thread = {
         let c = ctl.clone();
-        let path = args.control.clone();
+        let path = control_path.clone();
         std::thread::Builder::new()
             .name("tunsec-ctl".into())
             .spawn(move || c.serve(listener, path))?
@@ -317,7 +323,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
             .map(|(d, _)| d.to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        args.control.display()
+        control_path.display()
     );
     for p in shared.state.load().spd.iter() {
         tracing::info!("policy {}: {p}", p.id);
@@ -343,7 +349,7 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         control::join(h);
     }
     ctl.clear_listeners();
-    let _ = std::fs::remove_file(&args.control);
+    let _ = std::fs::remove_file(&control_path);
     if let Some(p) = &args.xfrm {
         let _ = std::fs::remove_file(p);
     }

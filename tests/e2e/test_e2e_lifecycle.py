@@ -126,3 +126,33 @@ def test_second_instance_is_refused(net):
     transfer(net, 5600)
     da.stop()
     db.stop()
+
+
+def test_two_namespaces_with_default_flags(net):
+    """The project's main scenario with no --control: each namespace's
+    daemon gets its own socket (they share /run), and `tunsec setkey`
+    without --control finds the one of its namespace."""
+    import os
+    import time
+    logs, procs = [], []
+    try:
+        for ns, conf in ((net.a, net.a_conf), (net.b, net.b_conf)):
+            log = net.workdir / f"default-{ns}.log"
+            logs.append(log)
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, str(tunsec_bin()), "run", "-c", str(conf)],
+                                          stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                          env={**os.environ, "NO_COLOR": "1"}))
+        end = time.monotonic() + 20
+        while not all(" up: " in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            assert time.monotonic() < end, [log.read_text() for log in logs]
+            time.sleep(0.05)
+        for ns, peer in ((net.a, B4), (net.b, A4)):
+            r = net.run(ns, str(tunsec_bin()), "setkey", "-D")
+            assert f" {peer}" in r.stdout or f"{peer} " in r.stdout, r.stdout
+        assert "net-" in logs[0].read_text(), "a namespace's default socket is named after it"
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=20)
