@@ -484,23 +484,24 @@ def test_one_acquire_per_negotiation(net):
     """While pluto negotiates the SA an ACQUIRE asked for, tunsec asks no
     more: the kernel keeps its larval "acquire" state until the outbound
     SA arrives or xfrm_acq_expires (30 s) passes. B loses A's first
-    IKE_AUTH request here, so the negotiation spans pluto's 0.5 s
+    request of the negotiation here (IKE_AUTH, or CREATE_CHILD_SA when an
+    IKE SA is still up from an earlier test), so it spans pluto's 0.5 s
     retransmission. A second ACQUIRE that arrives after the Child SA is up
     makes pluto 4.10 negotiate a second Child SA for the same packet."""
     a, conn = net.pa, "gcm"
     port = CONNS[conn][0]
     n_before, acq_before = len(a.established(conn)), acquires_sent(net.da)
     # The IKE header's exchange type is at UDP payload offset 18 (bit 208
-    # of the transport header); 35 is IKE_AUTH.
+    # of the transport header); 35 is IKE_AUTH, 36 CREATE_CHILD_SA.
     nft = ("table inet plutotest {\n chain in {\n  type filter hook input priority -300;\n"
-           "  udp dport 500 @th,208,8 35 counter drop\n }\n}\n")
+           "  udp dport 500 @th,208,8 { 35, 36 } counter drop\n }\n}\n")
     r = subprocess.run(["ip", "netns", "exec", net.b, "nft", "-f", "-"], input=nft, capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0, r.stderr
     try:
         a.whack("--name", conn, "--route", timeout=30)
         tx, rx = tcp_transfer_start(net, net.a, net.b, B4, port, nbytes=1_000_000, timeout=60)
-        wait_for("B to drop an IKE_AUTH request", lambda: re.search(
+        wait_for("B to drop the negotiation's first request", lambda: re.search(
             r"counter packets [1-9]", net.run(net.b, "nft", "list", "chain", "inet", "plutotest", "in").stdout))
     finally:
         net.run(net.b, "nft", "delete", "table", "inet", "plutotest", check=False)
