@@ -199,6 +199,32 @@ pub fn send_bytes(fd: RawFd, msg: &[u8], flags: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Wait for the next datagram on `fd` and read it into `buf`, until
+/// `stop`. Returns its true length (more than `buf.len()` when it did not
+/// fit), or None once the peer closed, the socket broke or `stop` is set.
+pub fn recv_datagram(
+    fd: RawFd,
+    buf: &mut [u8],
+    stop: &std::sync::atomic::AtomicBool,
+) -> Option<usize> {
+    while !stop.load(Relaxed) {
+        if !poll_in(fd, 200) {
+            continue;
+        }
+        // SAFETY: the buffer is valid for the call.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_TRUNC,
+            )
+        };
+        return (n > 0).then_some(n as usize);
+    }
+    None
+}
+
 pub fn poll_in(fd: RawFd, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
@@ -244,23 +270,7 @@ impl Control {
         let raw = fd.as_raw_fd();
         let mut buf = vec![0u8; MAX_REQUEST + 1];
         let mut errors = 0u32;
-        while !self.shared.stop.load(Relaxed) {
-            if !poll_in(raw, 200) {
-                continue;
-            }
-            // SAFETY: buffer valid for the call.
-            let n = unsafe {
-                libc::recv(
-                    raw,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n <= 0 {
-                return; // closed or broken
-            }
-            let n = n as usize;
+        while let Some(n) = recv_datagram(raw, &mut buf, &self.shared.stop) {
             let reply = if n > MAX_REQUEST {
                 control::error(&format!("request larger than {MAX_REQUEST} bytes"))
             } else {

@@ -131,23 +131,7 @@ impl Server {
             });
         let mut pid = 0u32;
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        while !self.ctl.shared.stop.load(Relaxed) {
-            if !control::poll_in(raw, 200) {
-                continue;
-            }
-            // SAFETY: the buffer is valid for the call.
-            let n = unsafe {
-                libc::recv(
-                    raw,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n <= 0 {
-                break;
-            }
-            let n = n as usize;
+        while let Some(n) = control::recv_datagram(raw, &mut buf, &self.ctl.shared.stop) {
             if n > buf.len() {
                 tracing::warn!(
                     "xfrm: a {n}-byte datagram is over {MAX_DATAGRAM} bytes: closing the connection"
