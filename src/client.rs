@@ -89,8 +89,22 @@ impl Conn {
         Ok(())
     }
 
-    /// Receive one reply or event message.
+    /// Receive one reply or event, reassembling a chunked reply.
     pub fn recv(&mut self) -> Result<Value> {
+        let v = self.recv_one()?;
+        let Some(k) = v.get("chunked").and_then(Value::as_u64) else {
+            return Ok(v);
+        };
+        let mut text = Vec::new();
+        for _ in 0..k {
+            let n = self.recv_raw()?;
+            text.extend_from_slice(&self.buf[..n]);
+        }
+        serde_json::from_slice(&text).context("the daemon sent a chunked reply that is not JSON")
+    }
+
+    /// One message's bytes into `self.buf`; returns its length.
+    fn recv_raw(&mut self) -> Result<usize> {
         // SAFETY: the buffer is valid and writable for buf.len() bytes.
         let n = unsafe {
             libc::recv(
@@ -109,8 +123,13 @@ impl Conn {
         if n == 0 {
             bail!("the daemon closed the connection");
         }
-        serde_json::from_slice(&self.buf[..n as usize])
-            .context("the daemon sent something that is not JSON")
+        Ok(n as usize)
+    }
+
+    /// One message, as JSON.
+    fn recv_one(&mut self) -> Result<Value> {
+        let n = self.recv_raw()?;
+        serde_json::from_slice(&self.buf[..n]).context("the daemon sent something that is not JSON")
     }
 
     /// One request, one reply.

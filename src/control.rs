@@ -73,6 +73,10 @@ pub fn parse_request(msg: &str) -> Result<Request, String> {
     }
 }
 
+/// The largest reply sent as one message; larger ones are chunked (see
+/// docs/control-protocol.md).
+pub const CHUNK: usize = 1 << 20;
+
 pub fn ok(output: &[String]) -> Value {
     json!({ "ok": true, "output": output })
 }
