@@ -143,11 +143,11 @@ impl Server {
                 let (header, payload, bytes) = match m {
                     Ok(m) => m,
                     Err(e) => {
+                        // Answer what can be answered: the first header.
                         tracing::warn!("xfrm: malformed datagram: {e}");
-                        if let Some(h) = netlink::Header::parse(&buf[..n]) {
-                            let quoted = &buf[..netlink::NLMSG_HDRLEN];
-                            let _ = h;
-                            replies.push(netlink::error(quoted, errno::EINVAL, pid));
+                        if n >= netlink::NLMSG_HDRLEN {
+                            let header = &buf[..netlink::NLMSG_HDRLEN];
+                            replies.push(netlink::error(header, errno::EINVAL, pid));
                         }
                         break;
                     }

@@ -207,7 +207,7 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
             };
             Ok(change(cmd, Then::Ack))
         }
-        XFRM_MSG_DELSA | XFRM_MSG_GETSA if h.ty == XFRM_MSG_GETSA && h.is_dump() => {
+        XFRM_MSG_GETSA if h.is_dump() => {
             let attrs = attributes(req.payload).unwrap_or_default();
             let only = attrs.iter().find_map(|a| match a {
                 XfrmAttrs::Proto(p) => convert::proto_of(*p),
