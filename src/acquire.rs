@@ -98,6 +98,19 @@ impl Pending {
 mod tests {
     use super::*;
 
+    /// An ACQUIRE for TCP from 10.0.0.1:`sport` to 10.0.0.2:`dport`.
+    fn acquire(sport: u16, dport: u16) -> Event {
+        Event::Acquire {
+            policy: 1,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: Proto::Esp,
+            reqid: None,
+            upper: 6,
+            ports: Some((sport, dport)),
+        }
+    }
+
     fn apply(s: &State, text: &str) -> State {
         let p = crate::setkey::parse(text, "t").unwrap();
         s.apply(&p.statements, "t", Duration::ZERO).unwrap().0
@@ -105,15 +118,7 @@ mod tests {
 
     #[test]
     fn an_sa_for_other_traffic_does_not_resolve_it() {
-        let e = Event::Acquire {
-            policy: 1,
-            src: "10.0.0.1".parse().unwrap(),
-            dst: "10.0.0.2".parse().unwrap(),
-            proto: Proto::Esp,
-            reqid: None,
-            upper: 6,
-            ports: Some((40000, 5101)),
-        };
+        let e = acquire(40000, 5101);
         let mut p = Pending::default();
         let empty = State::default();
         assert!(p.raise(&e, Duration::ZERO, &empty));
@@ -148,15 +153,7 @@ mod tests {
 
     #[test]
     fn raised_once_until_an_sa_resolves_it_or_it_times_out() {
-        let e = Event::Acquire {
-            policy: 1,
-            src: "10.0.0.1".parse().unwrap(),
-            dst: "10.0.0.2".parse().unwrap(),
-            proto: Proto::Esp,
-            reqid: None,
-            upper: 6,
-            ports: Some((1000, 22)),
-        };
+        let e = acquire(1000, 22);
         let mut p = Pending::default();
         let t = Duration::from_secs(5);
         let empty = State::default();

@@ -596,25 +596,9 @@ impl Sad {
         self.by_spi.get(&SpiKey(dst, proto, spi))
     }
 
-    /// Outbound lookup: the newest usable SA from src to dst, with the
-    /// given reqid when `reqid` is set.
-    #[inline]
-    pub fn lookup_outbound(
-        &self,
-        src: IpAddr,
-        dst: IpAddr,
-        proto: Proto,
-        reqid: Option<u32>,
-    ) -> Option<&Arc<Sa>> {
-        self.by_pair
-            .get(&(src, dst, proto))?
-            .iter()
-            .rev()
-            .find(|sa| !sa.is_dead() && reqid.is_none_or(|r| sa.config.reqid == r))
-    }
-
-    /// Outbound lookup for a flow: as [`Sad::lookup_outbound`], skipping
-    /// SAs whose own selector does not match the flow.
+    /// Outbound lookup: the newest usable SA from the flow's source to its
+    /// destination, with the given reqid when `reqid` is set, skipping SAs
+    /// whose own selector does not match the flow.
     #[inline]
     pub fn lookup_flow(
         &self,
@@ -687,11 +671,17 @@ mod tests {
         let e = sad.add(esp_config(0x100), t).unwrap_err();
         assert!(e.to_string().contains("exists already"), "{e}");
         let c = esp_config(0);
-        let out = sad.lookup_outbound(c.src, c.dst, Proto::Esp, None).unwrap();
+        let flow = crate::spd::Flow {
+            src: c.src,
+            dst: c.dst,
+            proto: 17,
+            ports: None,
+        };
+        let out = sad.lookup_flow(&flow, Proto::Esp, None).unwrap();
         assert_eq!(out.config.spi, 0x200);
         assert!(sad.lookup_inbound(c.dst, Proto::Esp, 0x100).is_some());
         assert!(sad.delete(c.src, c.dst, Proto::Esp, 0x200).is_some());
-        let out = sad.lookup_outbound(c.src, c.dst, Proto::Esp, None).unwrap();
+        let out = sad.lookup_flow(&flow, Proto::Esp, None).unwrap();
         assert_eq!(out.config.spi, 0x100);
         assert_eq!(sad.flush(Some(Proto::Ah)).len(), 0);
         assert_eq!(sad.flush(None).len(), 1);

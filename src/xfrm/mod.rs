@@ -325,10 +325,7 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
             let (p, attrs) = fixed(req, USERPOLICY_INFO)?;
             let info = parsed(UserPolicyInfo::parse(p), "xfrm_userpolicy_info")?;
             let (dir, selector, priority, action) = convert::policy(&info, &attrs)?;
-            let exists = state
-                .spd
-                .iter()
-                .any(|p| p.dir == dir && p.selector == selector);
+            let exists = state.spd.get(dir, &selector).is_some();
             if h.ty == XFRM_MSG_NEWPOLICY && exists {
                 return refuse(
                     EEXIST,
@@ -384,7 +381,7 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
                 state.spd.iter().find(|p| convert::index_of(p) == id.index)
             } else {
                 let sel = convert::selector(&id.selector)?;
-                state.spd.iter().find(|p| p.dir == dir && p.selector == sel)
+                state.spd.get(dir, &sel)
             };
             let Some(policy) = found else {
                 return refuse(ENOENT, format!("no such {} policy", dir.name()));

@@ -164,7 +164,16 @@ fn charon_responder_session_installs_and_removes_what_it_negotiated() {
     assert_eq!(sa_in.config.reqid, 1);
     let sa_out = s
         .sad
-        .lookup_outbound(ip("10.99.0.2"), ip("10.99.0.1"), Proto::Esp, Some(1))
+        .lookup_flow(
+            &crate::spd::Flow {
+                src: ip("10.99.0.2"),
+                dst: ip("10.99.0.1"),
+                proto: 6,
+                ports: Some((4000, 22)),
+            },
+            Proto::Esp,
+            Some(1),
+        )
         .unwrap();
     assert_eq!(sa_out.config.spi, 0xc7d7_7a02);
     assert!(sa_out.config.lifetime.hard_secs > sa_out.config.lifetime.soft_secs);
