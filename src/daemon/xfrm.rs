@@ -25,10 +25,6 @@ use std::time::SystemTime;
 /// The largest datagram read: netlink requests are small, but a client
 /// may try anything.
 const MAX_DATAGRAM: usize = 1 << 16;
-/// Replies to one request are packed into datagrams of at most this size
-/// (the kernel's `NLMSG_GOODSIZE` on 4 KiB pages is a little under it,
-/// and charon's default receive buffer is 4096 bytes).
-const DATAGRAM: usize = 4096;
 
 struct Conn {
     fd: OwnedFd,
@@ -50,22 +46,6 @@ fn clock(ctl: &Control) -> Clock {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     }
-}
-
-/// Messages packed into datagrams of at most [`DATAGRAM`] bytes (a
-/// larger message goes alone).
-fn pack(msgs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    for m in msgs {
-        match out.last_mut() {
-            Some(d) if netlink::align(d.len()) + m.len() <= DATAGRAM => {
-                d.resize(netlink::align(d.len()), 0);
-                d.extend_from_slice(&m);
-            }
-            _ => out.push(m),
-        }
-    }
-    out
 }
 
 impl Server {
@@ -168,7 +148,7 @@ impl Server {
                 replies.extend(self.request(&req));
             }
             let mut broken = false;
-            for d in pack(replies) {
+            for d in netlink::pack(replies, netlink::DATAGRAM) {
                 if let Err(e) = control::send_bytes(raw, &d, 0) {
                     tracing::warn!("xfrm: cannot answer a client ({e}): closing the connection");
                     broken = true;

@@ -168,6 +168,27 @@ pub fn done(seq: u32, pid: u32) -> Vec<u8> {
     message(NLMSG_DONE, NLM_F_MULTI, seq, pid, &0i32.to_ne_bytes())
 }
 
+/// Replies to one request are packed into datagrams of at most this size
+/// (the kernel's `NLMSG_GOODSIZE` on 4 KiB pages is a little under it,
+/// and charon's default receive buffer is 4096 bytes).
+pub const DATAGRAM: usize = 4096;
+
+/// Messages packed into datagrams of at most `max` bytes, each message
+/// starting 4-byte aligned; a larger message goes alone.
+pub fn pack(msgs: Vec<Vec<u8>>, max: usize) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for m in msgs {
+        match out.last_mut() {
+            Some(d) if align(d.len()) + m.len() <= max => {
+                d.resize(align(d.len()), 0);
+                d.extend_from_slice(&m);
+            }
+            _ => out.push(m),
+        }
+    }
+    out
+}
+
 /// Parse a [`SHIM_BIND`] payload: (port id, groups).
 pub fn shim_bind(payload: &[u8]) -> Option<(u32, u32)> {
     (payload.len() >= 8).then(|| {
@@ -216,6 +237,35 @@ mod tests {
         ));
         assert_eq!(split(&[1, 2, 3]), vec![Err(FramingError::Short(3))]);
         assert!(split(&[]).is_empty());
+    }
+
+    #[test]
+    fn replies_pack_into_datagrams_that_split_back_into_them() {
+        let msgs: Vec<Vec<u8>> = (0..10u32)
+            .map(|i| message(0x10, 2, i, 7, &[1; 1001]))
+            .collect();
+        let d = pack(msgs.clone(), DATAGRAM);
+        assert!(
+            d.iter().all(|x| x.len() <= DATAGRAM),
+            "{:?}",
+            d.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            d.len(),
+            3,
+            "four 1017-byte messages (three padded to 1020) a datagram"
+        );
+        let back: Vec<Vec<u8>> = d
+            .iter()
+            .flat_map(|x| split(x).into_iter().map(|m| m.unwrap().2.to_vec()))
+            .collect();
+        assert_eq!(back, msgs);
+        // A message larger than a datagram goes alone.
+        let big = message(0x10, 0, 1, 0, &[0; 5000]);
+        assert_eq!(
+            pack(vec![big.clone(), msgs[0].clone()], DATAGRAM),
+            vec![big, msgs[0].clone()]
+        );
     }
 
     #[test]
