@@ -319,6 +319,7 @@ mod tests {
             auth: AuthAlg::HmacSha256,
             auth_key: Zeroizing::new(KEY.to_vec()),
             raw_cpi: false,
+            encap: None,
             lifetime: Lifetime::default(),
             selector: None,
         };

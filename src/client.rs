@@ -216,10 +216,22 @@ fn check(v: &Value, file: &str) -> Result<()> {
 fn print_sa_text(sa: &Value) {
     let g = |k: &str| sa[k].as_str().unwrap_or("").to_string();
     let n = |k: &str| sa[k].as_u64().unwrap_or(0);
-    println!("{} {}", g("src"), g("dst"));
+    let port = |k: &str| sa["encap"][k].as_u64().map(|p| format!("[{p}]"));
+    let udp = sa["encap"].is_object();
+    println!(
+        "{}{} {}{}",
+        g("src"),
+        port("sport").unwrap_or_default(),
+        g("dst"),
+        port("dport").unwrap_or_default()
+    );
     println!(
         "\t{} mode=transport spi={}({:#010x}) reqid={}",
-        g("proto"),
+        if udp {
+            "esp-udp".to_string()
+        } else {
+            g("proto")
+        },
         n("spi"),
         n("spi"),
         n("reqid")
@@ -972,8 +984,10 @@ mod tests {
         assert_eq!(get("tunsec_sa_replay_drops_total", &ah), 2.0);
         assert_eq!(get("tunsec_sa_icv_failures_total", &ah), 1.0);
         assert_eq!(get("tunsec_sa_packets_total", &ah), 110.0);
-        // Nothing else: 1 + 2 + 2 + 1 + 15 + 1 + 4 + 2 + 1 + 2 * 4 series.
-        assert_eq!(m.len(), 37, "{text}");
+        // Nothing else: 1 + 2 + 2 + 1 + one per drop reason + 1 + 4 + 2 + 1
+        // + 2 * 4 series.
+        let reasons = crate::engine::DropReason::ALL.len();
+        assert_eq!(m.len(), 22 + reasons, "{text}");
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub fn sa_json(sa: &Sa, now: Duration, keys: bool) -> Value {
         "auth": c.auth.name(),
         "replay": c.replay,
         "esn": c.esn,
+        "encap": c.encap.map(|e| json!({"type": "espinudp", "sport": e.sport, "dport": e.dport})),
         "state": state_name(sa, now),
         "age_secs": now.saturating_sub(sa.added).as_secs(),
         "seq": sa.last_seq(),

@@ -11,6 +11,7 @@ use crate::replay::ReplayError;
 use crate::sad::{Expiry, Proto, Sa};
 use crate::spd::{Action, Dir, Flow, Level, Policy};
 use crate::state::State;
+use crate::udp_encap;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::net::IpAddr;
@@ -49,10 +50,13 @@ pub enum DropReason {
     SeqExhausted,
     /// The result would exceed the maximum IP packet size.
     TooBig,
+    /// ESP in UDP (RFC 3948) for an SA without UDP encapsulation or with
+    /// another port, or bare ESP for one with it.
+    EncapMismatch,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::PolicyDiscard,
@@ -68,6 +72,7 @@ impl DropReason {
         DropReason::SaExpired,
         DropReason::SeqExhausted,
         DropReason::TooBig,
+        DropReason::EncapMismatch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +92,7 @@ impl DropReason {
             DropReason::SaExpired => "sa-expired",
             DropReason::SeqExhausted => "seq-exhausted",
             DropReason::TooBig => "too-big",
+            DropReason::EncapMismatch => "encap-mismatch",
         }
     }
 
@@ -374,12 +380,24 @@ fn protect(
                     return w.drop(DropReason::SeqExhausted);
                 };
                 if sa.config.proto == Proto::Esp {
-                    esp::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.rng).map_err(
-                        |e| match e {
+                    esp::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.rng)
+                        .map_err(|e| match e {
                             EspError::TooBig => DropReason::TooBig,
                             _ => DropReason::Malformed,
-                        },
-                    )
+                        })
+                        .and_then(|()| match sa.config.encap {
+                            Some(e)
+                                if !udp_encap::encapsulate(
+                                    buf,
+                                    info.insert_at,
+                                    info.next_hdr_pos,
+                                    e,
+                                ) =>
+                            {
+                                Err(DropReason::TooBig)
+                            }
+                            _ => Ok(()),
+                        })
                 } else {
                     ah::seal(
                         buf,
@@ -433,7 +451,21 @@ fn inbound_inner(
     buf: &mut PacketBuf,
     now: Duration,
 ) -> Result<(), DropReason> {
-    let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+    let mut info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+    // ESP in UDP (RFC 3948): to an SA that expects it on this port, or to
+    // the NAT-T port (where an unknown SPI is counted as one).
+    let mut encap = None;
+    if let Some((spi, e)) = udp_encap::peek(buf.data(), &info) {
+        let expected = state
+            .sad
+            .lookup_inbound(info.dst(buf.data()), Proto::Esp, spi)
+            .is_some_and(|sa| sa.config.encap.is_some_and(|x| x.dport == e.dport));
+        if expected || e.dport == udp_encap::NAT_T_PORT {
+            udp_encap::decapsulate(buf, &info);
+            info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+            encap = Some(e);
+        }
+    }
     let mut found: [Option<(Proto, &Arc<Sa>)>; MAX_BUNDLE] = [None; MAX_BUNDLE];
     let mut n = 0;
     if let Some((at, nh_pos, _)) =
@@ -451,9 +483,27 @@ fn inbound_inner(
                 return Err(DropReason::PolicyMismatch);
             }
             let sa = decap_one(state, w, buf, &info, at, nh_pos, proto, now)?;
+            // The UDP header came off the outermost header, which must be
+            // the ESP of an SA with that encapsulation (as `xfrm_input`
+            // checks the encapsulation type); no other SA may expect UDP.
+            let wanted = if n == 0 && proto == Proto::Esp {
+                encap.map(|e| e.dport)
+            } else {
+                None
+            };
+            if sa.config.encap.map(|e| e.dport) != wanted {
+                return Err(DropReason::EncapMismatch);
+            }
             found[n] = Some((proto, sa));
             n += 1;
         }
+    }
+    if encap.is_some() {
+        if n == 0 {
+            return Err(DropReason::EncapMismatch);
+        }
+        let inner = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+        udp_encap::fix_inner_checksum(buf.data_mut(), &inner);
     }
     let flow = if n == 0 {
         flow_of(&info, buf.data(), info.dst(buf.data()))

@@ -255,6 +255,7 @@ mod tests {
             auth,
             auth_key: Zeroizing::new(h(akey)),
             raw_cpi: false,
+            encap: None,
             lifetime: Lifetime::default(),
             selector: None,
         };

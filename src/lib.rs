@@ -29,4 +29,5 @@ pub mod sad;
 pub mod setkey;
 pub mod spd;
 pub mod state;
+pub mod udp_encap;
 pub mod xfrm;

@@ -97,6 +97,8 @@ pub struct SaConfig {
     /// an SA whose selector does not match the flow, as the kernel's
     /// `xfrm_state_find` does; setkey SAs have none.
     pub selector: Option<crate::spd::Selector>,
+    /// ESP only: carried in UDP (RFC 3948), with these ports.
+    pub encap: Option<crate::udp_encap::Encap>,
 }
 
 impl fmt::Debug for SaConfig {
@@ -110,11 +112,29 @@ impl fmt::Debug for SaConfig {
             .field("replay", &self.replay)
             .field("enc", &self.enc)
             .field("auth", &self.auth)
+            .field("encap", &self.encap)
             .finish_non_exhaustive()
     }
 }
 
 impl SaConfig {
+    /// The protocol as setkey names it: `esp-udp` for ESP in UDP.
+    pub fn proto_name(&self) -> &'static str {
+        if self.encap.is_some() {
+            "esp-udp"
+        } else {
+            self.proto.name()
+        }
+    }
+
+    /// `SRC DST`, as setkey shows them (`SRC[PORT] DST[PORT]` in UDP).
+    pub fn endpoints(&self) -> String {
+        match self.encap {
+            Some(e) => format!("{}[{}] {}[{}]", self.src, e.sport, self.dst, e.dport),
+            None => format!("{} {}", self.src, self.dst),
+        }
+    }
+
     /// The CPI carried on the wire for an IPComp SA.
     pub fn wire_cpi(&self) -> u16 {
         if self.raw_cpi {
@@ -254,6 +274,12 @@ impl Sa {
                 if config.enc.is_aead() && config.auth != AuthAlg::Null {
                     return invalid(&format!("{} is an AEAD: give no -A", config.enc.name()));
                 }
+            }
+            Proto::Ah | Proto::IpComp if config.encap.is_some() => {
+                return invalid(&format!(
+                    "UDP encapsulation (RFC 3948) is for esp only, not {}",
+                    config.proto
+                ));
             }
             Proto::Ah => {
                 if config.auth == AuthAlg::Null {
@@ -657,6 +683,7 @@ mod tests {
             auth: AuthAlg::HmacSha1,
             auth_key: Zeroizing::new(vec![2; 20]),
             raw_cpi: false,
+            encap: None,
             lifetime: Lifetime::default(),
             selector: None,
         }

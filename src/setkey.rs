@@ -384,8 +384,8 @@ fn parse_statement(
         "add" => Command::Add(parse_sa(c, warnings)?),
         "update" => Command::Update(parse_sa(c, warnings)?),
         "get" | "delete" => {
-            let (src, dst) = sa_addresses(c)?;
-            let proto = next_proto(c)?;
+            let (src, dst, ports) = sa_addresses(c)?;
+            let proto = sa_proto(c, ports)?;
             let (s, l) = c.word("the SPI")?;
             let spi = parse_u32(s).ok_or_else(|| c.err(l, bad_spi(s)))?;
             c.end("the SPI")?;
@@ -406,8 +406,8 @@ fn parse_statement(
             }
         }
         "getspi" => {
-            let (src, dst) = sa_addresses(c)?;
-            let proto = next_proto(c)?;
+            let (src, dst, ports) = sa_addresses(c)?;
+            let proto = sa_proto(c, ports)?;
             let range = match c.next() {
                 None => None,
                 Some(t) => {
@@ -444,8 +444,8 @@ fn parse_statement(
             }
         }
         "deleteall" => {
-            let (src, dst) = sa_addresses(c)?;
-            let proto = next_proto(c)?;
+            let (src, dst, ports) = sa_addresses(c)?;
+            let proto = sa_proto(c, ports)?;
             c.end("the protocol")?;
             Command::DeleteAll { src, dst, proto }
         }
@@ -503,15 +503,54 @@ fn next_proto(c: &mut Cursor<'_>) -> Result<Proto, ConfigError> {
     }
 }
 
-/// A plain address (an SA's source or destination).
-fn sa_address(c: &mut Cursor<'_>, what: &str) -> Result<(IpAddr, usize), ConfigError> {
+/// The protocol of an SA named by `get`, `delete`, `getspi` or
+/// `deleteall`: `esp-udp` names the same SAs as `esp` (ports aside).
+fn sa_proto(
+    c: &mut Cursor<'_>,
+    ports: Option<(Option<u16>, Option<u16>, usize)>,
+) -> Result<Proto, ConfigError> {
+    if c.peek_word() == Some("esp-udp") {
+        c.next();
+        return Ok(Proto::Esp);
+    }
+    if let Some((_, _, l)) = ports {
+        return Err(c.err(
+            l,
+            "ports ([PORT]) on an SA's addresses go with esp-udp only (ESP in UDP, RFC 3948)",
+        ));
+    }
+    next_proto(c)
+}
+
+/// An SA's source or destination: a plain address, or `ADDR[PORT]` (the
+/// port of an `esp-udp` SA's UDP encapsulation).
+fn sa_address(c: &mut Cursor<'_>, what: &str) -> Result<(IpAddr, Option<u16>, usize), ConfigError> {
     let (s, l) = c.word(what)?;
-    match s.parse::<IpAddr>() {
-        Ok(a) => Ok((a, l)),
-        Err(_) if s.contains('/') || s.contains('[') => Err(c.err(
+    let (a, port) = match s.split_once('[') {
+        Some((a, rest)) => {
+            let p = rest
+                .strip_suffix(']')
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p != 0);
+            let Some(p) = p else {
+                return Err(c.err(
+                    l,
+                    format!(
+                        "bad port in {} (expected ADDRESS[PORT] with a port from 1 to 65535)",
+                        quote(s)
+                    ),
+                ));
+            };
+            (a, Some(p))
+        }
+        None => (s, None),
+    };
+    match a.parse::<IpAddr>() {
+        Ok(a) => Ok((a, port, l)),
+        Err(_) if a.contains('/') => Err(c.err(
             l,
             format!(
-                "bad address {} (an SA takes a plain address, without /prefix or [port])",
+                "bad address {} (an SA takes a plain address, without /prefix)",
                 quote(s)
             ),
         )),
@@ -519,16 +558,20 @@ fn sa_address(c: &mut Cursor<'_>, what: &str) -> Result<(IpAddr, usize), ConfigE
     }
 }
 
-fn sa_addresses(c: &mut Cursor<'_>) -> Result<(IpAddr, IpAddr), ConfigError> {
-    let (src, _) = sa_address(c, "the source address")?;
-    let (dst, l) = sa_address(c, "the destination address")?;
+/// An SA's addresses, and their ports if either had one (line given).
+type SaAddresses = (IpAddr, IpAddr, Option<(Option<u16>, Option<u16>, usize)>);
+
+fn sa_addresses(c: &mut Cursor<'_>) -> Result<SaAddresses, ConfigError> {
+    let (src, sport, _) = sa_address(c, "the source address")?;
+    let (dst, dport, l) = sa_address(c, "the destination address")?;
     if src.is_ipv4() != dst.is_ipv4() {
         return Err(c.err(
             l,
             format!("source {src} and destination {dst} are of different address families"),
         ));
     }
-    Ok((src, dst))
+    let ports = (sport.is_some() || dport.is_some()).then_some((sport, dport, l));
+    Ok((src, dst, ports))
 }
 
 // ---------------------------------------------------------------------------
@@ -587,8 +630,33 @@ fn looks_like_key(t: &Tok) -> bool {
 
 /// `add`/`update SRC DST PROTO SPI [options] ALGORITHMS`.
 fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig, ConfigError> {
-    let (src, dst) = sa_addresses(c)?;
-    let proto = next_proto(c)?;
+    let (src, dst, ports) = sa_addresses(c)?;
+    // `esp-udp` (NetBSD's name): ESP in UDP (RFC 3948), on the ports given
+    // as SRC[PORT] DST[PORT], 4500 where none is.
+    let encap = match c.peek_word() {
+        Some("esp-udp") => {
+            c.next();
+            let (sport, dport) = ports.map_or((None, None), |(s, d, _)| (s, d));
+            Some(crate::udp_encap::Encap {
+                sport: sport.unwrap_or(crate::udp_encap::NAT_T_PORT),
+                dport: dport.unwrap_or(crate::udp_encap::NAT_T_PORT),
+            })
+        }
+        _ => {
+            if let Some((_, _, l)) = ports {
+                return Err(c.err(
+                    l,
+                    "ports ([PORT]) on an SA's addresses go with esp-udp only (ESP in UDP, RFC 3948)",
+                ));
+            }
+            None
+        }
+    };
+    let proto = if encap.is_some() {
+        Proto::Esp
+    } else {
+        next_proto(c)?
+    };
     let (s, spi_line) = c.word("the SPI")?;
     let spi = parse_u32(s).ok_or_else(|| c.err(spi_line, bad_spi(s)))?;
     if proto != Proto::IpComp && spi <= 255 {
@@ -816,6 +884,7 @@ fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig,
         auth,
         auth_key,
         raw_cpi: raw.is_some(),
+        encap,
         lifetime,
         selector: None,
     };
@@ -2185,6 +2254,23 @@ spdadd 172.17.207.1 172.17.207.12 any -P in ipsec esp/transport//require ah/tran
             "add 10.0.0.1 10.0.0.2 tcp 0x1000;",
             "t.conf:1: unknown protocol \"tcp\" (expected esp, ah or ipcomp)",
         );
+        // ESP in UDP: ports go with esp-udp only.
+        assert_err(
+            "add 10.0.0.1[4500] 10.0.0.2 esp 0x1000 -E aes-gcm-16 0x00;",
+            "t.conf:1: ports ([PORT]) on an SA's addresses go with esp-udp only",
+        );
+        assert_err(
+            "add 10.0.0.1[0] 10.0.0.2 esp-udp 0x1000;",
+            "t.conf:1: bad port in \"10.0.0.1[0]\"",
+        );
+        assert_err(
+            "add 10.0.0.1[4500 10.0.0.2 esp-udp 0x1000;",
+            "t.conf:1: bad port in \"10.0.0.1[4500\"",
+        );
+        assert_err(
+            "delete 10.0.0.1[4500] 10.0.0.2 ah 0x1000;",
+            "t.conf:1: ports ([PORT]) on an SA's addresses go with esp-udp only",
+        );
         assert_err(
             "add 10.0.0.1 10.0.0.2 esp 0x100000000;",
             "t.conf:1: bad SPI \"0x100000000\"",
@@ -2531,5 +2617,32 @@ spdadd 172.17.207.1 172.17.207.12 any -P in ipsec esp/transport//require ah/tran
             }
             let _ = parse(&s, "f");
         }
+    }
+
+    #[test]
+    fn esp_udp_sas_carry_their_ports() {
+        let k = key(20);
+        let c = sa(&format!(
+            "add 192.0.2.1[4500] 192.0.2.2[31000] esp-udp 0x1000 -E aes-gcm-16 {k};"
+        ));
+        assert_eq!(c.proto, Proto::Esp);
+        let e = c.encap.unwrap();
+        assert_eq!((e.sport, e.dport), (4500, 31000));
+        assert_eq!(c.endpoints(), "192.0.2.1[4500] 192.0.2.2[31000]");
+        assert_eq!(c.proto_name(), "esp-udp");
+        // Without ports: the NAT-T port both ways.
+        let c = sa(&format!(
+            "add 2001:db8::1 2001:db8::2 esp-udp 0x1000 -E aes-gcm-16 {k};"
+        ));
+        assert_eq!(c.encap, Some(crate::udp_encap::Encap::default()));
+        // esp-udp names the same SAs as esp in get and delete.
+        assert!(matches!(
+            one("delete 192.0.2.1[4500] 192.0.2.2[4500] esp-udp 0x1000;"),
+            Command::Delete {
+                proto: Proto::Esp,
+                spi: 0x1000,
+                ..
+            }
+        ));
     }
 }

@@ -237,8 +237,12 @@ pub fn describe_sa(sa: &Sa, now: Duration) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &sa.config;
     let mut s = format!(
-        "{} {}\n\t{} mode=transport spi={}({:#010x}) reqid={}\n",
-        c.src, c.dst, c.proto, c.spi, c.spi, c.reqid
+        "{}\n\t{} mode=transport spi={}({:#010x}) reqid={}\n",
+        c.endpoints(),
+        c.proto_name(),
+        c.spi,
+        c.spi,
+        c.reqid
     );
     match c.proto {
         crate::sad::Proto::IpComp => s.push_str(&format!("\tC: deflate cpi={}\n", c.wire_cpi())),

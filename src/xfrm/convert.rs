@@ -7,9 +7,10 @@ use super::netlink::errno::*;
 use crate::crypto::{AuthAlg, EncAlg};
 use crate::sad::{Lifetime, Proto, Sa, SaConfig};
 use crate::spd::{Action, Dir, Level, Policy, Prefix, Rule, Selector};
+use crate::udp_encap::{ENCAP_ESPINUDP, Encap};
 use netlink_packet_xfrm::{
-    AF_INET, AF_INET6, Address, Alg, AlgAead, AlgAuth, Id, LifetimeConfig, Replay, ReplayEsn,
-    Selector as XSelector, Stats, UserPolicyInfo, UserSaInfo, UserTemplate, XFRM_INF,
+    AF_INET, AF_INET6, Address, Alg, AlgAead, AlgAuth, EncapTmpl, Id, LifetimeConfig, Replay,
+    ReplayEsn, Selector as XSelector, Stats, UserPolicyInfo, UserSaInfo, UserTemplate, XFRM_INF,
     XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_STATE_ESN, XfrmAttrs,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -256,6 +257,7 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
     let mut mac = (AuthAlg::Null, Zeroizing::new(Vec::new()));
     let mut comp = false;
     let mut esn_window = None;
+    let mut encap = None;
     for a in attrs {
         match a {
             XfrmAttrs::EncryptionAlgAead(a) => enc = aead(a)?,
@@ -281,12 +283,7 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
                 comp = true;
             }
             XfrmAttrs::ReplayStateEsn(r) => esn_window = Some(r.replay_window),
-            XfrmAttrs::EncapsulationTemplate(_) => {
-                return refuse(
-                    EOPNOTSUPP,
-                    "UDP encapsulation (NAT traversal) is not supported yet",
-                );
-            }
+            XfrmAttrs::EncapsulationTemplate(e) => encap = Some(encapsulation(e)?),
             XfrmAttrs::OffloadDevice(_) => {
                 return refuse(EOPNOTSUPP, "hardware offload is not supported");
             }
@@ -337,6 +334,9 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
     if comp && proto != Proto::IpComp {
         return refuse(EINVAL, format!("{proto} SA with a compression algorithm"));
     }
+    if encap.is_some() && proto != Proto::Esp {
+        return refuse(EINVAL, format!("{proto} SA with UDP encapsulation"));
+    }
     let spi = if proto == Proto::IpComp {
         if info.id.spi > 0xffff {
             return refuse(
@@ -380,8 +380,37 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
             hard_packets: limit(lt.hard_packet_limit),
         },
         selector: sel,
+        encap,
     })
 }
+
+/// `XFRMA_ENCAP`: ESP in UDP (RFC 3948), `UDP_ENCAP_ESPINUDP` only. The
+/// NAT-OA address is not needed: tunsec recomputes transport checksums
+/// after decapsulation (see [`crate::udp_encap`]).
+fn encapsulation(e: &EncapTmpl) -> Result<Encap, Refusal> {
+    match e.encap_type {
+        ENCAP_ESPINUDP => {}
+        TCP_ENCAP_ESPINTCP => {
+            return refuse(EOPNOTSUPP, "ESP in TCP (RFC 8229) is not supported");
+        }
+        t => {
+            return refuse(
+                EINVAL,
+                format!("encapsulation type {t}: only UDP_ENCAP_ESPINUDP (2)"),
+            );
+        }
+    }
+    if e.encap_sport == 0 || e.encap_dport == 0 {
+        return refuse(EINVAL, "UDP encapsulation with port 0");
+    }
+    Ok(Encap {
+        sport: e.encap_sport,
+        dport: e.encap_dport,
+    })
+}
+
+/// `TCP_ENCAP_ESPINTCP` in Linux's `xfrm_encap_tmpl.encap_type`.
+const TCP_ENCAP_ESPINTCP: u16 = 7;
 
 fn host_pair(src: IpAddr, dst: IpAddr) -> Selector {
     Selector {
@@ -544,6 +573,14 @@ pub fn sa_info(sa: &Sa, clock: Clock, keys: bool) -> (UserSaInfo, Vec<XfrmAttrs>
             oseq: sa.last_seq() as u32,
             seq: top as u32,
             bitmap: 0,
+        }));
+    }
+    if let Some(e) = c.encap {
+        attrs.push(XfrmAttrs::EncapsulationTemplate(EncapTmpl {
+            encap_type: ENCAP_ESPINUDP,
+            encap_sport: e.sport,
+            encap_dport: e.dport,
+            encap_oa: Address::default(),
         }));
     }
     (info, attrs)

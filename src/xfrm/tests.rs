@@ -101,8 +101,7 @@ fn every_recorded_request_is_understood() {
         let e = errno_of(&msgs);
         // What tunsec does not do is refused as unsupported; nothing that
         // a real client sent is malformed to it.
-        let unsupported =
-            name.contains("tunnel") || name.contains("encap") || name.contains("mark-ifid");
+        let unsupported = name.contains("tunnel") || name.contains("mark-ifid");
         match (unsupported, e) {
             (true, Some(EOPNOTSUPP | EPROTONOSUPPORT | ENOENT)) => {}
             (true, e) => panic!("{name}: {e:?} {refused:?}"),
@@ -436,24 +435,39 @@ fn unsupported_requests_say_why_and_change_nothing() {
             EOPNOTSUPP,
             "",
         ),
-        (
-            "charon-095-updsa-esp-aes-gcm-encap-in.hex",
-            EOPNOTSUPP,
-            "UDP encapsulation",
-        ),
     ] {
         let (msgs, refused) = send(&mut s, &fixture(f));
         assert_eq!(errno_of(&msgs), Some(e), "{f}: {refused:?}");
         assert!(refused.unwrap().why.contains(why), "{f}");
     }
-    reserve(&mut s, "10.99.0.1", "10.99.0.2", "esp", 0xcdc8_eb4c);
-    let (msgs, refused) = send(
-        &mut s,
-        &fixture("charon-095-updsa-esp-aes-gcm-encap-in.hex"),
-    );
-    assert_eq!(errno_of(&msgs), Some(EOPNOTSUPP));
-    assert!(refused.unwrap().why.contains("UDP encapsulation"));
     assert!(s.sad.is_empty() && s.spd.is_empty());
+}
+
+#[test]
+fn udp_encapsulated_sas_from_charon_are_installed_and_render_back() {
+    let mut s = State::seeded(5);
+    reserve(&mut s, "10.99.0.1", "10.99.0.2", "esp", 0xcdc8_eb4c);
+    for f in [
+        "charon-095-updsa-esp-aes-gcm-encap-in.hex",
+        "charon-096-newsa-esp-aes-gcm-encap-out.hex",
+    ] {
+        let (msgs, refused) = send(&mut s, &fixture(f));
+        assert!(refused.is_none(), "{f}: {refused:?}");
+        assert!(matches!(errno_of(&msgs), None | Some(0)), "{f}");
+    }
+    let sas: Vec<_> = s.sad.iter().collect();
+    assert_eq!(sas.len(), 2);
+    for sa in sas {
+        let e = sa.config.encap.expect("charon asked for UDP encapsulation");
+        assert_eq!((e.sport, e.dport), (4500, 4500));
+        assert_eq!(sa.config.proto_name(), "esp-udp");
+        let (_, attrs) = super::convert::sa_info(sa, CLOCK, false);
+        assert!(attrs.iter().any(|a| matches!(
+            a,
+            XfrmAttrs::EncapsulationTemplate(t)
+                if t.encap_type == 2 && t.encap_sport == 4500 && t.encap_dport == 4500
+        )));
+    }
 }
 
 #[test]

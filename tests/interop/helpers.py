@@ -143,6 +143,7 @@ class SA:
     auth_key: bytes = b""
     replay: int | None = 64
     raw_cpi: bool = False  # ipcomp -R
+    encap: tuple[int, int] | None = None  # esp-udp (RFC 3948): (sport, dport)
 
     @staticmethod
     def esp(src, dst, spi, enc, bits=128, auth=None, replay=64, label=None) -> "SA":
@@ -180,7 +181,11 @@ class SA:
         return AUTH[self.auth][2] if self.auth else 0
 
     def setkey(self) -> str:
-        parts = ["add", self.src, self.dst, self.proto, f"0x{self.spi:x}"]
+        if self.encap:
+            parts = ["add", f"{self.src}[{self.encap[0]}]", f"{self.dst}[{self.encap[1]}]", "esp-udp",
+                     f"0x{self.spi:x}"]
+        else:
+            parts = ["add", self.src, self.dst, self.proto, f"0x{self.spi:x}"]
         if self.replay is not None:
             parts += ["-r", str(self.replay)]
         if self.proto == "ipcomp":
@@ -205,6 +210,7 @@ class SA:
                 crypt_key=self.enc_key or None,
                 auth_algo=AUTH[self.auth][0] if self.auth else None,
                 auth_key=self.auth_key or None,
+                nat_t_header=UDP(sport=self.encap[0], dport=self.encap[1]) if self.encap else None,
             )
         if self.proto == "ah":
             return SecurityAssociation(AH, spi=self.spi, auth_algo=AUTH[self.auth][0], auth_key=self.auth_key)
@@ -408,7 +414,7 @@ def expect_summary(run: Run, read: int, written: int, **reasons: int) -> None:
     reasons = {k.replace("_", "-"): v for k, v in reasons.items() if v}
     order = ["malformed", "fragment", "policy-discard", "no-sa", "unknown-spi", "icv-failure", "replay",
              "replay-old", "bad-padding", "decompress", "policy-mismatch", "plaintext-refused", "sa-expired",
-             "seq-exhausted", "too-big", "not-ip"]
+             "seq-exhausted", "too-big", "encap-mismatch", "not-ip"]
     dropped = sum(reasons.values())
     line = f"read {read}, written {written}, dropped {dropped}"
     if reasons:
