@@ -11,10 +11,11 @@
 #                                 hmac-sha256, ICMP bypassed
 #   netns/mkconf.sh gcm DIR       ESP aes-gcm-16 alone
 #   netns/mkconf.sh cbc DIR       ESP aes-cbc + hmac-sha256 alone
+#   netns/mkconf.sh gcm-udp DIR   ESP aes-gcm-16 in UDP (RFC 3948, port 4500)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
-scenario=${1:?scenario: windows|linux|gcm|cbc} dir=${2:?output directory}
+scenario=${1:?scenario: windows|linux|gcm|cbc|gcm-udp} dir=${2:?output directory}
 mkdir -p "$dir"
 sas=$(mktemp)
 trap 'rm -f "$sas"' EXIT
@@ -36,12 +37,14 @@ case "$scenario" in
       echo "add $1 $2 ah $(spi) -r 1024 -A hmac-sha256 $(key 32);"
     done > "$sas"
     families="4" ;;
-  gcm|cbc)
+  gcm|cbc|gcm-udp)
     bundle="esp/transport//require"
     for pair in "$A4 $B4" "$B4 $A4" "$A6 $B6" "$B6 $A6"; do
       set -- $pair
       if [ "$scenario" = gcm ]; then
         echo "add $1 $2 esp $(spi) -r 4096 -E aes-gcm-16 $(key 20);"
+      elif [ "$scenario" = gcm-udp ]; then
+        echo "add $1[4500] $2[4500] esp-udp $(spi) -r 4096 -E aes-gcm-16 $(key 20);"
       else
         echo "add $1 $2 esp $(spi) -r 4096 -E aes-cbc $(key 16) -A hmac-sha256 $(key 32);"
       fi

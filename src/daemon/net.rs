@@ -71,32 +71,95 @@ const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 // classic BPF opcodes
 const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
 const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
+const LD_W_IND: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_IND) as u16;
+/// X = 4 * (packet[k] & 0xf): the IPv4 header length.
+const LDX_B_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
 const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const SKF_AD_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
 
-/// Pass IPv4 ESP/AH/IPComp, and IPv6 packets whose first next header is one
-/// of them or an extension header that may precede them.
+/// One instruction of a filter with symbolic jump targets.
+enum Ins {
+    Op(u16, u32),
+    /// If A == k go to the first label, else to the second (`None`: the
+    /// next instruction).
+    Jeq(u32, Option<&'static str>, Option<&'static str>),
+    Label(&'static str),
+}
+
+/// Resolve labels into classic BPF's forward jump offsets.
+fn assemble(prog: &[Ins]) -> Vec<libc::sock_filter> {
+    let mut at = std::collections::HashMap::new();
+    let mut n = 0usize;
+    for i in prog {
+        match i {
+            Ins::Label(l) => {
+                at.insert(*l, n);
+            }
+            _ => n += 1,
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in prog {
+        let here = out.len();
+        let off = |l: &Option<&str>| -> u8 {
+            l.map_or(0, |l| {
+                let to = at[l];
+                assert!(to > here && to - here - 1 <= 255, "jump to {l}");
+                (to - here - 1) as u8
+            })
+        };
+        match i {
+            Ins::Op(code, k) => out.push(stmt(*code, *k)),
+            Ins::Jeq(k, t, f) => out.push(jump(JEQ, *k, off(t), off(f))),
+            Ins::Label(_) => {}
+        }
+    }
+    out
+}
+
+/// Pass IPv4 ESP/AH/IPComp, IPv6 packets whose first next header is one
+/// of them or an extension header that may precede them, and ESP in UDP
+/// (RFC 3948) to the NAT-T port: UDP to 4500 whose first four payload
+/// bytes are not zero (IKE's non-ESP marker) and that is longer than a
+/// NAT keepalive. IKE and keepalives go on to the IKE daemon untouched.
 fn ipsec_filter() -> Vec<libc::sock_filter> {
-    vec![
-        /* 0 */ stmt(LD_H_ABS, SKF_AD_PROTOCOL),
-        /* 1 */ jump(JEQ, 0x0800, 0, 4),
-        /* 2 */ stmt(LD_B_ABS, 9),
-        /* 3 */ jump(JEQ, 50, 11, 0),
-        /* 4 */ jump(JEQ, 51, 10, 0),
-        /* 5 */ jump(JEQ, 108, 9, 10),
-        /* 6 */ jump(JEQ, 0x86dd, 0, 9),
-        /* 7 */ stmt(LD_B_ABS, 6),
-        /* 8 */ jump(JEQ, 50, 6, 0),
-        /* 9 */ jump(JEQ, 51, 5, 0),
-        /* 10 */ jump(JEQ, 108, 4, 0),
-        /* 11 */ jump(JEQ, 0, 3, 0),
-        /* 12 */ jump(JEQ, 60, 2, 0),
-        /* 13 */ jump(JEQ, 43, 1, 2),
-        /* 14 */ stmt(RET, 0), // unreachable filler keeps the offsets readable
-        /* 15 */ stmt(RET, 0x40000),
-        /* 16 */ stmt(RET, 0),
-    ]
+    use Ins::*;
+    const NAT_T: u32 = crate::udp_encap::NAT_T_PORT as u32;
+    assemble(&[
+        Op(LD_H_ABS, SKF_AD_PROTOCOL),
+        Jeq(0x0800, None, Some("v6")),
+        Op(LD_B_ABS, 9),
+        Jeq(50, Some("pass"), None),
+        Jeq(51, Some("pass"), None),
+        Jeq(108, Some("pass"), None),
+        Jeq(17, None, Some("drop")),
+        Op(LDX_B_MSH, 0),
+        Op(LD_H_IND, 2),
+        Jeq(NAT_T, None, Some("drop")),
+        Op(LD_W_IND, 8),
+        Jeq(0, Some("drop"), Some("pass")),
+        Label("v6"),
+        Jeq(0x86dd, None, Some("drop")),
+        Op(LD_B_ABS, 6),
+        Jeq(50, Some("pass"), None),
+        Jeq(51, Some("pass"), None),
+        Jeq(108, Some("pass"), None),
+        Jeq(0, Some("pass"), None),
+        Jeq(60, Some("pass"), None),
+        Jeq(43, Some("pass"), None),
+        Jeq(17, None, Some("drop")),
+        Op(LD_H_ABS, 40 + 2),
+        Jeq(NAT_T, None, Some("drop")),
+        Op(LD_W_ABS, 40 + 8),
+        Jeq(0, Some("drop"), Some("pass")),
+        Label("pass"),
+        Op(RET, 0x40000),
+        Label("drop"),
+        Op(RET, 0),
+    ])
 }
 
 /// A receiving packet socket for one ethertype (`libc::ETH_P_IP` or
@@ -338,30 +401,46 @@ mod tests {
             }
         }
         assert_eq!(p.last().unwrap().code, RET);
+        assert!(p.len() <= 4096, "BPF_MAXINSNS");
     }
 
     /// Run the classic BPF program the way the kernel would, on a packet
-    /// with the given ethertype.
+    /// with the given ethertype (a load beyond the packet drops it).
     fn run(prog: &[libc::sock_filter], ethertype: u16, pkt: &[u8]) -> u32 {
-        let mut a: u32 = 0;
+        let (mut a, mut x) = (0u32, 0u32);
         let mut pc = 0;
+        let load = |at: usize, n: usize| -> Option<u32> {
+            let b = pkt.get(at..at + n)?;
+            Some(b.iter().fold(0u32, |v, b| (v << 8) | *b as u32))
+        };
         loop {
             let ins = prog[pc];
-            match ins.code {
-                LD_H_ABS if ins.k == SKF_AD_PROTOCOL => a = ethertype as u32,
-                LD_B_ABS => match pkt.get(ins.k as usize) {
-                    Some(b) => a = *b as u32,
-                    None => return 0,
-                },
+            let k = ins.k as usize;
+            let v = match ins.code {
+                LD_H_ABS if ins.k == SKF_AD_PROTOCOL => Some(ethertype as u32),
+                LD_B_ABS => load(k, 1),
+                LD_H_ABS => load(k, 2),
+                LD_W_ABS => load(k, 4),
+                LD_H_IND => load(x as usize + k, 2),
+                LD_W_IND => load(x as usize + k, 4),
+                LDX_B_MSH => {
+                    x = 4 * (load(k, 1).unwrap_or(0) & 0xf);
+                    Some(a)
+                }
                 JEQ => {
                     pc += if a == ins.k {
                         ins.jt as usize
                     } else {
                         ins.jf as usize
                     };
+                    Some(a)
                 }
                 RET => return ins.k,
                 c => panic!("opcode {c}"),
+            };
+            match v {
+                Some(v) => a = v,
+                None => return 0,
             }
             pc += 1;
         }
@@ -397,5 +476,36 @@ mod tests {
             assert_eq!(run(&p, 0x86dd, &v6) != 0, pass, "IPv6 next header {nh}");
         }
         assert_eq!(run(&p, 0x0806, &v4), 0, "ARP");
+    }
+
+    #[test]
+    fn filter_passes_esp_in_udp_but_not_ike_or_keepalives() {
+        let p = ipsec_filter();
+        for v6 in [false, true] {
+            let (eth, hdr) = if v6 { (0x86dd, 40) } else { (0x0800, 24) };
+            let mut pkt = vec![0u8; hdr];
+            if v6 {
+                pkt[0] = 0x60;
+                pkt[6] = 17;
+            } else {
+                pkt[0] = 0x46; // with 4 bytes of options
+                pkt[9] = 17;
+            }
+            let udp = |dport: u16, payload: &[u8]| {
+                let mut q = pkt.clone();
+                q.extend_from_slice(&[0x11, 0x94]);
+                q.extend_from_slice(&dport.to_be_bytes());
+                q.extend_from_slice(&[0, 0, 0, 0]);
+                q.extend_from_slice(payload);
+                q
+            };
+            let esp = [0, 0, 1, 0, 0, 0, 0, 1, 7, 7, 7, 7];
+            let ike = [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+            assert_ne!(run(&p, eth, &udp(4500, &esp)), 0, "v6 {v6}: ESP in UDP");
+            assert_eq!(run(&p, eth, &udp(4500, &ike)), 0, "v6 {v6}: IKE");
+            assert_eq!(run(&p, eth, &udp(4500, &[0xff])), 0, "v6 {v6}: keepalive");
+            assert_eq!(run(&p, eth, &udp(4501, &esp)), 0, "v6 {v6}: other port");
+            assert_eq!(run(&p, eth, &udp(53, &esp)), 0, "v6 {v6}: DNS");
+        }
     }
 }

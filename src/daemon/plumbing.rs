@@ -234,6 +234,16 @@ pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
         "    meta l4proto {{ 50, 51, 108 }} accept comment \"ESP, AH, IPComp go to tunsec\""
     )
     .unwrap();
+    // ESP in UDP (RFC 3948): tunsec's packet sockets have their copy; the
+    // kernel's would find no socket (ICMP port unreachable) or an IKE
+    // daemon's encapsulation socket and no SA. IKE (a zero non-ESP marker)
+    // and keepalives (too short to load the word) go on.
+    writeln!(
+        r,
+        "    udp dport {} @th,64,32 != 0 drop comment \"ESP in UDP goes to tunsec\"",
+        crate::udp_encap::NAT_T_PORT
+    )
+    .unwrap();
     writeln!(
         r,
         "    udp dport {{ {IKE_PORTS} }} accept comment \"IKE goes to the keying daemon\""

@@ -250,7 +250,9 @@ class SA:
     auth_key: str = ""
 
 
-SA_RE = re.compile(r"^add\s+(\S+)\s+(\S+)\s+(esp|ah|ipcomp)\s+(0x[0-9a-fA-F]+|\d+)\b(.*?);", re.M)
+# esp-udp SAs (ESP in UDP) count as esp; their [port]s are dropped.
+SA_RE = re.compile(r"^add\s+([^\s\[]+)(?:\[\d+\])?\s+([^\s\[]+)(?:\[\d+\])?\s+(esp|ah|ipcomp)(?:-udp)?\s+"
+                   r"(0x[0-9a-fA-F]+|\d+)\b(.*?);", re.M)
 
 
 def parse_sas(conf: Path) -> list[SA]:

@@ -1,0 +1,115 @@
+"""Scenario `gcm-udp`: ESP aes-gcm-16 in UDP (RFC 3948, setkey's esp-udp)
+between two daemons, IPv4 and IPv6.
+
+TCP crosses intact both ways; the wire carries UDP to port 4500 only, and
+tshark's UDPENCAP + ESP dissectors decrypt it and check every ICV. IKE's
+own datagrams (non-ESP marker) on the same port still reach the
+application listening there (the IKE daemon's place), while no ESP in UDP
+does and the kernel answers none with ICMP.
+"""
+
+import subprocess
+from collections import Counter
+
+import pytest
+
+from e2elib import (
+    A4, A6, B4, B6, IFACE_A, PROTO_ICMP, Capture, between, ip_packets, make_topology, mkconf, parse_sas,
+    tcp_transfer_check, tcp_transfer_start, tshark_uat,
+)
+
+MB = 1_000_000
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+
+
+@pytest.fixture(scope="module")
+def net(request, tmp_path_factory):
+    topo = make_topology(request, tmp_path_factory, "u")
+    a_conf, b_conf = mkconf("gcm-udp", topo.workdir / "conf")
+    topo.sas = parse_sas(a_conf)
+    assert "esp-udp" in a_conf.read_text()
+    topo.da = topo.daemon(topo.a, a_conf).start()
+    topo.db = topo.daemon(topo.b, b_conf).start()
+    return topo
+
+
+def test_tcp_crosses_in_udp_and_tshark_verifies_it(net, tmp_path):
+    size = 8 * MB
+    pcap = tmp_path / "udp.pcap"
+    cap = Capture(net, net.a, IFACE_A, pcap, count=3000)
+    ca0, cb0 = net.da.counters(settle=0), net.db.counters(settle=0)
+    runs = [tcp_transfer_start(net, net.a, net.b, B4, 5801, size),
+            tcp_transfer_start(net, net.b, net.a, A4, 5802, size),
+            tcp_transfer_start(net, net.a, net.b, B6, 5803, size)]
+    for tx, rx in runs:
+        tcp_transfer_check(tx, rx, size)
+    cap.stop()
+    ca1, cb1 = net.da.counters(), net.db.counters()
+    for d0, d1, who in ((ca0, ca1, "A"), (cb0, cb1, "B")):
+        assert d1["dropped"] == d0["dropped"], f"{who} dropped packets: {d0.line} -> {d1.line}"
+        assert d1["out_bytes"] - d0["out_bytes"] >= size, f"{who}: {d0.line} -> {d1.line}"
+
+    pkts = between(ip_packets(pcap), A4, B4) + between(ip_packets(pcap), A6, B6)
+    kinds = Counter()
+    for p in pkts:
+        if p.proto == PROTO_UDP:
+            sport, dport = int.from_bytes(p.payload[0:2], "big"), int.from_bytes(p.payload[2:4], "big")
+            kinds[f"udp {sport}->{dport}"] += 1
+        else:
+            kinds[f"proto {p.proto}"] += 1
+    assert set(kinds) == {"udp 4500->4500"}, kinds
+    assert kinds["udp 4500->4500"] >= 2000, kinds
+
+    fields = ["ip.src", "ipv6.src", "esp.spi", "esp.icv_good", "esp.icv_bad", "esp.protocol"]
+    cmd = ["tshark", "-n", "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
+           "-o", "esp.enable_authentication_check:TRUE"]
+    for sa in net.sas:
+        cmd += ["-o", tshark_uat(sa)]
+    cmd += ["--disable-protocol", "tcp", "-Y", "esp", "-T", "fields", "-E", "separator=|", "-E", "occurrence=f"]
+    for f in fields:
+        cmd += ["-e", f]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rows = [dict(zip(fields, line.split("|"))) for line in proc.stdout.splitlines()]
+    assert len(rows) == kinds["udp 4500->4500"], f"tshark saw {len(rows)} ESP packets"
+    for r in rows:
+        assert r["esp.icv_good"] in ("1", "True") and r["esp.icv_bad"] in ("", "0", "False"), r
+        assert int(r["esp.protocol"], 0) == 6, r
+
+
+def test_ike_on_the_nat_t_port_reaches_its_listener_and_esp_does_not(net, tmp_path):
+    """B listens on UDP 4500 as an IKE daemon would. A sends IKE-shaped
+    datagrams from port 4500 (a zero non-ESP marker) and a keepalive, while
+    TCP in ESP-in-UDP flows: the listener gets exactly the IKE datagrams
+    and the keepalive, and nobody answers the ESP with ICMP."""
+    pcap = tmp_path / "ike.pcap"
+    cap = Capture(net, net.a, IFACE_A, pcap)
+    listener = net.spawn(net.b, ["python3", "-u", "-c", (
+        "import socket,select,time,json\n"
+        "s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+        "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n"
+        "s.bind(('::',4500)); print('READY',flush=True)\n"
+        "got=[]; end=time.monotonic()+12\n"
+        "while time.monotonic()<end and len(got)<5:\n"
+        "  r,_,_=select.select([s],[],[],0.1)\n"
+        "  if r: b,p=s.recvfrom(65535); got.append(b.hex())\n"
+        "print(json.dumps({'got':got}),flush=True)\n")], name="ike-listener")
+    listener.wait_ready()
+    tx, rx = tcp_transfer_start(net, net.a, net.b, B4, 5804, 4 * MB)
+    ike = [bytes(4) + b"IKE_SA_INIT-%d" % i for i in range(2)]
+    for dst in (B4, B6):
+        net.run(net.a, "python3", "-c", (
+            "import socket\n"
+            f"s=socket.socket(socket.AF_INET{'6' if ':' in dst else ''},socket.SOCK_DGRAM)\n"
+            "s.bind(('', 4500))\n"
+            f"s.sendto({ike[0 if dst == B4 else 1]!r}, ('{dst}', 4500))\n"
+            f"s.sendto(b'\\xff', ('{dst}', 4500))\n"))
+    tcp_transfer_check(tx, rx, 4 * MB)
+    got = [bytes.fromhex(h) for h in listener.result(30)["got"]]
+    cap.stop()
+    assert sorted(got) == sorted(ike + [b"\xff", b"\xff"]), got
+    # Destination unreachable: ICMP type 3, ICMPv6 type 1.
+    unreach = [p for p in ip_packets(pcap)
+               if (p.proto, p.payload[0]) in ((PROTO_ICMP, 3), (PROTO_ICMPV6, 1))]
+    assert unreach == [], f"{len(unreach)} ICMP unreachables: the kernel answered ESP in UDP"
