@@ -5,8 +5,10 @@
 #
 #   scripts/bench-netns.sh [SECONDS] [RUNS]     (as root; default 5 s, 3 runs)
 #
-# Scenarios: plaintext; ESP aes-gcm-16; ESP aes-cbc + hmac-sha256; the
-# seed's bundle (ESP aes-cbc + hmac-sha1 under AH hmac-sha1). Only the test
+# Scenarios (SCENARIOS="..." to choose): plaintext; ESP aes-gcm-16; ESP
+# aes-gcm-16 in UDP (RFC 3948, sent as UDP GSO super-packets); ESP aes-cbc
+# + hmac-sha256; the seed's bundle (ESP aes-cbc + hmac-sha1 under AH
+# hmac-sha1). Only the test
 # namespaces' private addresses are used; everything is torn down at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +60,7 @@ sleep 0.5
 declare -A result
 printf '%-34s %8s %10s %10s %10s\n' "scenario" "streams" "Gbit/s" "vs plain" "CPU s A/B"
 plain1=""; plain4=""
-for sc in plaintext gcm cbc windows; do
+for sc in ${SCENARIOS:-plaintext gcm gcm-udp cbc windows}; do
   pa="" pb=""
   if [ "$sc" != plaintext ]; then
     netns/mkconf.sh "$sc" "$tmp/$sc" >/dev/null
@@ -87,6 +89,7 @@ for sc in plaintext gcm cbc windows; do
     label=$sc
     case $sc in
       gcm) label="esp aes-gcm-16" ;;
+      gcm-udp) label="esp-in-udp aes-gcm-16 (GSO)" ;;
       cbc) label="esp aes-cbc + hmac-sha256" ;;
       windows) label="seed: esp aes-cbc/sha1 + ah sha1" ;;
     esac

@@ -3,6 +3,7 @@
 //! keeps time (lifetimes), reports events, and undoes everything at exit.
 
 pub mod control;
+pub mod gso;
 pub mod lock;
 pub mod net;
 pub mod plumbing;
@@ -263,6 +264,13 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
                     .context("cannot open the IPv6 packet socket")?,
             ],
             sender: net::Sender::new(inst.mark).context("cannot open raw sending sockets")?,
+            gso: match gso::Gso::new(inst.mark) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::warn!("ESP in UDP goes without segmentation offload: {e}");
+                    None
+                }
+            },
         });
     }
     let plumbing = plumbing::Plumbing::start(&state, inst.clone())?;

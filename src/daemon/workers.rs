@@ -4,6 +4,7 @@
 //! SA atomics. A worker reads a batch from each side, runs the engine, and
 //! writes the results; it re-reads the state snapshot once per batch.
 
+use super::gso::{self, Gso};
 use super::net::{self, Sender};
 use crate::buf::{HEADROOM, PacketBuf};
 use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
@@ -93,6 +94,8 @@ pub struct Io {
     /// Packet sockets for IPv4 and IPv6.
     pub packets: [OwnedFd; 2],
     pub sender: Sender,
+    /// UDP segmentation offload for ESP in UDP (None: unavailable).
+    pub gso: Option<Gso>,
 }
 
 pub fn dst_of(pkt: &[u8]) -> Option<IpAddr> {
@@ -252,6 +255,8 @@ struct Loop {
     gro_bufs: Vec<Vec<u8>>,
     ip_id: u16,
     hold: Hold,
+    /// A buffer for the datagrams of a received UDP GSO super-packet.
+    segment: PacketBuf,
 }
 
 impl Loop {
@@ -308,9 +313,7 @@ impl Loop {
                     k += 1;
                 }
             }
-            let (sent, failed) = io.sender.send_batch(&out[..k]);
-            self.ioc.net_tx += sent as u64;
-            self.ioc.net_tx_errors += failed as u64;
+            send_out(io, &out[..k], &mut self.ioc);
         }
     }
 
@@ -333,43 +336,203 @@ impl Loop {
                 }
                 let buf = &mut self.slots[i].0;
                 buf.set_loaded(self.sizes[i]);
-                self.ioc.net_rx += 1;
-                if let Some(len) = packet::ip_len(buf.data())
-                    && len < buf.len()
-                {
-                    buf.truncate(len);
-                    self.ioc.net_rx_trimmed += 1;
-                }
-                if engine::inbound(state, &mut self.w, buf, now) != Verdict::Forward {
-                    continue;
-                }
-                if self.offload {
-                    // Coalesced writes want every packet at one offset, after
-                    // room for the virtio header.
-                    let g = &mut self.gro_bufs[k];
-                    g.clear();
-                    g.resize(VIRTIO_NET_HDR_LEN, 0);
-                    g.extend_from_slice(buf.data());
-                    k += 1;
-                } else {
-                    match io.tun.send(buf.data()) {
-                        Ok(_) => self.ioc.tun_tx += 1,
-                        Err(_) => self.ioc.tun_tx_errors += 1,
+                if let Some(mut segs) = gso::split(buf.data()) {
+                    // ESP in UDP that crossed a veth whole: one datagram
+                    // at a time, as they would have come from a NIC.
+                    while segs.next_into(self.slots[i].0.data(), &mut self.segment) {
+                        self.deliver(io, &mut k, state, now, None);
                     }
+                } else {
+                    self.deliver(io, &mut k, state, now, Some(i));
                 }
             }
-            if k > 0 {
-                match io.tun.send_multiple(
-                    &mut self.gro,
-                    &mut self.gro_bufs[..k],
-                    VIRTIO_NET_HDR_LEN,
-                ) {
-                    Ok(_) => self.ioc.tun_tx += k as u64,
-                    Err(_) => self.ioc.tun_tx_errors += k as u64,
-                }
-            }
+            self.flush_tun(io, &mut k);
             if n < BATCH {
                 return;
+            }
+        }
+    }
+
+    /// Run one received packet (slot `i`, or the segment buffer) through
+    /// the engine and queue it for the TUN device.
+    fn deliver(&mut self, io: &Io, k: &mut usize, state: &State, now: Duration, i: Option<usize>) {
+        let buf = match i {
+            Some(i) => &mut self.slots[i].0,
+            None => &mut self.segment,
+        };
+        self.ioc.net_rx += 1;
+        if let Some(len) = packet::ip_len(buf.data())
+            && len < buf.len()
+        {
+            buf.truncate(len);
+            self.ioc.net_rx_trimmed += 1;
+        }
+        if engine::inbound(state, &mut self.w, buf, now) != Verdict::Forward {
+            return;
+        }
+        if self.offload {
+            // Coalesced writes want every packet at one offset, after
+            // room for the virtio header.
+            let g = &mut self.gro_bufs[*k];
+            g.clear();
+            g.resize(VIRTIO_NET_HDR_LEN, 0);
+            g.extend_from_slice(buf.data());
+            *k += 1;
+            if *k == self.gro_bufs.len() {
+                self.flush_tun(io, k);
+            }
+        } else {
+            match io.tun.send(buf.data()) {
+                Ok(_) => self.ioc.tun_tx += 1,
+                Err(_) => self.ioc.tun_tx_errors += 1,
+            }
+        }
+    }
+
+    fn flush_tun(&mut self, io: &Io, k: &mut usize) {
+        if *k == 0 {
+            return;
+        }
+        match io
+            .tun
+            .send_multiple(&mut self.gro, &mut self.gro_bufs[..*k], VIRTIO_NET_HDR_LEN)
+        {
+            Ok(_) => self.ioc.tun_tx += *k as u64,
+            Err(_) => self.ioc.tun_tx_errors += *k as u64,
+        }
+        *k = 0;
+    }
+}
+
+/// The length of the run of packets from `pkts[0]` that one UDP GSO
+/// super-packet can carry: ESP in UDP (a port is the NAT-T port) between
+/// the same addresses and ports, IPv4 without options or IPv6 without
+/// extension headers, all of one size but the last, which may be shorter.
+fn gso_run(pkts: &[&[u8]]) -> usize {
+    let p = pkts[0];
+    let ip = match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 28 && p[0] == 0x45 && p[9] == packet::PROTO_UDP => 20,
+        Some(6) if p.len() >= 48 && p[6] == packet::PROTO_UDP => 40,
+        _ => return 1,
+    };
+    let (sport, dport) = (packet::be16(p, ip), packet::be16(p, ip + 2));
+    let nat_t = crate::udp_encap::NAT_T_PORT;
+    if sport != nat_t && dport != nat_t {
+        return 1;
+    }
+    // Addresses, then ports: the same for every packet of the run.
+    let (addrs, hdr) = if ip == 20 { (12..24, 28) } else { (8..44, 48) };
+    let same = |q: &[u8]| q.len() >= hdr && q[0] == p[0] && q[addrs.clone()] == p[addrs.clone()];
+    let seg = p.len() - hdr;
+    let mut total = p.len();
+    let mut n = 1;
+    for q in &pkts[1..] {
+        if !same(q) || q.len() > p.len() || total + q.len() - hdr > 65535 {
+            break;
+        }
+        total += q.len() - hdr;
+        n += 1;
+        if q.len() - hdr < seg {
+            break;
+        }
+    }
+    n
+}
+
+/// Send sealed packets: runs of ESP in UDP as UDP GSO super-packets where
+/// the link-layer path is known, everything else by the raw sockets, in
+/// order.
+fn send_out(io: &Io, pkts: &[&[u8]], ioc: &mut IoCounters) {
+    let mut raw_from = 0;
+    let mut i = 0;
+    let gso = io.gso.as_ref().filter(|g| !g.broken.get());
+    while i < pkts.len() {
+        let n = if gso.is_some() {
+            gso_run(&pkts[i..])
+        } else {
+            1
+        };
+        if n >= 2
+            && let Some(l2) = io.gso_l2(pkts[i])
+        {
+            let (sent, failed) = io.sender.send_batch(&pkts[raw_from..i]);
+            ioc.net_tx += sent as u64;
+            ioc.net_tx_errors += failed as u64;
+            if io.send_gso(&l2, &pkts[i..i + n]) {
+                ioc.net_tx += n as u64;
+            } else {
+                let (sent, failed) = io.sender.send_batch(&pkts[i..i + n]);
+                ioc.net_tx += sent as u64;
+                ioc.net_tx_errors += failed as u64;
+            }
+            raw_from = i + n;
+        }
+        i += n;
+    }
+    let (sent, failed) = io.sender.send_batch(&pkts[raw_from..]);
+    ioc.net_tx += sent as u64;
+    ioc.net_tx_errors += failed as u64;
+}
+
+impl Io {
+    fn gso_l2(&self, p: &[u8]) -> Option<gso::L2> {
+        let g = self.gso.as_ref()?;
+        let dst = dst_of(p)?;
+        g.l2(dst)
+    }
+
+    /// One super-packet for `run` (see [`gso_run`]); false if the kernel
+    /// refused it (GSO is then off for this worker, said once).
+    fn send_gso(&self, l2: &gso::L2, run: &[&[u8]]) -> bool {
+        let Some(g) = self.gso.as_ref() else {
+            return false;
+        };
+        let p = run[0];
+        let v6 = p[0] >> 4 == 6;
+        let ip = if v6 { 40 } else { 20 };
+        let hdr = ip + 8;
+        let total: usize = hdr + run.iter().map(|q| q.len() - hdr).sum::<usize>();
+        let mut h = [0u8; 48];
+        h[..hdr].copy_from_slice(&p[..hdr]);
+        if v6 {
+            packet::put16(&mut h, 4, (total - 40) as u16);
+        } else {
+            packet::put16(&mut h, 2, total as u16);
+            packet::put16(&mut h, 10, 0);
+            let c = packet::checksum(&h[..20]);
+            packet::put16(&mut h, 10, c);
+        }
+        let (src, dst) = if v6 {
+            (
+                IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).unwrap()),
+                IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).unwrap()),
+            )
+        } else {
+            (
+                IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).unwrap()),
+                IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).unwrap()),
+            )
+        };
+        // The UDP length names one datagram, not the whole: the kernel
+        // cuts by gso_size and sets each length anyway, and a peer that
+        // gets the super-packet whole (over a veth) reads the datagram
+        // size from it (`gso::split`).
+        let seg = p.len() - hdr;
+        packet::put16(&mut h, ip + 4, (8 + seg) as u16);
+        packet::put16(&mut h, ip + 6, gso::partial_udp_checksum(src, dst, 8 + seg));
+        let vh = gso::gso_headers(l2, v6, ip, seg);
+        let mut parts: [&[u8]; BATCH + 2] = [&[]; BATCH + 2];
+        parts[0] = &vh;
+        parts[1] = &h[..hdr];
+        for (slot, q) in parts[2..].iter_mut().zip(run) {
+            *slot = &q[hdr..];
+        }
+        match g.send(l2, v6, &parts[..2 + run.len()]) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                g.set_broken(&e);
+                false
             }
         }
     }
@@ -391,6 +554,7 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
             .collect(),
         ip_id: (seed[0] as u16) << 8 | seed[1] as u16,
         hold: Hold::new(),
+        segment: PacketBuf::new(),
     };
     let mut last_publish = Instant::now();
     let tun_fd = io.tun.as_raw_fd();

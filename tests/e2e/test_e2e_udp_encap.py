@@ -8,17 +8,53 @@ application listening there (the IKE daemon's place), while no ESP in UDP
 does and the kernel answers none with ICMP.
 """
 
+import struct
 import subprocess
 from collections import Counter
 
 import pytest
 
 from e2elib import (
-    A4, A6, B4, B6, IFACE_A, PROTO_ICMP, Capture, between, ip_packets, make_topology, mkconf, parse_sas,
-    tcp_transfer_check, tcp_transfer_start, tshark_uat,
+    A4, A6, B4, B6, IFACE_A, PROTO_ICMP, Capture, between, ip_packets, make_topology, read_pcap, mkconf, parse_sas,
+    tcp_transfer_check, tcp_transfer_start, tshark_uat, write_pcap,
 )
 
 MB = 1_000_000
+
+
+def split_super_frames(frames: list[bytes]) -> tuple[list[bytes], int]:
+    """Cut UDP GSO super-frames (a capture on the sender's veth sees
+    them whole: IP payload longer than the UDP length, which names each
+    datagram's size) into the datagrams the receiver gets, as tunsec does.
+    Returns the frames and how many were super-frames."""
+    out, supers = [], 0
+    for fr in frames:
+        et = struct.unpack("!H", fr[12:14])[0]
+        ip = fr[14:]
+        if et == 0x0800 and ip[9] == PROTO_UDP:
+            ihl, v6 = (ip[0] & 0xF) * 4, False
+        elif et == 0x86DD and ip[6] == PROTO_UDP:
+            ihl, v6 = 40, True
+        else:
+            out.append(fr)
+            continue
+        ulen = struct.unpack("!H", ip[ihl + 4: ihl + 6])[0]
+        body = ip[ihl + 8:]
+        if len(body) <= ulen - 8:
+            out.append(fr)
+            continue
+        supers += 1
+        seg = ulen - 8
+        for at in range(0, len(body), seg):
+            part = body[at: at + seg]
+            h = bytearray(fr[:14] + ip[: ihl + 8])
+            h[14 + ihl + 4: 14 + ihl + 6] = struct.pack("!H", 8 + len(part))
+            if v6:
+                h[14 + 4: 14 + 6] = struct.pack("!H", 8 + len(part))
+            else:
+                h[14 + 2: 14 + 4] = struct.pack("!H", ihl + 8 + len(part))
+            out.append(bytes(h) + part)
+    return out, supers
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
 
@@ -50,6 +86,10 @@ def test_tcp_crosses_in_udp_and_tshark_verifies_it(net, tmp_path):
         assert d1["dropped"] == d0["dropped"], f"{who} dropped packets: {d0.line} -> {d1.line}"
         assert d1["out_bytes"] - d0["out_bytes"] >= size, f"{who}: {d0.line} -> {d1.line}"
 
+    frames, supers = split_super_frames(read_pcap(pcap)[1])
+    # Bulk TCP leaves as UDP GSO super-packets (see src/daemon/gso.rs).
+    assert supers >= 50, f"{supers} UDP GSO super-packets"
+    pcap = write_pcap(tmp_path / "split.pcap", frames)
     pkts = between(ip_packets(pcap), A4, B4) + between(ip_packets(pcap), A6, B6)
     kinds = Counter()
     for p in pkts:
