@@ -42,7 +42,7 @@ const PACKET_VNET_HDR: libc::c_int = 15;
 const ETH_LEN: usize = 14;
 
 /// Where to send frames for one destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L2 {
     pub ifindex: u32,
     /// Destination MAC, source MAC; the ethertype goes on per packet.
@@ -452,6 +452,61 @@ impl Gso {
 }
 
 impl Gso {
+    /// Send single packets as Ethernet frames with one `sendmmsg`.
+    /// Returns how many the kernel took (the rest are the caller's).
+    pub fn send_frames(&self, frames: &[(&[u8], L2)]) -> usize {
+        const B: usize = crate::daemon::workers::BATCH;
+        let n = frames.len().min(B);
+        let mut heads = [[0u8; VNET_HDR_LEN + ETH_LEN]; B];
+        // SAFETY: zeroed iovec, sockaddr_ll and mmsghdr arrays are valid;
+        // every pointer set below refers to data that outlives the call.
+        let mut iovs: [[libc::iovec; 2]; B] = unsafe { std::mem::zeroed() };
+        let mut addrs: [libc::sockaddr_ll; B] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; B] = unsafe { std::mem::zeroed() };
+        for (i, (p, l2)) in frames[..n].iter().enumerate() {
+            let v6 = p.first().is_some_and(|b| b >> 4 == 6);
+            let et: u16 = if v6 { 0x86dd } else { 0x0800 };
+            heads[i][VNET_HDR_LEN..VNET_HDR_LEN + 12].copy_from_slice(&l2.macs);
+            heads[i][VNET_HDR_LEN + 12..].copy_from_slice(&et.to_be_bytes());
+            addrs[i].sll_family = libc::AF_PACKET as u16;
+            addrs[i].sll_ifindex = l2.ifindex as i32;
+            addrs[i].sll_protocol = et.to_be();
+        }
+        for i in 0..n {
+            iovs[i] = [
+                libc::iovec {
+                    iov_base: heads[i].as_mut_ptr() as *mut libc::c_void,
+                    iov_len: heads[i].len(),
+                },
+                libc::iovec {
+                    iov_base: frames[i].0.as_ptr() as *mut libc::c_void,
+                    iov_len: frames[i].0.len(),
+                },
+            ];
+            msgs[i].msg_hdr.msg_name = &mut addrs[i] as *mut _ as *mut libc::c_void;
+            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            msgs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+            msgs[i].msg_hdr.msg_iovlen = 2;
+        }
+        let mut off = 0;
+        while off < n {
+            // SAFETY: msgs[off..n] are initialised above.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.packet.as_raw_fd(),
+                    msgs[off..].as_mut_ptr(),
+                    (n - off) as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                break;
+            }
+            off += r as usize;
+        }
+        off
+    }
+
     /// Turn GSO off for this worker after the kernel refused a send.
     pub fn set_broken(&self, e: &io::Error) {
         if !self.broken.replace(true) {

@@ -439,48 +439,90 @@ fn gso_run(pkts: &[&[u8]]) -> usize {
     n
 }
 
-/// Send sealed packets: runs of ESP in UDP as UDP GSO super-packets where
-/// the link-layer path is known, everything else by the raw sockets, in
-/// order.
+/// Send sealed packets, in order: runs of ESP in UDP as UDP GSO
+/// super-packets, other packets as frames on the packet socket, both where
+/// the link-layer path is known (no IP output path: route lookup,
+/// netfilter, neighbour), the rest by the raw sockets.
 fn send_out(io: &Io, pkts: &[&[u8]], ioc: &mut IoCounters) {
-    let mut raw_from = 0;
-    let mut i = 0;
-    let gso = io.gso.as_ref().filter(|g| !g.broken.get());
-    while i < pkts.len() {
-        let n = if gso.is_some() {
-            gso_run(&pkts[i..])
-        } else {
-            1
-        };
-        if n >= 2
-            && let Some(l2) = io.gso_l2(pkts[i])
-        {
-            let (sent, failed) = io.sender.send_batch(&pkts[raw_from..i]);
+    let Some(g) = io.gso.as_ref().filter(|g| !g.broken.get()) else {
+        let (sent, failed) = io.sender.send_batch(pkts);
+        ioc.net_tx += sent as u64;
+        ioc.net_tx_errors += failed as u64;
+        return;
+    };
+    // Pending singles: by the raw socket, or framed for the packet socket.
+    let mut raw: [&[u8]; BATCH] = [&[]; BATCH];
+    let mut nraw = 0;
+    let mut framed: [(&[u8], gso::L2); BATCH] = [(&[], gso::L2::default()); BATCH];
+    let mut nframed = 0;
+    let flush = |raw: &mut [&[u8]],
+                 nraw: &mut usize,
+                 framed: &[(&[u8], gso::L2)],
+                 nframed: &mut usize,
+                 ioc: &mut IoCounters| {
+        if *nraw > 0 {
+            let (sent, failed) = io.sender.send_batch(&raw[..*nraw]);
             ioc.net_tx += sent as u64;
             ioc.net_tx_errors += failed as u64;
-            if io.send_gso(&l2, &pkts[i..i + n]) {
-                ioc.net_tx += n as u64;
-            } else {
-                let (sent, failed) = io.sender.send_batch(&pkts[i..i + n]);
+            *nraw = 0;
+        }
+        if *nframed > 0 {
+            let sent = g.send_frames(&framed[..*nframed]);
+            ioc.net_tx += sent as u64;
+            // What the packet socket did not take goes by the raw socket.
+            for (p, _) in &framed[sent..*nframed] {
+                let (sent, failed) = io.sender.send_batch(&[p]);
                 ioc.net_tx += sent as u64;
                 ioc.net_tx_errors += failed as u64;
             }
-            raw_from = i + n;
+            *nframed = 0;
         }
-        i += n;
+    };
+    let mut i = 0;
+    while i < pkts.len() {
+        let n = gso_run(&pkts[i..]);
+        let l2 = dst_of(pkts[i]).and_then(|d| g.l2(d));
+        match l2 {
+            Some(l2) if n >= 2 => {
+                flush(&mut raw, &mut nraw, &framed, &mut nframed, ioc);
+                if io.send_gso(&l2, &pkts[i..i + n]) {
+                    ioc.net_tx += n as u64;
+                } else {
+                    let (sent, failed) = io.sender.send_batch(&pkts[i..i + n]);
+                    ioc.net_tx += sent as u64;
+                    ioc.net_tx_errors += failed as u64;
+                }
+                i += n;
+                continue;
+            }
+            Some(l2) if framed_tx() => {
+                if nraw > 0 {
+                    flush(&mut raw, &mut nraw, &framed, &mut nframed, ioc);
+                }
+                framed[nframed] = (pkts[i], l2);
+                nframed += 1;
+            }
+            _ => {
+                if nframed > 0 {
+                    flush(&mut raw, &mut nraw, &framed, &mut nframed, ioc);
+                }
+                raw[nraw] = pkts[i];
+                nraw += 1;
+            }
+        }
+        i += 1;
     }
-    let (sent, failed) = io.sender.send_batch(&pkts[raw_from..]);
-    ioc.net_tx += sent as u64;
-    ioc.net_tx_errors += failed as u64;
+    flush(&mut raw, &mut nraw, &framed, &mut nframed, ioc);
+}
+
+/// Single packets go as frames on the packet socket (TUNSEC_TX=raw keeps
+/// them on the raw sockets: for comparison).
+fn framed_tx() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TUNSEC_TX").map_or(true, |v| v != "raw"))
 }
 
 impl Io {
-    fn gso_l2(&self, p: &[u8]) -> Option<gso::L2> {
-        let g = self.gso.as_ref()?;
-        let dst = dst_of(p)?;
-        g.l2(dst)
-    }
-
     /// One super-packet for `run` (see [`gso_run`]); false if the kernel
     /// refused it (GSO is then off for this worker, said once).
     fn send_gso(&self, l2: &gso::L2, run: &[&[u8]]) -> bool {
