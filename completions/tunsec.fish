@@ -53,7 +53,7 @@ complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l control -d 'Contro
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l xfrm -d 'Serve the Linux XFRM netlink API on this Unix socket (root only), for IKE daemons started with `tunsec ike --xfrm PATH -- DAEMON`' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l dry-run -d 'Print every change to interfaces, routes, rules and nftables, and exit'
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -l no-offload -d 'Open the TUN device without IFF_VNET_HDR offloads: one packet per read and write (for comparison and for kernels without TUN offload)'
-complete -c tunsec -n "__fish_tunsec_using_subcommand run" -s h -l help -d 'Print help'
+complete -c tunsec -n "__fish_tunsec_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s f -d 'Read statements from FILE (setkey -f)' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -l control -d 'The daemon\'s control socket (default: the one daemon of this network namespace that runs with its default path)' -r -F
 complete -c tunsec -n "__fish_tunsec_using_subcommand setkey" -s c -d 'Read statements from standard input (setkey -c)'

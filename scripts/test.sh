@@ -11,6 +11,8 @@
 # use from tests/interop/requirements.txt (and refreshed when that changes).
 # TUNSEC_BIN overrides the binary under test (default target/debug/tunsec for
 # the interop suite, target/release/tunsec for the e2e suite).
+# TUNSEC_TEST_PACKAGE=1 also builds and tests the Debian package
+# (scripts/test-package.sh: cargo-deb, debootstrap; a few minutes).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -72,3 +74,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 cargo build --release
 .venv/bin/python -m pytest -q tests/e2e
+
+# The Debian package (cargo-deb, a Debian 12 made by debootstrap, install
+# and purge): minutes and a download, so only when asked for.
+if [ "${TUNSEC_TEST_PACKAGE:-0}" = 1 ]; then
+    scripts/test-package.sh
+else
+    echo "scripts/test.sh: skipping the Debian package test (TUNSEC_TEST_PACKAGE=1 runs scripts/test-package.sh)" >&2
+fi

@@ -46,6 +46,7 @@ pub enum Cmd {
     /// Measure the engine against the raw crypto primitives (like `openssl speed`).
     Bench(crate::bench::Args),
     /// Run the data plane: TUN device, raw sockets, routes and nftables.
+    #[command(after_long_help = crate::daemon::SIGNALS_HELP)]
     Run(crate::daemon::Args),
     /// Talk to a running daemon like setkey(8): -f FILE, -c, -D, -DP, -F, -FP, -x.
     Setkey(crate::client::SetkeyArgs),

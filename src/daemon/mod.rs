@@ -6,7 +6,9 @@ pub mod control;
 pub mod gso;
 pub mod lock;
 pub mod net;
+pub mod notify;
 pub mod plumbing;
+pub mod reload;
 pub mod rtnl;
 pub mod tun;
 pub mod workers;
@@ -53,6 +55,29 @@ pub struct Args {
     pub no_offload: bool,
 }
 
+/// `tunsec run --help`'s closing text (and the man page's).
+pub const SIGNALS_HELP: &str = "\
+Signals:
+  SIGTERM, SIGINT  stop: routes, rules, nftables and the fail-closed
+                   blackholes are removed; the TUN device goes with the process.
+  SIGHUP           reload --config as one atomic batch. Afterwards the SAs and
+                   policies the file names are what a fresh start with it would
+                   give; those it names unchanged keep running untouched
+                   (sequence numbers, replay windows, counters, lifetimes);
+                   those the previous file named and this one does not are
+                   removed; what was keyed at run time (control socket, XFRM)
+                   and is not named by the file stays. A file that does not
+                   parse or apply is logged as FILE:LINE: message, and nothing
+                   changes.
+  SIGUSR1          log the counters.
+
+Under systemd (NOTIFY_SOCKET set, Type=notify) it sends READY=1 once the TUN
+device, sockets, routes, rules, nftables, workers and control (and XFRM)
+sockets are all in place, RELOADING=1 and READY=1 around a reload (with a
+STATUS= line saying what changed or why nothing did), and STOPPING=1 at a
+stop. The unit tunsec@.service (packaging/ in the source) runs one instance
+per /etc/tunsec/NAME.conf.";
+
 /// Bytes tunsec may add to a packet: AH with a 256-bit ICV padded for
 /// IPv6 (48), ESP header, IV, padding, trailer and ICV (8 + 16 + 15 + 2 +
 /// 32), IPComp (4), rounded up.
@@ -61,8 +86,11 @@ pub const MAX_OVERHEAD: u16 = 128;
 fn log_init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: under systemd stdout is the journal.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .try_init();
 }
@@ -101,32 +129,73 @@ fn run_cmd(words: &[&str]) -> Result<()> {
     plumbing::run(&argv, None)
 }
 
-/// SIGINT/SIGTERM and SIGUSR1, as flags. Registered first thing, so that a
-/// signal arriving while the daemon sets up (or right after it says it is
-/// up) stops it in order instead of killing it with its plumbing in place.
+/// SIGINT/SIGTERM, SIGUSR1 and SIGHUP, as flags. Registered first thing,
+/// so that a signal arriving while the daemon sets up (or right after it
+/// says it is up) stops it in order instead of killing it with its
+/// plumbing in place. A SIGHUP during setup is kept for the main loop,
+/// which then reloads: the file may have changed after it was read.
 struct Signals {
     term: Arc<AtomicBool>,
     usr1: Arc<AtomicBool>,
+    hup: Arc<AtomicBool>,
 }
 
 impl Signals {
     fn register() -> Result<Signals> {
         let term = Arc::new(AtomicBool::new(false));
         let usr1 = Arc::new(AtomicBool::new(false));
+        let hup = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(sig, term.clone())?;
         }
         signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())?;
-        Ok(Signals { term, usr1 })
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+        Ok(Signals { term, usr1, hup })
+    }
+}
+
+/// The `--config` file and what it named, for reloads on SIGHUP.
+struct Config {
+    path: Option<PathBuf>,
+    owned: reload::Owned,
+}
+
+impl Config {
+    /// Re-read the file and apply it as one batch (`reload`'s rules),
+    /// under the writers' lock; on any error nothing changes.
+    fn reload(&mut self, ctl: &control::Control) -> std::result::Result<String, String> {
+        let Some(path) = &self.path else {
+            return Err("started without --config: nothing to reload".into());
+        };
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {file}: {e}"))?;
+        let new = reload::FileState::parse(&text, &file).map_err(|e| e.to_string())?;
+        let mut plumbing = ctl.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = ctl.shared.state.load_full();
+        let (statements, summary) = reload::plan(&cur, &self.owned, &new);
+        if !statements.is_empty() {
+            let (next, _) = cur
+                .apply(&statements, &file, ctl.shared.now())
+                .map_err(|e| e.to_string())?;
+            ctl.commit(&mut plumbing, &cur, next)
+                .map_err(|e| format!("{file}: {e}"))?;
+        }
+        drop(plumbing);
+        for w in &new.warnings {
+            tracing::warn!("{file}:{}: {}", w.line, w.message);
+        }
+        self.owned = reload::Owned::of(&new.state);
+        Ok(format!("reloaded {file}: {summary}"))
     }
 }
 
 pub fn run(args: &Args) -> Result<()> {
     log_init();
     let signals = Signals::register()?;
+    let notifier = notify::Notifier::from_env().context("cannot use NOTIFY_SOCKET")?;
     // A stop sent to the process group (Ctrl-C, systemd) can kill an `ip`
     // or `nft` child while the daemon sets up; say why it failed.
-    run_with(args, &signals).map_err(|e| {
+    run_with(args, &signals, &notifier).map_err(|e| {
         if signals.term.load(Relaxed) {
             e.context("stopped by a signal while setting up")
         } else {
@@ -135,7 +204,7 @@ pub fn run(args: &Args) -> Result<()> {
     })
 }
 
-fn run_with(args: &Args, signals: &Signals) -> Result<()> {
+fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Result<()> {
     let control_path = args
         .control
         .clone()
@@ -154,6 +223,10 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
             state
         }
         None => base,
+    };
+    let mut config = Config {
+        path: args.config.clone(),
+        owned: reload::Owned::of(&state),
     };
     if args.tun.is_empty() || args.tun.len() > 15 || args.tun.contains(['/', ' ']) {
         bail!(
@@ -319,38 +392,52 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         }
         _ => None,
     };
-    // Up means ready: every socket a client may use is bound.
-    tracing::info!(
-        "tunsec {} up: {} policies, {} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}, control {}",
-        env!("CARGO_PKG_VERSION"),
-        shared.state.load().spd.len(),
-        shared.state.load().sad.len(),
-        inst.tun,
-        peers
-            .iter()
-            .map(|(d, _)| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        control_path.display()
-    );
-    for p in shared.state.load().spd.iter() {
-        tracing::info!("policy {}: {p}", p.id);
-    }
-    for sa in shared.state.load().sad.iter() {
-        let c = &sa.config;
+    // Up means ready: every socket a client may use is bound, and (by the
+    // time `serve` calls this) every worker runs.
+    let ready = || {
+        let (npol, nsa) = (shared.state.load().spd.len(), shared.state.load().sad.len());
         tracing::info!(
-            "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
-            c.proto,
-            c.src,
-            c.dst,
-            c.spi,
-            c.enc.name(),
-            c.auth.name(),
-            c.replay
+            "tunsec {} up: {npol} policies, {nsa} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}, control {}{}",
+            env!("CARGO_PKG_VERSION"),
+            inst.tun,
+            peers
+                .iter()
+                .map(|(d, _)| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            control_path.display(),
+            args.xfrm
+                .as_ref()
+                .map(|p| format!(", xfrm {}", p.display()))
+                .unwrap_or_default()
         );
-    }
+        for p in shared.state.load().spd.iter() {
+            tracing::info!("policy {}: {p}", p.id);
+        }
+        for sa in shared.state.load().sad.iter() {
+            let c = &sa.config;
+            tracing::info!(
+                "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
+                c.proto,
+                c.src,
+                c.dst,
+                c.spi,
+                c.enc.name(),
+                c.auth.name(),
+                c.replay
+            );
+        }
+        notifier.tell(&[
+            "READY=1",
+            &format!("STATUS=up: {npol} policies, {nsa} SAs, TUN {}", inst.tun),
+        ]);
+    };
 
-    let result = serve(&shared, &ctl, ios, signals);
+    let result = serve(&shared, &ctl, ios, signals, ready, &mut config, notifier);
+    notifier.tell(&[
+        "STOPPING=1",
+        "STATUS=stopping: restoring routes, rules and nftables",
+    ]);
     shared.stop.store(true, Relaxed);
     control::join(ctl_thread);
     if let Some(h) = xfrm_thread {
@@ -404,13 +491,18 @@ pub fn describe_counters(c: &crate::engine::Counters, io: &workers::IoCounters) 
     s
 }
 
+/// Run the workers, call `ready` once they run, and keep time, events,
+/// signals and reloads until a stop.
 fn serve(
     shared: &Arc<Shared>,
     ctl: &control::Control,
     ios: Vec<workers::Io>,
     signals: &Signals,
+    ready: impl FnOnce(),
+    config: &mut Config,
+    notifier: &notify::Notifier,
 ) -> Result<()> {
-    let Signals { term, usr1 } = signals;
+    let Signals { term, usr1, hup } = signals;
     // The daemon writes to sockets only; a closed pipe must not kill it.
     // SAFETY: setting a signal disposition.
     unsafe {
@@ -426,10 +518,25 @@ fn serve(
                 .spawn(move || workers::run(i, s, io, seed))?,
         );
     }
+    ready();
     let mut acquires = crate::acquire::Pending::default();
     let mut last_tick = Instant::now();
     while !term.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        if hup.swap(false, Relaxed) {
+            notifier.tell(&["RELOADING=1", &notify::monotonic_usec()]);
+            let status = match config.reload(ctl) {
+                Ok(done) => {
+                    tracing::info!("{done}");
+                    done
+                }
+                Err(e) => {
+                    tracing::error!("reload failed, nothing changed: {e}");
+                    format!("reload failed, nothing changed: {e}")
+                }
+            };
+            notifier.tell(&["READY=1", &format!("STATUS={}", status.replace('\n', " "))]);
+        }
         if usr1.swap(false, Relaxed) {
             let (c, io) = shared.totals();
             tracing::info!("counters: {}", describe_counters(&c, &io));

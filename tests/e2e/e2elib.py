@@ -88,7 +88,8 @@ class Proc:
         return self.p.poll() is None
 
     def stderr(self) -> str:
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         return ANSI.sub("", self.err_path.read_text(errors="replace"))
 
     def _read_lines(self, timeout: float) -> bool:
