@@ -110,7 +110,7 @@ secrets {{ ike-1 {{ id-1 = {local}
         res: dict[str, list[dict]] = {}
         cur = None
         for line in out.splitlines():
-            m = re.match(r"^\s+(\S+): #\d+, reqid (\d+), (\w+), (\w+), (.*)$", line)
+            m = re.match(r"^\s+(\S+): #\d+, reqid (\d+), (\w+), ([\w-]+), (.*)$", line)
             if m:
                 cur = {"reqid": int(m[2]), "state": m[3], "mode": m[4], "proto": m[5]}
                 res.setdefault(m[1], []).append(cur)

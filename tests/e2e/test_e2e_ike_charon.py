@@ -5,7 +5,8 @@ ESP aes-gcm-16, ESP aes-cbc + hmac-sha256 with IPComp, AH, and ESN; a
 trap child brought up by tunsec's ACQUIRE; rekeys by swanctl and by
 tunsec's soft EXPIRE during transfers; terminate; SIGKILL.
 
-Each child has its own traffic (a TCP or UDP port), so their policies do
+A second connection with `encap = yes` keys a child with UDP encapsulation
+(ESP in UDP). Each child has its own traffic (a TCP or UDP port), so their policies do
 not overlap.
 """
 
@@ -34,6 +35,30 @@ CHILDREN = {
     # still leave in the clear.
     "all": ("", "esp_proposals = aes128gcm16"),
 }
+
+
+# A second IKE SA from A with `encap = yes`: charon fakes NAT detection,
+# both sides move to port 4500 and key their child with UDP encapsulation
+# (XFRMA_ENCAP): ESP in UDP, RFC 3948.
+NAT_CONN = f"""nat {{ version = 2
+  local_addrs = {A4}
+  remote_addrs = {B4}
+  encap = yes
+  proposals = aes128-sha256-modp2048
+  local {{ auth = psk
+          id = {A4} }}
+  remote {{ auth = psk
+           id = {B4} }}
+  children {{ udp {{ local_ts = {A4}/32[tcp]
+                   remote_ts = {B4}/32[tcp/5007]
+                   mode = transport
+                   esp_proposals = aes128gcm16
+                   start_action = none }} }} }}"""
+UDP_CHILD_B = f"""
+   udp {{ local_ts = {B4}/32[tcp/5007]
+     remote_ts = {A4}/32[tcp]
+     mode = transport
+     esp_proposals = aes128gcm16 }}"""
 
 
 def children(local: str, remote: str, trap: bool) -> str:
@@ -80,8 +105,8 @@ def net(request, tmp_path_factory):
     topo = make_topology(request, tmp_path_factory, "C")
     topo.da = topo.daemon(topo.a, None, xfrm=True).start()
     topo.db = topo.daemon(topo.b, None, xfrm=True).start()
-    topo.ca = Charon(topo, topo.a, topo.da.xfrm, A4, B4, children(A4, B4, True), "a")
-    topo.cb = Charon(topo, topo.b, topo.db.xfrm, B4, A4, children(B4, A4, False), "b")
+    topo.ca = Charon(topo, topo.a, topo.da.xfrm, A4, B4, children(A4, B4, True), "a", extra=NAT_CONN)
+    topo.cb = Charon(topo, topo.b, topo.db.xfrm, B4, A4, children(B4, A4, False) + UDP_CHILD_B, "b")
     topo.ca.load()
     topo.cb.load()
     # What tunsec holds before any CHILD_SA: A's trap policies only.
@@ -113,6 +138,29 @@ def test_gcm_child_installs_in_tunsec_and_carries_50mb(net):
     assert not [p for p in pkts if p.proto == 6 and (p.payload[2:4] == (5001).to_bytes(2, "big")
                                                        or p.payload[:2] == (5001).to_bytes(2, "big"))], \
         "TCP to port 5001 in the clear"
+
+
+def test_udp_encapsulated_child_carries_esp_in_udp(net):
+    """charon's `encap = yes`: tunsec gets XFRMA_ENCAP, sends ESP in UDP
+    from port 4500 (as GSO super-packets) and takes it in on B."""
+    net.ca.initiate("udp")
+    c = net.ca.installed("udp")
+    assert c["mode"] == "TRANSPORT-in-UDP", c
+    for d in (net.da, net.db):
+        dump = setkey_dump(d, "-D")
+        assert {c["in"], c["out"]} <= spis(dump), (c, dump)
+        assert f"{A4}[4500] {B4}[4500]\n\tesp-udp mode=transport" in dump, dump
+    cap = Capture(net, net.a, IFACE_A, net.workdir / "udp.pcap")
+    tx, rx = tcp_transfer_start(net, net.a, net.b, B4, 5007, nbytes=20_000_000)
+    tcp_transfer_check(tx, rx, 20_000_000)
+    cap.stop()
+    pkts = ip_packets(net.workdir / "udp.pcap")
+    udp_out = [p for p in pkts if p.proto == 17 and p.src == A4 and p.payload[:4] == bytes.fromhex("11941194")]
+    # ESP in UDP: the SPI follows the UDP header.
+    assert {p.payload[8:12].hex() for p in udp_out} == {c["out"]}, len(udp_out)
+    assert not [p for p in pkts if p.proto == 50], "bare ESP on the wire"
+    assert not [p for p in pkts if p.proto == 6 and p.payload[2:4] == (5007).to_bytes(2, "big")], \
+        "TCP to port 5007 in the clear"
 
 
 @pytest.mark.parametrize("child,port,proto,expect", [
@@ -207,6 +255,7 @@ def test_ike_itself_bypasses_a_child_that_covers_all_traffic(net):
 
 def test_terminate_leaves_tunsec_as_before(net):
     net.ca.swanctl("--terminate", "--ike", "host", "--timeout", "20")
+    net.ca.swanctl("--terminate", "--ike", "nat", "--timeout", "20", check=False)
     end = time.monotonic() + 10
     same = lambda d, before: sorted(setkey_dump(d, "-DP").splitlines()) == sorted(before.splitlines())
     while (spis(setkey_dump(net.da, "-D")) or spis(setkey_dump(net.db, "-D"))
