@@ -218,6 +218,31 @@ pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
         "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
     )
     .unwrap();
+    // ESP, AH, IPComp and ESP in UDP to this host: tunsec's packet sockets
+    // have their copy. The kernel's would cost a route lookup, netfilter's
+    // input hooks and a clone per raw socket, then die (no handler), or
+    // find an IKE daemon's encapsulation socket and no SA; so it dies here,
+    // as early as the IP layer allows. IKE (a zero non-ESP marker) and NAT
+    // keepalives (too short to load the word) go on. Forwarded IPsec
+    // (not to a local address) is left alone.
+    if early_drop() {
+        writeln!(
+            r,
+            "  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;"
+        )
+        .unwrap();
+        writeln!(
+            r,
+            "    meta l4proto {{ 50, 51, 108 }} fib daddr type local drop comment \"tunsec has ESP, AH, IPComp\""
+        )
+        .unwrap();
+        writeln!(
+            r,
+            "    udp dport {} @th,64,32 != 0 fib daddr type local drop comment \"tunsec has ESP in UDP\"\n  }}",
+            crate::udp_encap::NAT_T_PORT
+        )
+        .unwrap();
+    }
     writeln!(
         r,
         "  chain input {{\n    type filter hook input priority filter - 10; policy accept;"
@@ -234,10 +259,8 @@ pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
         "    meta l4proto {{ 50, 51, 108 }} accept comment \"ESP, AH, IPComp go to tunsec\""
     )
     .unwrap();
-    // ESP in UDP (RFC 3948): tunsec's packet sockets have their copy; the
-    // kernel's would find no socket (ICMP port unreachable) or an IKE
-    // daemon's encapsulation socket and no SA. IKE (a zero non-ESP marker)
-    // and keepalives (too short to load the word) go on.
+    // ESP in UDP that got past the early drop (TUNSEC_EARLY_DROP=0):
+    // nothing may answer it.
     writeln!(
         r,
         "    udp dport {} @th,64,32 != 0 drop comment \"ESP in UDP goes to tunsec\"",
@@ -286,6 +309,12 @@ pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
     .unwrap();
     writeln!(r, "  }}\n}}").unwrap();
     r
+}
+
+/// Whether received IPsec is dropped at prerouting (TUNSEC_EARLY_DROP=0
+/// keeps the old input-hook handling: for comparison).
+fn early_drop() -> bool {
+    std::env::var("TUNSEC_EARLY_DROP").map_or(true, |v| v != "0")
 }
 
 /// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
