@@ -158,6 +158,36 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     pub fn clear(&mut self) {
         *self = CowMap::default();
     }
+
+    /// What differs from `old` (an earlier version of this map): `(old
+    /// value, new value)` for every key added, removed or whose value is
+    /// not `same`. Only shards that were copied since are looked at, so a
+    /// change of one entry costs one shard, not the map.
+    pub fn changes_since<'a>(
+        &'a self,
+        old: &'a CowMap<K, V>,
+        same: impl Fn(&V, &V) -> bool,
+    ) -> Vec<(Option<&'a V>, Option<&'a V>)> {
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            let (a, b) = (&old.shards[i], &self.shards[i]);
+            if Arc::ptr_eq(a, b) {
+                continue;
+            }
+            for (k, v) in b.iter() {
+                match a.get(k) {
+                    Some(o) if same(o, v) => {}
+                    o => out.push((o, Some(v))),
+                }
+            }
+            for (k, v) in a.iter() {
+                if !b.contains_key(k) {
+                    out.push((Some(v), None));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -188,5 +218,22 @@ mod tests {
             .filter(|i| Arc::ptr_eq(&a.shards[*i], &b.shards[*i]))
             .count();
         assert!(shared >= SHARDS - 4, "{shared}");
+        // What changed, from the copied shards only.
+        let mut ch: Vec<_> = a
+            .changes_since(&b, |x, y| x == y)
+            .into_iter()
+            .map(|(o, n)| (o.cloned(), n.cloned()))
+            .collect();
+        ch.sort();
+        assert_eq!(
+            ch,
+            [
+                (None, Some("new".to_string())),
+                (Some("5".into()), Some("five".into())),
+                (Some("6".into()), None),
+                (Some("7".into()), None),
+            ]
+        );
+        assert!(a.changes_since(&a.clone(), |x, y| x == y).is_empty());
     }
 }

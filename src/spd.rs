@@ -247,10 +247,14 @@ impl fmt::Display for Policy {
 }
 
 /// The order policies are evaluated in: a lower key decides first.
-type Rank = (u32, std::cmp::Reverse<u32>, u64);
+/// A policy that changed: (before, after), either missing.
+pub type Change<'a> = (Option<&'a Arc<Policy>>, Option<&'a Arc<Policy>>);
+
+/// Evaluation order: priority, then specificity, then age.
+pub type Rank = (u32, std::cmp::Reverse<u32>, u64);
 
 #[inline]
-fn rank(p: &Policy) -> Rank {
+pub fn rank(p: &Policy) -> Rank {
     (
         p.priority,
         std::cmp::Reverse(p.selector.specificity()),
@@ -480,6 +484,14 @@ impl Spd {
         }
         first_match(&self.inexact[dir_index(dir)], flow, &mut best);
         best.map(|e| &e.policy)
+    }
+
+    /// Policies that differ from `old`, an earlier version of this SPD:
+    /// `(old, new)` for each added, removed or replaced one. Costs what
+    /// changed, not the SPD (see [`CowMap::changes_since`]).
+    pub fn changes_since<'a>(&'a self, old: &'a Spd) -> Vec<Change<'a>> {
+        self.by_selector
+            .changes_since(&old.by_selector, Arc::ptr_eq)
     }
 
     /// All policies in evaluation order (sorted on each call: for dumps

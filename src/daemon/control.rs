@@ -452,7 +452,7 @@ impl Control {
         next: State,
     ) -> Result<(), String> {
         let spd_changed = cur.spd.version() != next.spd.version();
-        if spd_changed && let Err(e) = plumbing.update(&next) {
+        if spd_changed && let Err(e) = plumbing.update(cur, &next) {
             return Err(format!("policies not applied: {e:#}"));
         }
         let next = Arc::new(next);
