@@ -124,7 +124,7 @@ impl Selector {
                 .is_none_or(|p| f.ports.is_some_and(|(_, d)| d == p))
     }
 
-    fn specificity(&self) -> u32 {
+    pub fn specificity(&self) -> u32 {
         self.src.len as u32
             + self.dst.len as u32
             + self.proto.is_some() as u32

@@ -410,11 +410,7 @@ impl Control {
             .args(["list", "table", "inet", &table])
             .output();
         let Ok(out) = out else { return 0 };
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split("packets ")
-            .skip(1)
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
+        super::nftables::refused(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// Apply setkey text atomically: state and plumbing change together or

@@ -6,6 +6,8 @@ pub mod control;
 pub mod gso;
 pub mod lock;
 pub mod net;
+pub mod nfset;
+pub mod nftables;
 pub mod notify;
 pub mod plumbing;
 pub mod reload;

@@ -15,6 +15,8 @@
 //! go with it, and the peer's traffic meets the blackhole instead of
 //! leaving in the clear by the main table. A clean stop removes both.
 
+use super::nfset::Nfnl;
+use super::nftables::{self, MapKey};
 use super::rtnl::{Change, Rtnl};
 use crate::spd::{Action, Dir, Policy, Prefix, Rank, rank};
 use crate::state::State;
@@ -23,6 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 /// One change and how to take it back.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -153,7 +156,7 @@ pub fn plan(state: &State, inst: &Instance) -> Plan {
             metric: None,
         }));
     }
-    let ruleset = nft_ruleset(state, inst);
+    let ruleset = nftables::ruleset(state, inst);
     steps.push(Step::Cmd {
         apply: argv("nft -f -"),
         undo: argv(&format!("nft delete table inet {}", inst.nft_table())),
@@ -161,169 +164,6 @@ pub fn plan(state: &State, inst: &Instance) -> Plan {
     });
     Plan { steps }
 }
-
-fn addr_match(p: &Prefix, dir: &str) -> Option<String> {
-    if p.len == 0 {
-        return None;
-    }
-    let f = if p.addr.is_ipv4() { "ip" } else { "ip6" };
-    Some(if p.is_host() {
-        format!("{f} {dir} {}", p.addr)
-    } else {
-        format!("{f} {dir} {p}")
-    })
-}
-
-/// The nftables match for a policy's selector.
-fn nft_match(p: &Policy) -> String {
-    let s = &p.selector;
-    let mut m = Vec::new();
-    m.push(if s.src.addr.is_ipv4() {
-        "meta nfproto ipv4".to_string()
-    } else {
-        "meta nfproto ipv6".to_string()
-    });
-    m.extend(addr_match(&s.src, "saddr"));
-    m.extend(addr_match(&s.dst, "daddr"));
-    if let Some(proto) = s.proto {
-        m.push(format!("meta l4proto {proto}"));
-        match proto {
-            1 | 58 => {
-                let kw = if proto == 1 { "icmp" } else { "icmpv6" };
-                if let Some(t) = s.sport {
-                    m.push(format!("{kw} type {t}"));
-                }
-                if let Some(c) = s.dport {
-                    m.push(format!("{kw} code {c}"));
-                }
-            }
-            _ => {
-                if let Some(sp) = s.sport {
-                    m.push(format!("th sport {sp}"));
-                }
-                if let Some(dp) = s.dport {
-                    m.push(format!("th dport {dp}"));
-                }
-            }
-        }
-    }
-    m.join(" ")
-}
-
-/// The nftables table that enforces the inbound SPD on packets that did
-/// not come through tunsec: the kernel would otherwise hand plaintext from
-/// a peer straight to the application.
-pub fn nft_ruleset(state: &State, inst: &Instance) -> String {
-    let t = inst.nft_table();
-    let mut r = String::new();
-    // Declaring, then deleting, then declaring again makes the load
-    // atomic and idempotent (a stale table from a crash is replaced).
-    writeln!(
-        r,
-        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
-    )
-    .unwrap();
-    // ESP, AH, IPComp and ESP in UDP to this host: tunsec's packet sockets
-    // have their copy. The kernel's would cost a route lookup, netfilter's
-    // input hooks and a clone per raw socket, then die (no handler), or
-    // find an IKE daemon's encapsulation socket and no SA; so it dies here,
-    // as early as the IP layer allows. IKE (a zero non-ESP marker) and NAT
-    // keepalives (too short to load the word) go on. Forwarded IPsec
-    // (not to a local address) is left alone.
-    if early_drop() {
-        writeln!(
-            r,
-            "  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;"
-        )
-        .unwrap();
-        writeln!(
-            r,
-            "    meta l4proto {{ 50, 51, 108 }} fib daddr type local drop comment \"tunsec has ESP, AH, IPComp\""
-        )
-        .unwrap();
-        writeln!(
-            r,
-            "    udp dport {} @th,64,32 != 0 fib daddr type local drop comment \"tunsec has ESP in UDP\"\n  }}",
-            crate::udp_encap::NAT_T_PORT
-        )
-        .unwrap();
-    }
-    writeln!(
-        r,
-        "  chain input {{\n    type filter hook input priority filter - 10; policy accept;"
-    )
-    .unwrap();
-    writeln!(
-        r,
-        "    iifname \"{}\" accept comment \"decapsulated by tunsec\"",
-        inst.tun
-    )
-    .unwrap();
-    writeln!(
-        r,
-        "    meta l4proto {{ 50, 51, 108 }} accept comment \"ESP, AH, IPComp go to tunsec\""
-    )
-    .unwrap();
-    // ESP in UDP that got past the early drop (TUNSEC_EARLY_DROP=0):
-    // nothing may answer it.
-    writeln!(
-        r,
-        "    udp dport {} @th,64,32 != 0 drop comment \"ESP in UDP goes to tunsec\"",
-        crate::udp_encap::NAT_T_PORT
-    )
-    .unwrap();
-    writeln!(
-        r,
-        "    udp dport {{ {IKE_PORTS} }} accept comment \"IKE goes to the keying daemon\""
-    )
-    .unwrap();
-    for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
-        let verdict = match &p.action {
-            Action::Bypass => "accept",
-            Action::Discard => "counter drop",
-            Action::Ipsec(rules)
-                if rules
-                    .iter()
-                    .any(|r| r.level.required() && r.proto != crate::sad::Proto::IpComp) =>
-            {
-                "counter drop"
-            }
-            Action::Ipsec(_) => "accept",
-        };
-        writeln!(
-            r,
-            "    {} {verdict} comment \"policy {}\"",
-            nft_match(p),
-            p.id
-        )
-        .unwrap();
-    }
-    // The keying daemon's own packets must leave in the clear whatever the
-    // SPD says (the kernel gives IKE sockets a bypass policy): marked,
-    // they skip tunsec's routing table as tunsec's own packets do.
-    writeln!(
-        r,
-        "  }}\n  chain output {{\n    type route hook output priority mangle - 10; policy accept;"
-    )
-    .unwrap();
-    writeln!(
-        r,
-        "    udp sport {{ {IKE_PORTS} }} meta mark set {:#x} comment \"IKE leaves by the main table\"",
-        inst.mark
-    )
-    .unwrap();
-    writeln!(r, "  }}\n}}").unwrap();
-    r
-}
-
-/// Whether received IPsec is dropped at prerouting (TUNSEC_EARLY_DROP=0
-/// keeps the old input-hook handling: for comparison).
-fn early_drop() -> bool {
-    std::env::var("TUNSEC_EARLY_DROP").map_or(true, |v| v != "0")
-}
-
-/// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
-pub const IKE_PORTS: &str = "500, 4500";
 
 impl Plan {
     /// Shell-like lines for `--dry-run` and the log.
@@ -411,14 +251,19 @@ fn out_index(state: &State) -> OutIndex {
     idx
 }
 
+/// Inbound policies that changed: (before, after).
+type InChanges = Vec<(Option<Arc<Policy>>, Option<Arc<Policy>>)>;
+
 /// Move `idx` from `cur`'s policies to `next`'s, looking only at the
 /// policies that changed. Returns the destinations whose policies
-/// changed, and whether any inbound policy did.
-fn update_index(idx: &mut OutIndex, cur: &State, next: &State) -> (HashSet<Prefix>, bool) {
+/// changed, and the inbound policies that did.
+fn update_index(idx: &mut OutIndex, cur: &State, next: &State) -> (HashSet<Prefix>, InChanges) {
     let mut touched = HashSet::new();
-    let mut inbound = false;
+    let mut inbound = Vec::new();
     for (old, new) in next.spd.changes_since(&cur.spd) {
-        inbound |= old.is_some_and(|p| p.dir == Dir::In) || new.is_some_and(|p| p.dir == Dir::In);
+        if old.is_some_and(|p| p.dir == Dir::In) || new.is_some_and(|p| p.dir == Dir::In) {
+            inbound.push((old.cloned(), new.cloned()));
+        }
         if let Some((dst, r, _)) = old.and_then(|p| out_entry(p)) {
             if let Some(m) = idx.get_mut(&dst) {
                 m.remove(&r);
@@ -462,6 +307,10 @@ pub struct Plumbing {
     /// The policy-routing rule, per family (IPv4, IPv6).
     rules: [bool; 2],
     nft: Option<Step>,
+    /// The verdict maps of the table in force, and the socket that
+    /// changes their elements.
+    maps: HashSet<MapKey>,
+    nfnl: Nfnl,
 }
 
 impl Plumbing {
@@ -477,6 +326,8 @@ impl Plumbing {
             routes: routed_peers(state).into_iter().collect(),
             rules: [false; 2],
             nft: None,
+            maps: nftables::maps(state),
+            nfnl: Nfnl::open().context("cannot open a NETLINK_NETFILTER socket")?,
         };
         for step in applied {
             match step {
@@ -541,7 +392,7 @@ impl Plumbing {
             bail!("tunsec is shutting down");
         }
         let (touched, inbound) = update_index(&mut self.out, cur, next);
-        let (routes, rules) = (self.routes.clone(), self.rules);
+        let (routes, rules, maps) = (self.routes.clone(), self.rules, self.maps.clone());
         // What this call did, with the step that takes each back.
         let mut done: Vec<(Step, bool)> = Vec::new();
         let r = self.apply_changes(&touched, inbound, next, &mut done);
@@ -551,6 +402,7 @@ impl Plumbing {
             }
             self.routes = routes;
             self.rules = rules;
+            self.maps = maps;
             self.out = out_index(cur);
             return Err(e);
         }
@@ -560,7 +412,7 @@ impl Plumbing {
     fn apply_changes(
         &mut self,
         touched: &HashSet<Prefix>,
-        inbound: bool,
+        inbound: InChanges,
         next: &State,
         done: &mut Vec<(Step, bool)>,
     ) -> Result<()> {
@@ -611,18 +463,39 @@ impl Plumbing {
                 self.rules[v6 as usize] = false;
             }
         }
-        if inbound {
-            let step = Step::Cmd {
-                apply: argv("nft -f -"),
-                undo: argv(&format!("nft delete table inet {}", self.inst.nft_table())),
-                stdin: Some(nft_ruleset(next, &self.inst)),
-            };
-            // The load replaces the table whole; on a later failure the
-            // old one goes back the same way.
-            exec(&mut self.rtnl, &step, true)?;
-            if let Some(old) = self.nft.replace(step) {
-                done.push((old, true));
-            }
+        if inbound.is_empty() {
+            return Ok(());
+        }
+        // Host-to-host policies of maps in force: their elements, in one
+        // transaction. Anything else: the table again, whole.
+        let in_maps =
+            |p: &Arc<Policy>| nftables::in_map(p) && self.maps.contains(&nftables::map_key(p));
+        if inbound
+            .iter()
+            .all(|(o, n)| o.iter().chain(n.iter()).all(in_maps))
+        {
+            let mut ops: Vec<_> = inbound
+                .iter()
+                .filter_map(|(o, _)| o.as_ref().map(|p| nftables::element(p, false)))
+                .collect();
+            ops.extend(
+                inbound
+                    .iter()
+                    .filter_map(|(_, n)| n.as_ref().map(|p| nftables::element(p, true))),
+            );
+            return self.nfnl.apply(&self.inst.nft_table(), &ops);
+        }
+        let step = Step::Cmd {
+            apply: argv("nft -f -"),
+            undo: argv(&format!("nft delete table inet {}", self.inst.nft_table())),
+            stdin: Some(nftables::ruleset(next, &self.inst)),
+        };
+        // The load replaces the table whole; on a later failure the
+        // old one goes back the same way.
+        exec(&mut self.rtnl, &step, true)?;
+        self.maps = nftables::maps(next);
+        if let Some(old) = self.nft.replace(step) {
+            done.push((old, true));
         }
         Ok(())
     }
@@ -721,10 +594,19 @@ mod tests {
         assert!(d.contains(&format!("ip -6 route replace 2001:470:1f09:11ed::42/128 dev tunsec0 table {} src 2001:470:1f09:11ed::c", inst.table)), "{d}");
         // ICMP bypass first (priority 10), then the ipsec policy refuses plaintext
         let icmp = d.find("meta nfproto ipv4 meta l4proto 1 accept").expect(&d);
+        // The host-to-host ipsec policies are map elements that refuse.
         let drop = d
-            .find("meta nfproto ipv4 ip saddr 172.17.207.66 ip daddr 172.17.207.12 counter drop")
+            .find("ip saddr . ip daddr vmap @in4_2147483648")
             .expect(&d);
         assert!(icmp < drop);
+        assert!(
+            d.contains("elements = { 172.17.207.66 . 172.17.207.12 : drop }"),
+            "{d}"
+        );
+        assert!(
+            d.contains("elements = { 2001:470:1f09:11ed::42 . 2001:470:1f09:11ed::c : drop }"),
+            "{d}"
+        );
         assert!(
             !d.contains("0.0.0.0/0 dev"),
             "catch-all bypasses are not routed"

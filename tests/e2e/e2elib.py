@@ -663,6 +663,11 @@ def nft_drop_counters(topo: Topology, ns: str, tun: str = TUN) -> dict[str, int]
         m = re.search(r"(ip6? saddr \S+ ip6? daddr \S+).*counter packets (\d+) bytes \d+ drop", line)
         if m:
             out[m.group(1)] = int(m.group(2))
+    # Host-to-host policies are elements of verdict maps (in4_*, in6_*):
+    # `SRC . DST counter packets N bytes M : drop`, named as the rule would be.
+    for m in re.finditer(r"([0-9a-f.:]+) \. ([0-9a-f.:]+) counter packets (\d+) bytes \d+ : drop", text):
+        f = "ip6" if ":" in m.group(1) else "ip"
+        out[f"{f} saddr {m.group(1)} {f} daddr {m.group(2)}"] = int(m.group(3))
     return out
 
 

@@ -47,8 +47,12 @@ def dry_run(net, control):
     for e in expected:
         assert e in lines, f"{e!r} not in the plan:\n{out}"
     assert f"table inet tunsec_{TUN} {{" in lines, out
-    assert any(re.fullmatch(rf"(meta nfproto ipv4 )?ip saddr {B4} ip daddr {A4} counter drop.*", ln) for ln in lines), out
-    assert any(re.fullmatch(rf"(meta nfproto ipv6 )?ip6 saddr {B6} ip6 daddr {A6} counter drop.*", ln) for ln in lines), out
+    # The peer's host-to-host policies refuse plaintext: elements of the
+    # verdict maps the input chain looks up.
+    assert f"elements = {{ {B4} . {A4} : drop }}" in lines, out
+    assert f"elements = {{ {B6} . {A6} : drop }}" in lines, out
+    assert "ip saddr . ip daddr vmap @in4_2147483648 comment \"policies from host to host at priority 2147483648\"" \
+        in lines, out
     return out, mark, table, prio
 
 

@@ -6,7 +6,9 @@ device and daemon never see it; later A's daemon is stopped and A's own
 kernel sends in the clear.
 """
 
+import re
 import secrets
+import subprocess
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from e2elib import (
-    A4, A6, B4, B6, IFACE_A, IFACE_B, make_topology, mkconf, nft_drop_counters, ping, tcp_snmp, write_pcap,
+    A4, A6, B4, B6, IFACE_A, IFACE_B, make_topology, mkconf, nft_drop_counters, ping, tcp_snmp, tunsec_bin, write_pcap,
 )
 
 V4_RULE = f"ip saddr {A4} ip daddr {B4}"
@@ -108,3 +110,39 @@ def test_peer_without_daemon_sends_plaintext_that_is_dropped(net):
     # 5 datagrams and at least one SYN per family
     assert nft1[V4_RULE] - nft0[V4_RULE] >= 6, f"{nft0} -> {nft1}"
     assert nft1[V6_RULE] - nft0[V6_RULE] >= 6, f"{nft0} -> {nft1}"
+
+
+def test_inbound_policy_changes_are_map_elements(net):
+    """A host-to-host inbound policy added, changed or deleted at run time
+    is an element of the table's verdict map (no reload: the table keeps
+    its handle); any other inbound policy reloads the table."""
+    def setkey(text):
+        r = subprocess.run([str(tunsec_bin()), "setkey", "--control", str(net.db.control), "-c"], input=text,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+
+    def table():
+        return net.run(net.b, "nft", "-a", "list", "table", "inet", "tunsec_tsec0").stdout
+
+    def handle(t):
+        return re.search(r"table inet tunsec_tsec0 \{ # handle (\d+)", t).group(1)
+
+    t0 = table()
+    peer = "10.77.0.99"
+    setkey(f"spdadd {peer} {B4} any -P in ipsec esp/transport//require;\n")
+    t1 = table()
+    assert handle(t1) == handle(t0), "the table was reloaded"
+    assert re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter packets 0 bytes 0 : drop", t1), t1
+    setkey(f"spdupdate {peer} {B4} any -P in none;\n")
+    t2 = table()
+    assert handle(t2) == handle(t0) and re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter .* : accept", t2), t2
+    setkey(f"spddelete {peer} {B4} any -P in;\n")
+    t3 = table()
+    assert handle(t3) == handle(t0) and peer not in t3, t3
+    # Not host to host: a rule, by a reload.
+    setkey(f"spdadd {peer} {B4} tcp -P in discard;\n")
+    t4 = table()
+    assert handle(t4) != handle(t0) and f"ip saddr {peer} ip daddr {B4} meta l4proto tcp" in t4, t4
+    setkey(f"spddelete {peer} {B4} tcp -P in;\n")
+    # The peers' own policies still refuse plaintext.
+    assert set(nft_drop_counters(net, net.b)) == {V4_RULE, V6_RULE}

@@ -1,0 +1,351 @@
+//! tunsec's nftables table, as text for `nft -f`: the inbound SPD
+//! enforced on packets that did not come through tunsec (plaintext from a
+//! peer where a policy requires IPsec), the early drop of received IPsec,
+//! and IKE's way out.
+//!
+//! Inbound policies from one host to another for all traffic (what an IKE
+//! daemon installs per peer) go in verdict maps, one per family and
+//! priority, instead of a rule each: a packet costs one lookup whatever the
+//! number of peers, and a change of such a policy is an element added or
+//! deleted ([`super::nfset`]), not a reload of the table.
+
+use super::nfset::{Op, Verdict};
+use super::plumbing::Instance;
+use crate::spd::{Action, Dir, Policy, Prefix};
+use crate::state::State;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+
+/// An inbound policy that belongs in a map: host to host, any protocol
+/// and port.
+pub fn in_map(p: &Policy) -> bool {
+    let s = &p.selector;
+    p.dir == Dir::In
+        && s.src.is_host()
+        && s.dst.is_host()
+        && s.proto.is_none()
+        && s.sport.is_none()
+        && s.dport.is_none()
+}
+
+/// A map: (IPv6, priority).
+pub type MapKey = (bool, u32);
+
+pub fn map_key(p: &Policy) -> MapKey {
+    (p.selector.dst.addr.is_ipv6(), p.priority)
+}
+
+pub fn map_name((v6, prio): MapKey) -> String {
+    format!("in{}_{prio}", if v6 { 6 } else { 4 })
+}
+
+/// What the table does with plaintext a policy matches: refuse it where
+/// the policy requires IPsec (or discards), let it pass otherwise.
+fn refuses(p: &Policy) -> bool {
+    match &p.action {
+        Action::Bypass => false,
+        Action::Discard => true,
+        Action::Ipsec(rules) => rules
+            .iter()
+            .any(|r| r.level.required() && r.proto != crate::sad::Proto::IpComp),
+    }
+}
+
+fn verdict(p: &Policy) -> Verdict {
+    if refuses(p) {
+        Verdict::Drop
+    } else {
+        Verdict::Accept
+    }
+}
+
+/// The element change for a map policy that went (`old`) or came.
+pub fn element(p: &Policy, add: bool) -> Op {
+    Op {
+        set: map_name(map_key(p)),
+        src: p.selector.src.addr,
+        dst: p.selector.dst.addr,
+        verdict: add.then(|| verdict(p)),
+    }
+}
+
+/// The maps the ruleset for `state` uses. A map stands for its policies
+/// at the place of the first of them in evaluation order; that is the
+/// ordered scan's answer when they are contiguous in that order, which
+/// holds unless another inbound policy of the family has the same priority
+/// and the same specificity (then they stay rules).
+pub fn maps(state: &State) -> HashSet<MapKey> {
+    let spec = |v6: bool| if v6 { 256 } else { 64 };
+    let mut keys = HashSet::new();
+    let mut mixed = HashSet::new();
+    for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
+        if in_map(p) {
+            keys.insert(map_key(p));
+        } else {
+            let v6 = p.selector.dst.addr.is_ipv6();
+            if p.selector.specificity() == spec(v6) {
+                mixed.insert((v6, p.priority));
+            }
+        }
+    }
+    keys.retain(|k| !mixed.contains(k));
+    keys
+}
+
+fn addr_match(p: &Prefix, dir: &str) -> Option<String> {
+    if p.len == 0 {
+        return None;
+    }
+    let f = if p.addr.is_ipv4() { "ip" } else { "ip6" };
+    Some(if p.is_host() {
+        format!("{f} {dir} {}", p.addr)
+    } else {
+        format!("{f} {dir} {p}")
+    })
+}
+
+/// The nftables match for a policy's selector.
+fn nft_match(p: &Policy) -> String {
+    let s = &p.selector;
+    let mut m = Vec::new();
+    m.push(if s.src.addr.is_ipv4() {
+        "meta nfproto ipv4".to_string()
+    } else {
+        "meta nfproto ipv6".to_string()
+    });
+    m.extend(addr_match(&s.src, "saddr"));
+    m.extend(addr_match(&s.dst, "daddr"));
+    if let Some(proto) = s.proto {
+        m.push(format!("meta l4proto {proto}"));
+        match proto {
+            1 | 58 => {
+                let kw = if proto == 1 { "icmp" } else { "icmpv6" };
+                if let Some(t) = s.sport {
+                    m.push(format!("{kw} type {t}"));
+                }
+                if let Some(c) = s.dport {
+                    m.push(format!("{kw} code {c}"));
+                }
+            }
+            _ => {
+                if let Some(sp) = s.sport {
+                    m.push(format!("th sport {sp}"));
+                }
+                if let Some(dp) = s.dport {
+                    m.push(format!("th dport {dp}"));
+                }
+            }
+        }
+    }
+    m.join(" ")
+}
+
+/// The nftables table that enforces the inbound SPD on packets that did
+/// not come through tunsec: the kernel would otherwise hand plaintext from
+/// a peer straight to the application.
+pub fn ruleset(state: &State, inst: &Instance) -> String {
+    let t = inst.nft_table();
+    let mut r = String::new();
+    // Declaring, then deleting, then declaring again makes the load
+    // atomic and idempotent (a stale table from a crash is replaced).
+    writeln!(
+        r,
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
+    )
+    .unwrap();
+    let maps = maps(state);
+    let mut elements: BTreeMap<MapKey, Vec<String>> =
+        maps.iter().map(|k| (*k, Vec::new())).collect();
+    for p in state.spd.iter().filter(|p| in_map(p)) {
+        if let Some(v) = elements.get_mut(&map_key(p)) {
+            let verdict = if refuses(p) { "drop" } else { "accept" };
+            v.push(format!(
+                "{} . {} : {verdict}",
+                p.selector.src.addr, p.selector.dst.addr
+            ));
+        }
+    }
+    for (k, els) in &elements {
+        let ty = if k.0 { "ipv6_addr" } else { "ipv4_addr" };
+        write!(
+            r,
+            "  map {} {{\n    type {ty} . {ty} : verdict\n    counter\n",
+            map_name(*k)
+        )
+        .unwrap();
+        if !els.is_empty() {
+            writeln!(r, "    elements = {{ {} }}", els.join(",\n      ")).unwrap();
+        }
+        writeln!(r, "  }}").unwrap();
+    }
+    // ESP, AH, IPComp and ESP in UDP to this host: tunsec's packet sockets
+    // have their copy. The kernel's would cost a route lookup, netfilter's
+    // input hooks and a clone per raw socket, then die (no handler), or
+    // find an IKE daemon's encapsulation socket and no SA; so it dies here,
+    // as early as the IP layer allows. IKE (a zero non-ESP marker) and NAT
+    // keepalives (too short to load the word) go on. Forwarded IPsec
+    // (not to a local address) is left alone.
+    if early_drop() {
+        writeln!(
+            r,
+            "  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;"
+        )
+        .unwrap();
+        writeln!(
+            r,
+            "    meta l4proto {{ 50, 51, 108 }} fib daddr type local drop comment \"tunsec has ESP, AH, IPComp\""
+        )
+        .unwrap();
+        writeln!(
+            r,
+            "    udp dport {} @th,64,32 != 0 fib daddr type local drop comment \"tunsec has ESP in UDP\"\n  }}",
+            crate::udp_encap::NAT_T_PORT
+        )
+        .unwrap();
+    }
+    writeln!(
+        r,
+        "  chain input {{\n    type filter hook input priority filter - 10; policy accept;"
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    iifname \"{}\" accept comment \"decapsulated by tunsec\"",
+        inst.tun
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    meta l4proto {{ 50, 51, 108 }} accept comment \"ESP, AH, IPComp go to tunsec\""
+    )
+    .unwrap();
+    // ESP in UDP that got past the early drop (TUNSEC_EARLY_DROP=0):
+    // nothing may answer it.
+    writeln!(
+        r,
+        "    udp dport {} @th,64,32 != 0 drop comment \"ESP in UDP goes to tunsec\"",
+        crate::udp_encap::NAT_T_PORT
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    udp dport {{ {IKE_PORTS} }} accept comment \"IKE goes to the keying daemon\""
+    )
+    .unwrap();
+    let mut emitted = HashSet::new();
+    for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
+        if in_map(p) && maps.contains(&map_key(p)) {
+            let k = map_key(p);
+            if emitted.insert(k) {
+                let f = if k.0 { "ip6" } else { "ip" };
+                writeln!(
+                    r,
+                    "    {f} saddr . {f} daddr vmap @{} comment \"policies from host to host at priority {}\"",
+                    map_name(k),
+                    k.1
+                )
+                .unwrap();
+            }
+            continue;
+        }
+        let verdict = if refuses(p) { "counter drop" } else { "accept" };
+        writeln!(
+            r,
+            "    {} {verdict} comment \"policy {}\"",
+            nft_match(p),
+            p.id
+        )
+        .unwrap();
+    }
+    // The keying daemon's own packets must leave in the clear whatever the
+    // SPD says (the kernel gives IKE sockets a bypass policy): marked,
+    // they skip tunsec's routing table as tunsec's own packets do.
+    writeln!(
+        r,
+        "  }}\n  chain output {{\n    type route hook output priority mangle - 10; policy accept;"
+    )
+    .unwrap();
+    writeln!(
+        r,
+        "    udp sport {{ {IKE_PORTS} }} meta mark set {:#x} comment \"IKE leaves by the main table\"",
+        inst.mark
+    )
+    .unwrap();
+    writeln!(r, "  }}\n}}").unwrap();
+    r
+}
+
+/// Whether received IPsec is dropped at prerouting (TUNSEC_EARLY_DROP=0
+/// keeps the old input-hook handling: for comparison).
+pub fn early_drop() -> bool {
+    std::env::var("TUNSEC_EARLY_DROP").map_or(true, |v| v != "0")
+}
+
+/// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
+pub const IKE_PORTS: &str = "500, 4500";
+
+/// Packets the table refused: the counters of its `drop` rules and of its
+/// map elements whose verdict is `drop`, in `nft list table` output.
+pub fn refused(listing: &str) -> u64 {
+    let mut n = 0;
+    for part in listing.split("counter packets ").skip(1) {
+        let mut w = part.split_whitespace();
+        let Some(Ok(packets)) = w.next().map(str::parse::<u64>) else {
+            continue;
+        };
+        // "N bytes M drop ..." (a rule) or "N bytes M : drop" (an element)
+        let (_, _, v) = (w.next(), w.next(), w.next());
+        let v = if v == Some(":") { w.next() } else { v };
+        if v.is_some_and(|v| v.trim_end_matches(',') == "drop") {
+            n += packets;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn state(text: &str) -> State {
+        State::default()
+            .apply_text(text, "t", Duration::ZERO)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn refused_counts_drops_of_rules_and_elements_only() {
+        let listing = "\
+            ip saddr 10.0.0.1 ip daddr 10.0.0.2 meta l4proto tcp counter packets 3 bytes 180 drop comment \"policy 7\"\n\
+            elements = { 10.0.0.5 . 10.0.0.2 counter packets 4 bytes 240 : drop,\n\
+                         10.0.0.6 . 10.0.0.2 counter packets 100 bytes 6000 : accept,\n\
+                         10.0.0.7 . 10.0.0.2 counter packets 5 bytes 300 : drop }\n";
+        assert_eq!(refused(listing), 12);
+    }
+
+    #[test]
+    fn host_to_host_policies_share_a_map_unless_another_policy_sits_among_them() {
+        let s = state(
+            "spdadd 10.0.0.1 10.0.0.9 any -P in ipsec esp/transport//require;
+             spdadd 10.0.0.2 10.0.0.9 any -P in none;
+             spdadd fd00::1 fd00::9 any -P in priority 5 discard;
+             spdadd 10.0.0.3 10.0.0.9 tcp -P in discard;",
+        );
+        let m = maps(&s);
+        assert_eq!(m, HashSet::from([(false, 0x8000_0000), (true, 5)]));
+        // A policy of the same priority and specificity, not host to host:
+        // the map would change the order, so those stay rules.
+        let s = state(
+            "spdadd 10.0.0.1 10.0.0.9 any -P in ipsec esp/transport//require;
+             spdadd 10.0.0.0/30 10.0.0.9[80] tcp -P in none;",
+        );
+        assert!(maps(&s).is_empty());
+        let r = ruleset(&s, &Instance::new("t0"));
+        assert!(
+            r.contains("ip saddr 10.0.0.1 ip daddr 10.0.0.9 counter drop"),
+            "{r}"
+        );
+    }
+}
