@@ -10,7 +10,9 @@ to start (until the daemon says it is up) and to stop (SIGINT until it has
 restored everything), and the median and worst time of changes made one
 request at a time over the control socket, as an IKE daemon makes them:
 200 SA adds, 50 outbound policies (routes over rtnetlink) and 20 inbound
-ones (they reload the nftables table). `tunsec bench --peers` measures the
+ones (elements of nftables maps); and the worst gap in a 1 ms stream of
+packets through tunsec while a burst of 10,000 changes (5,000 SAs added,
+then deleted) arrives. `tunsec bench --peers` measures the
 engine's share of the same changes and the per-packet cost, without the
 daemon. Everything is removed at exit.
 """
@@ -28,6 +30,33 @@ NS = "tsbenchP"
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "tunsec"
 KEY = "0x" + "11" * 20
+
+
+# Run in the namespace: for SECONDS, send a UDP datagram to the first peer
+# every millisecond and time the ESP packets leaving by the veth (seen on
+# its far end); print the worst gap in the first second (quiet) and after.
+PROBE = r"""
+import json, select, socket, sys, time
+dur = float(sys.argv[1])
+tap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+tap.bind(("tsbp2", 0))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t0 = time.monotonic()
+nxt, seen = t0, []
+while time.monotonic() - t0 < dur:
+    now = time.monotonic()
+    if now >= nxt:
+        u.sendto(b"probe", ("10.128.0.1", 9))
+        nxt += 0.001
+    r, _, _ = select.select([tap], [], [], max(0, nxt - time.monotonic()))
+    if r:
+        f = tap.recv(2048)
+        if len(f) > 34 and f[12:14] == b"\x08\x00" and f[23] == 50:
+            seen.append(time.monotonic() - t0)
+gap = lambda v: max((b - a for a, b in zip(v, v[1:])), default=dur) * 1000
+print(json.dumps({"quiet": gap([t for t in seen if t < 1.0]), "burst": gap([t for t in seen if t >= 1.0]),
+                  "packets": len(seen)}))
+"""
 
 
 def sh(*argv, check=True):
@@ -85,13 +114,31 @@ def measure(n: int, d: Path) -> str:
                      for i in range(50)])
         inp = timed([f"spdadd 10.202.{i // 250}.{i % 250 + 1} 10.77.0.1 any -P in ipsec esp/transport//require;"
                      for i in range(20)])
+        # Workers never wait for the control plane: a 1 ms stream of UDP to
+        # the first peer, sealed by tunsec, watched on the far end of the
+        # veth, while 10,000 changes arrive one request at a time.
+        probe = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c", PROBE, "3.0"],
+                                 stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        burst = [f"add 10.77.0.1 10.203.{i // 250}.{i % 250 + 1} esp {0xa00000 + i:#x} -E aes-gcm-16 {KEY};"
+                 for i in range(5000)]
+        burst += [f"delete 10.77.0.1 10.203.{i // 250}.{i % 250 + 1} esp {0xa00000 + i:#x};" for i in range(5000)]
+        t_burst = time.perf_counter()
+        for r in burst:
+            s.send(r.encode())
+            if not json.loads(s.recv(1 << 24))["ok"]:
+                raise SystemExit(f"{r}: refused")
+        t_burst = time.perf_counter() - t_burst
+        gaps = json.loads(probe.communicate(timeout=30)[0])
         s.close()
         t0 = time.monotonic()
         p.send_signal(2)
         p.wait(timeout=60)
         stop = time.monotonic() - t0
         return (f"peers {n:>6}: start {start:.2f} s, stop {stop:.2f} s; SA add {sa}; "
-                f"outbound policy {out}; inbound policy {inp}")
+                f"outbound policy {out}; inbound policy {inp}; 10,000 changes in {t_burst:.2f} s: "
+                f"worst gap of a 1 ms stream {gaps['burst']:.1f} ms (before {gaps['quiet']:.1f} ms, "
+                f"{gaps['packets']} packets)")
     finally:
         if p.poll() is None:
             p.kill()
@@ -111,6 +158,11 @@ def main() -> None:
         sh("ip", "-n", NS, "addr", "add", "10.77.0.1/24", "dev", "tsbp1")
         sh("ip", "-n", NS, "link", "set", "tsbp1", "up")
         sh("ip", "-n", NS, "link", "set", "tsbp2", "up")
+        # The peers are behind 10.77.0.2, which is the veth's far end (a
+        # static neighbour: nothing answers there, the probe just watches).
+        mac = json.loads(sh("ip", "-n", NS, "-j", "link", "show", "tsbp2").stdout)[0]["address"]
+        sh("ip", "-n", NS, "neigh", "add", "10.77.0.2", "lladdr", mac, "dev", "tsbp1", "nud", "permanent")
+        sh("ip", "-n", NS, "route", "add", "10.128.0.0/9", "via", "10.77.0.2", "dev", "tsbp1")
         with tempfile.TemporaryDirectory() as d:
             for n in sizes:
                 print(measure(n, Path(d)), flush=True)
