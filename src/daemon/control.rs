@@ -286,7 +286,9 @@ impl Control {
 
     fn client(&self, fd: OwnedFd) {
         let raw = fd.as_raw_fd();
-        let mut buf = vec![0u8; MAX_REQUEST + 1];
+        // Outside the (locked) key arena: 1 MiB per client would pin 64 MiB
+        // at 32 clients. What a request leaves in it is wiped below.
+        let mut buf = crate::secret::outside(|| vec![0u8; MAX_REQUEST + 1]);
         let mut errors = 0u32;
         while let Some(n) = recv_datagram(raw, &mut buf, &self.shared.stop) {
             let reply = if n > MAX_REQUEST {
@@ -321,6 +323,8 @@ impl Control {
                     },
                 }
             };
+            // The request may have carried keys.
+            zeroize::Zeroize::zeroize(&mut buf[..n.min(MAX_REQUEST + 1)]);
             let mut reply = reply;
             if reply["ok"] == json!(false) {
                 errors += 1;
@@ -592,7 +596,9 @@ pub fn accept_loop<S, F>(
         let spawned = std::thread::Builder::new()
             .name(format!("tunsec-{name}"))
             .spawn(move || {
-                run();
+                // Requests carry keys: their handling allocates in the
+                // key arena (crate::secret).
+                crate::secret::scope(run);
                 counter.fetch_sub(1, Relaxed);
             });
         if spawned.is_err() {

@@ -6,6 +6,7 @@ pub mod control;
 pub mod lock;
 pub mod net;
 pub mod plumbing;
+pub mod privilege;
 pub mod rtnl;
 pub mod tun;
 pub mod workers;
@@ -121,6 +122,9 @@ impl Signals {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    // Key memory: a locked, undumped arena for AWS-LC and for the code
+    // that handles keys (crate::secret).
+    crate::secret::init();
     log_init();
     let signals = Signals::register()?;
     // A stop sent to the process group (Ctrl-C, systemd) can kill an `ip`
@@ -143,7 +147,8 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
     let base = State::seeded(u64::from_le_bytes(seed[..8].try_into().unwrap()));
     let state = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            // The text holds keys: in the key arena (so are the SAs).
+            let text = crate::secret::within(|| std::fs::read_to_string(path))
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let file = path.display().to_string();
             let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
@@ -291,6 +296,8 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         },
         None => None,
     };
+    // Set up: keep only what the rest needs (before any thread starts).
+    privilege::restrict()?;
     let ctl_thread = {
         let c = ctl.clone();
         let path = control_path.clone();
