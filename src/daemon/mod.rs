@@ -371,7 +371,11 @@ fn run_with(args: &Args, signals: &Signals) -> Result<()> {
         .stop();
     let (c, io) = shared.totals();
     tracing::info!("final counters: {}", describe_counters(&c, &io));
-    tracing::info!("tunsec down: routes, rules and nftables restored");
+    if result.is_ok() {
+        tracing::info!("tunsec down: routes, rules and nftables restored");
+    } else {
+        tracing::error!("tunsec down after a fault: its plumbing stays in place (fail closed)");
+    }
     result
 }
 
@@ -452,8 +456,15 @@ fn serve(
             }
         }
         if handles.iter().any(|h| h.is_finished()) {
+            // Fail closed, as after kill -9: a new tunsec run takes over.
+            ctl.plumbing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .abandon();
             stop_workers(shared, ctl, handles);
-            bail!("a worker stopped unexpectedly");
+            bail!(
+                "a worker stopped unexpectedly (see its error above); the blackhole routes, rules and nftables table stay, so protected traffic cannot leave in the clear until a new `tunsec run` takes over"
+            );
         }
     }
     tracing::info!("signal received, stopping");

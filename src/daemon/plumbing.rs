@@ -395,6 +395,14 @@ impl Plumbing {
         Ok(())
     }
 
+    /// Leave everything in place and make no more changes: after a fault,
+    /// the blackhole routes keep protected traffic from leaving in the
+    /// clear (as after `kill -9`) until a new instance takes over.
+    pub fn abandon(&mut self) {
+        self.applied.clear();
+        self.closed = true;
+    }
+
     /// Undo everything, in reverse order (once).
     pub fn stop(&mut self) {
         let applied = std::mem::take(&mut self.applied);
