@@ -26,6 +26,7 @@ pub mod packet;
 pub mod pcap;
 pub mod replay;
 pub mod sad;
+pub mod secret;
 pub mod setkey;
 pub mod spd;
 pub mod state;

@@ -8,6 +8,11 @@ use std::time::Duration;
 use tunsec::cli::{Cli, Cmd, Dir};
 use tunsec::state::State;
 
+/// The system allocator, but for the daemon's key-handling code, which
+/// allocates in a locked, undumped arena (`tunsec::secret`).
+#[global_allocator]
+static ALLOC: tunsec::secret::Alloc = tunsec::secret::Alloc;
+
 fn load(path: &PathBuf) -> Result<State> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -554,7 +554,8 @@ impl Sad {
             )));
         }
         self.next_serial += 1;
-        let sa = Arc::new(Sa::new(config, now, self.next_serial)?);
+        // The SA holds its keys and keyed state: in the key arena.
+        let sa = crate::secret::within(|| Sa::new(config, now, self.next_serial).map(Arc::new))?;
         self.by_spi.insert(key, sa.clone());
         self.by_pair
             .entry_or_default((sa.config.src, sa.config.dst, sa.config.proto))

@@ -227,7 +227,9 @@ fn lex(text: &str, file: &str) -> (Vec<RawStmt>, Option<ConfigError>) {
             }
             '"' => {
                 let start = line;
-                let mut s = String::new();
+                // A quoted string is a key: in the key arena (it stays
+                // there as it grows).
+                let mut s = crate::secret::within(|| String::with_capacity(64));
                 let mut closed = false;
                 for c in chars.by_ref() {
                     if c == '"' {
@@ -600,7 +602,7 @@ fn parse_key(c: &Cursor<'_>, t: &Tok, alg: &str) -> Result<Zeroizing<Vec<u8>>, C
                     format!("bad key for {alg}: odd number of hex digits ({})", h.len()),
                 ));
             }
-            let mut key = Zeroizing::new(Vec::with_capacity(h.len() / 2));
+            let mut key = crate::secret::within(|| Zeroizing::new(Vec::with_capacity(h.len() / 2)));
             for pair in h.as_bytes().chunks(2) {
                 let hi = hex_val(pair.first().copied());
                 let lo = hex_val(pair.get(1).copied());
@@ -888,7 +890,8 @@ fn parse_sa(c: &mut Cursor<'_>, warnings: &mut Vec<Warning>) -> Result<SaConfig,
         lifetime,
         selector: None,
     };
-    if let Err(e) = crate::sad::Sa::new(config.clone(), Duration::ZERO, 0) {
+    if let Err(e) = crate::secret::within(|| crate::sad::Sa::new(config.clone(), Duration::ZERO, 0))
+    {
         return Err(c.err(c.line, e.to_string()));
     }
 

@@ -101,13 +101,13 @@ impl State {
                 Command::SpdFlush => s.spd.flush(),
                 Command::Add(cfg) => {
                     s.sad
-                        .add(cfg.clone(), now)
+                        .add(crate::secret::within(|| cfg.clone()), now)
                         .map_err(|e| err(e.to_string()))?;
                 }
                 Command::Update(cfg) => {
                     if s.sad.is_larval(cfg, now) {
                         s.sad
-                            .complete(cfg.clone(), now)
+                            .complete(crate::secret::within(|| cfg.clone()), now)
                             .map_err(|e| err(e.to_string()))?;
                     } else {
                         let old = s
@@ -121,7 +121,7 @@ impl State {
                             })?;
                         applied.removed.push(old);
                         s.sad
-                            .add(cfg.clone(), now)
+                            .add(crate::secret::within(|| cfg.clone()), now)
                             .map_err(|e| err(e.to_string()))?;
                     }
                 }

@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest request accepted (a setkey batch).
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -51,6 +51,10 @@ pub struct Control {
     listeners: Mutex<Vec<Arc<dyn Listener>>>,
     /// Set when a change may resolve pending ACQUIREs.
     pub changed: std::sync::atomic::AtomicBool,
+    /// The last `plaintext_refused` count and when it was read: it costs
+    /// an `nft` process, and 32 clients asking for stats at once must not
+    /// start 32 of them (they took the CPU from the workers).
+    refused_cache: Mutex<Option<(Instant, u64)>>,
 }
 
 struct Monitor {
@@ -262,6 +266,7 @@ impl Control {
             clients: Arc::new(AtomicUsize::new(0)),
             listeners: Mutex::new(Vec::new()),
             changed: std::sync::atomic::AtomicBool::new(false),
+            refused_cache: Mutex::new(None),
         }
     }
 
@@ -286,7 +291,9 @@ impl Control {
 
     fn client(&self, fd: OwnedFd) {
         let raw = fd.as_raw_fd();
-        let mut buf = vec![0u8; MAX_REQUEST + 1];
+        // Outside the (locked) key arena: 1 MiB per client would pin 64 MiB
+        // at 32 clients. What a request leaves in it is wiped below.
+        let mut buf = crate::secret::outside(|| vec![0u8; MAX_REQUEST + 1]);
         let mut errors = 0u32;
         while let Some(n) = recv_datagram(raw, &mut buf, &self.shared.stop) {
             let reply = if n > MAX_REQUEST {
@@ -321,6 +328,8 @@ impl Control {
                     },
                 }
             };
+            // The request may have carried keys.
+            zeroize::Zeroize::zeroize(&mut buf[..n.min(MAX_REQUEST + 1)]);
             let mut reply = reply;
             if reply["ok"] == json!(false) {
                 errors += 1;
@@ -400,6 +409,19 @@ impl Control {
     /// Packets the nftables table dropped (plaintext that had to be
     /// protected), read from its rule counters.
     fn plaintext_refused(&self) -> u64 {
+        // Held while nft runs: concurrent requests wait and share its answer.
+        let mut cache = self.refused_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, n)) = *cache
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return n;
+        }
+        let n = self.plaintext_refused_now();
+        *cache = Some((Instant::now(), n));
+        n
+    }
+
+    fn plaintext_refused_now(&self) -> u64 {
         let table = self
             .plumbing
             .lock()
@@ -588,7 +610,9 @@ pub fn accept_loop<S, F>(
         let spawned = std::thread::Builder::new()
             .name(format!("tunsec-{name}"))
             .spawn(move || {
-                run();
+                // Requests carry keys: their handling allocates in the
+                // key arena (crate::secret).
+                crate::secret::scope(run);
                 counter.fetch_sub(1, Relaxed);
             });
         if spawned.is_err() {

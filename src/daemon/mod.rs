@@ -10,6 +10,7 @@ pub mod nfset;
 pub mod nftables;
 pub mod notify;
 pub mod plumbing;
+pub mod privilege;
 pub mod reload;
 pub mod rtnl;
 pub mod tun;
@@ -192,6 +193,9 @@ impl Config {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    // Key memory: a locked, undumped arena for AWS-LC and for the code
+    // that handles keys (crate::secret).
+    crate::secret::init();
     log_init();
     let signals = Signals::register()?;
     let notifier = notify::Notifier::from_env().context("cannot use NOTIFY_SOCKET")?;
@@ -215,7 +219,8 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
     let base = State::seeded(u64::from_le_bytes(seed[..8].try_into().unwrap()));
     let state = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            // The text holds keys: in the key arena (so are the SAs).
+            let text = crate::secret::within(|| std::fs::read_to_string(path))
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let file = path.display().to_string();
             let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
@@ -374,6 +379,8 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
         },
         None => None,
     };
+    // Set up: keep only what the rest needs (before any thread starts).
+    privilege::restrict()?;
     let ctl_thread = {
         let c = ctl.clone();
         let path = control_path.clone();
@@ -461,7 +468,11 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
         .stop();
     let (c, io) = shared.totals();
     tracing::info!("final counters: {}", describe_counters(&c, &io));
-    tracing::info!("tunsec down: routes, rules and nftables restored");
+    if result.is_ok() {
+        tracing::info!("tunsec down: routes, rules and nftables restored");
+    } else {
+        tracing::error!("tunsec down after a fault: its plumbing stays in place (fail closed)");
+    }
     result
 }
 
@@ -562,8 +573,15 @@ fn serve(
             }
         }
         if handles.iter().any(|h| h.is_finished()) {
+            // Fail closed, as after kill -9: a new tunsec run takes over.
+            ctl.plumbing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .abandon();
             stop_workers(shared, ctl, handles);
-            bail!("a worker stopped unexpectedly");
+            bail!(
+                "a worker stopped unexpectedly (see its error above); the blackhole routes, rules and nftables table stay, so protected traffic cannot leave in the clear until a new `tunsec run` takes over"
+            );
         }
     }
     tracing::info!("signal received, stopping");

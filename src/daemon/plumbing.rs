@@ -500,6 +500,16 @@ impl Plumbing {
         Ok(())
     }
 
+    /// Leave everything in place and make no more changes: after a fault,
+    /// the blackhole routes keep protected traffic from leaving in the
+    /// clear (as after `kill -9`) until a new instance takes over.
+    pub fn abandon(&mut self) {
+        self.routes.clear();
+        self.rules = [false; 2];
+        self.nft = None;
+        self.closed = true;
+    }
+
     /// Undo everything, in reverse order (once).
     pub fn stop(&mut self) {
         let applied = self.steps();

@@ -625,6 +625,14 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
             tracing::error!("worker {id}: poll: {}", io::Error::last_os_error());
             break;
         }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            // The TUN device was deleted from outside: its queue reports an
+            // error forever (poll would return at once, a busy loop).
+            tracing::error!(
+                "worker {id}: the TUN device is gone (deleted from outside?): stopping"
+            );
+            break;
+        }
         let state = shared.state.load();
         let now = shared.now();
         if fds[0].revents & libc::POLLIN != 0 {

@@ -149,7 +149,9 @@ fn key(bits: u32, key: &[u8], alg: &str) -> Result<Zeroizing<Vec<u8>>, Refusal> 
             format!("{alg}: key length {bits} bits, {} bytes given", key.len()),
         );
     }
-    Ok(Zeroizing::new(key[..bits as usize / 8].to_vec()))
+    Ok(crate::secret::within(|| {
+        Zeroizing::new(key[..bits as usize / 8].to_vec())
+    }))
 }
 
 fn aead(a: &AlgAead) -> Result<(EncAlg, Zeroizing<Vec<u8>>), Refusal> {
