@@ -453,8 +453,11 @@ impl Gso {
 
 impl Gso {
     /// Send single packets as Ethernet frames with one `sendmmsg`.
-    /// Returns how many the kernel took (the rest are the caller's).
-    pub fn send_frames(&self, frames: &[(&[u8], L2)]) -> usize {
+    /// Returns (sent, failed, done): a frame the kernel has no room for
+    /// (a full queue) is counted as failed, as the raw socket counts it;
+    /// at any other error (the device went away) the frames from `done`
+    /// on are left to the caller.
+    pub fn send_frames(&self, frames: &[(&[u8], L2)]) -> (usize, usize, usize) {
         const B: usize = crate::daemon::workers::BATCH;
         let n = frames.len().min(B);
         let mut heads = [[0u8; VNET_HDR_LEN + ETH_LEN]; B];
@@ -488,7 +491,7 @@ impl Gso {
             msgs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
             msgs[i].msg_hdr.msg_iovlen = 2;
         }
-        let mut off = 0;
+        let (mut off, mut sent, mut failed) = (0, 0, 0);
         while off < n {
             // SAFETY: msgs[off..n] are initialised above.
             let r = unsafe {
@@ -499,12 +502,20 @@ impl Gso {
                     libc::MSG_DONTWAIT,
                 )
             };
-            if r <= 0 {
-                break;
+            if r > 0 {
+                off += r as usize;
+                sent += r as usize;
+                continue;
             }
-            off += r as usize;
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::EMSGSIZE) => {
+                    failed += 1;
+                    off += 1;
+                }
+                _ => break,
+            }
         }
-        off
+        (sent, failed, off)
     }
 
     /// Turn GSO off for this worker after the kernel refused a send.

@@ -467,10 +467,12 @@ fn send_out(io: &Io, pkts: &[&[u8]], ioc: &mut IoCounters) {
             *nraw = 0;
         }
         if *nframed > 0 {
-            let sent = g.send_frames(&framed[..*nframed]);
+            let (sent, failed, done) = g.send_frames(&framed[..*nframed]);
             ioc.net_tx += sent as u64;
-            // What the packet socket did not take goes by the raw socket.
-            for (p, _) in &framed[sent..*nframed] {
+            ioc.net_tx_errors += failed as u64;
+            // What the packet socket could not take (the device went)
+            // goes by the raw socket.
+            for (p, _) in &framed[done..*nframed] {
                 let (sent, failed) = io.sender.send_batch(&[p]);
                 ioc.net_tx += sent as u64;
                 ioc.net_tx_errors += failed as u64;
