@@ -972,8 +972,8 @@ mod tests {
         assert_eq!(get("tunsec_sa_replay_drops_total", &ah), 2.0);
         assert_eq!(get("tunsec_sa_icv_failures_total", &ah), 1.0);
         assert_eq!(get("tunsec_sa_packets_total", &ah), 110.0);
-        // Nothing else: 1 + 2 + 2 + 1 + 15 + 1 + 4 + 2 + 1 + 2 * 4 series.
-        assert_eq!(m.len(), 37, "{text}");
+        // Nothing else: 1 + 2 + 2 + 1 + 19 + 1 + 4 + 2 + 1 + 2 * 4 series.
+        assert_eq!(m.len(), 41, "{text}");
     }
 
     #[test]

@@ -40,6 +40,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let summary = tunsec::pcap::run(&state, dir, &input, &output, os_seed()?)?;
             eprintln!("{}", summary.line());
+            if let Some(l) = summary.fragments_line() {
+                eprintln!("{l}");
+            }
             let acquires = summary
                 .events
                 .iter()

@@ -64,6 +64,18 @@ impl Summary {
         }
         s
     }
+
+    /// `reassembled N datagrams from N fragments`, when the input had
+    /// fragments of IPsec packets (read = written + dropped + what was
+    /// merged into a written or dropped datagram).
+    pub fn fragments_line(&self) -> Option<String> {
+        (self.counters.fragments > 0).then(|| {
+            format!(
+                "reassembled {} datagrams from {} fragments",
+                self.counters.reassembled, self.counters.fragments
+            )
+        })
+    }
 }
 
 /// The IP packet inside a frame of the given link type, if any.
@@ -384,6 +396,8 @@ pub fn run(
         .into_writer()
         .flush()
         .with_context(|| format!("cannot write {}", output.display()))?;
+    // Fragments still waiting will never be completed.
+    w.flush_fragments();
     summary.counters.add(&w.counters);
     summary.events = std::mem::take(&mut w.events);
     Ok(summary)

@@ -6,10 +6,12 @@
 //!   mark so that policy routing sends them out of the real interface,
 //!   never back into the TUN device.
 //! - Receiving: `AF_PACKET`/`SOCK_DGRAM` sockets, one per worker, joined in
-//!   a fanout group that hashes by flow and defragments first. They see the
-//!   whole IP packet, IPv6 extension headers included (an IPv6 raw socket
-//!   hands over the payload only, and AH needs the header). A classic BPF
-//!   filter passes only ESP, AH and IPComp.
+//!   a fanout group that hashes by flow and defragments IPv4 first. They
+//!   see the whole IP packet, IPv6 extension headers included (an IPv6 raw
+//!   socket hands over the payload only, and AH needs the header). A
+//!   classic BPF filter passes only ESP, AH and IPComp, IPv6 fragments of
+//!   them included: the worker reassembles those (`crate::reassembly`
+//!   explains why the hash puts a datagram's fragments on one worker).
 //! - Silencing: the kernel has no ESP/AH/IPComp handler here and would
 //!   answer "protocol unreachable"; a raw socket bound to each protocol
 //!   (with a drop-everything filter) tells it the protocol is taken.
@@ -76,26 +78,36 @@ const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const SKF_AD_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
 
 /// Pass IPv4 ESP/AH/IPComp, and IPv6 packets whose first next header is one
-/// of them or an extension header that may precede them.
+/// of them or an extension header that may precede them. An IPv6 fragment
+/// passes when its fragment header names ESP, AH, IPComp or destination
+/// options: that field names the fragmentable part's first header in every
+/// fragment (RFC 8200 section 4.5), so later fragments pass too, and the
+/// worker reassembles them (`crate::reassembly`; the fanout's DEFRAG flag
+/// covers IPv4 only).
 fn ipsec_filter() -> Vec<libc::sock_filter> {
     vec![
         /* 0 */ stmt(LD_H_ABS, SKF_AD_PROTOCOL),
         /* 1 */ jump(JEQ, 0x0800, 0, 4),
         /* 2 */ stmt(LD_B_ABS, 9),
-        /* 3 */ jump(JEQ, 50, 11, 0),
-        /* 4 */ jump(JEQ, 51, 10, 0),
-        /* 5 */ jump(JEQ, 108, 9, 10),
-        /* 6 */ jump(JEQ, 0x86dd, 0, 9),
+        /* 3 */ jump(JEQ, 50, 16, 0),
+        /* 4 */ jump(JEQ, 51, 15, 0),
+        /* 5 */ jump(JEQ, 108, 14, 15),
+        /* 6 */ jump(JEQ, 0x86dd, 0, 14),
         /* 7 */ stmt(LD_B_ABS, 6),
-        /* 8 */ jump(JEQ, 50, 6, 0),
-        /* 9 */ jump(JEQ, 51, 5, 0),
-        /* 10 */ jump(JEQ, 108, 4, 0),
-        /* 11 */ jump(JEQ, 0, 3, 0),
-        /* 12 */ jump(JEQ, 60, 2, 0),
-        /* 13 */ jump(JEQ, 43, 1, 2),
-        /* 14 */ stmt(RET, 0), // unreachable filler keeps the offsets readable
-        /* 15 */ stmt(RET, 0x40000),
-        /* 16 */ stmt(RET, 0),
+        /* 8 */ jump(JEQ, 50, 11, 0),
+        /* 9 */ jump(JEQ, 51, 10, 0),
+        /* 10 */ jump(JEQ, 108, 9, 0),
+        /* 11 */ jump(JEQ, 0, 8, 0),
+        /* 12 */ jump(JEQ, 60, 7, 0),
+        /* 13 */ jump(JEQ, 43, 6, 0),
+        /* 14 */ jump(JEQ, 44, 0, 6),
+        /* 15 */ stmt(LD_B_ABS, 40), // the fragment header's next header
+        /* 16 */ jump(JEQ, 50, 3, 0),
+        /* 17 */ jump(JEQ, 51, 2, 0),
+        /* 18 */ jump(JEQ, 108, 1, 0),
+        /* 19 */ jump(JEQ, 60, 0, 1),
+        /* 20 */ stmt(RET, 0x40000),
+        /* 21 */ stmt(RET, 0),
     ]
 }
 
@@ -129,7 +141,9 @@ pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
             size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         )
     })?;
-    // Hash by flow, and reassemble fragments before choosing a member.
+    // Hash by flow, and reassemble IPv4 fragments before choosing a
+    // member. IPv6 fragments hash alike (addresses, flow label, protocol
+    // 44: see crate::reassembly) and the worker reassembles them.
     let fanout: libc::c_int = (group as libc::c_int)
         | ((libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG) << 16) as libc::c_int;
     setsockopt(raw, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout)?;
@@ -396,6 +410,23 @@ mod tests {
             v6[6] = nh;
             assert_eq!(run(&p, 0x86dd, &v6) != 0, pass, "IPv6 next header {nh}");
         }
+        // Fragments: by what the fragment header says follows it.
+        v6.resize(48, 0);
+        v6[6] = 44;
+        for (nh, pass) in [
+            (50u8, true),
+            (51, true),
+            (108, true),
+            (60, true),
+            (17, false),
+            (6, false),
+            (58, false),
+            (44, false),
+        ] {
+            v6[40] = nh;
+            assert_eq!(run(&p, 0x86dd, &v6) != 0, pass, "IPv6 fragment of {nh}");
+        }
+        assert_eq!(run(&p, 0x86dd, &v6[..40]), 0, "truncated fragment header");
         assert_eq!(run(&p, 0x0806, &v4), 0, "ARP");
     }
 }
