@@ -178,8 +178,9 @@ pub struct Counters {
     pub in_packets: u64,
     pub in_bytes: u64,
     pub bypassed: u64,
-    /// Inbound fragments taken for reassembly, and datagrams made whole
-    /// from them.
+    /// Inbound fragments merged into datagrams, and the datagrams made
+    /// whole from them (each then counted as one packet: `fragments -
+    /// reassembled` packets read are in no other counter).
     pub fragments: u64,
     pub reassembled: u64,
     pub drops: [u64; DropReason::ALL.len()],
@@ -470,17 +471,13 @@ pub fn inbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration
         Err(_) => return w.drop(DropReason::Malformed),
     };
     let info = if info.fragment && reassembly::wanted(buf.data(), &info) {
-        w.counters.fragments += 1;
         match w.reassembly.push(buf, &info, now, &mut w.counters) {
             Outcome::Held => return Verdict::Held,
             Outcome::Dropped(r) => return Verdict::Drop(r),
-            Outcome::Complete => {
-                w.counters.reassembled += 1;
-                match packet::parse(buf.data()) {
-                    Ok(i) => i,
-                    Err(_) => return w.drop(DropReason::Malformed),
-                }
-            }
+            Outcome::Complete => match packet::parse(buf.data()) {
+                Ok(i) => i,
+                Err(_) => return w.drop(DropReason::Malformed),
+            },
         }
     } else {
         info

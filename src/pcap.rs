@@ -65,9 +65,8 @@ impl Summary {
         s
     }
 
-    /// `reassembled N datagrams from N fragments`, when the input had
-    /// fragments of IPsec packets (read = written + dropped + what was
-    /// merged into a written or dropped datagram).
+    /// `reassembled N datagrams from M fragments`, when fragments of IPsec
+    /// packets were merged: then read = written + dropped + M - N.
     pub fn fragments_line(&self) -> Option<String> {
         (self.counters.fragments > 0).then(|| {
             format!(

@@ -317,6 +317,8 @@ impl Reassembler {
             unfragment_v6_head(pkt, &mut whole);
             packet::fix_lengths(&mut whole);
             buf.load(&whole);
+            counters.fragments += 1;
+            counters.reassembled += 1;
             return Outcome::Complete;
         }
         let i = match self.pending.iter().position(|d| d.key == f.key) {
@@ -413,6 +415,8 @@ impl Reassembler {
         }
         let d = self.pending.swap_remove(i);
         self.bytes -= d.bytes();
+        counters.fragments += d.ranges.len() as u64;
+        counters.reassembled += 1;
         let n = d.head.len() + d.data.len();
         let area = buf.load_area();
         area[..d.head.len()].copy_from_slice(&d.head);
