@@ -11,6 +11,10 @@
 # use from tests/interop/requirements.txt (and refreshed when that changes).
 # TUNSEC_BIN overrides the binary under test (default target/debug/tunsec for
 # the interop suite, target/release/tunsec for the e2e suite).
+#
+# After the Rust tests, every cargo fuzz target (fuzz/) runs for
+# TUNSEC_FUZZ_SECONDS seconds (default 15; 0 builds them only) through
+# scripts/fuzz.sh, which installs cargo-fuzz when missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +32,7 @@ fi
 
 cargo build
 cargo test
+TUNSEC_FUZZ_SECONDS=${TUNSEC_FUZZ_SECONDS:-15} scripts/fuzz.sh
 
 req=tests/interop/requirements.txt
 stamp=.venv/.requirements.installed
