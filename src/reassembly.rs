@@ -114,6 +114,8 @@ struct Frag {
 
 struct Datagram {
     key: Key,
+    /// When its first fragment arrived, and when it is abandoned.
+    since: Duration,
     deadline: Duration,
     /// The header part, once the first fragment arrived.
     head: Vec<u8>,
@@ -334,6 +336,7 @@ impl Reassembler {
                 };
                 self.pending.push(Datagram {
                     key: f.key,
+                    since: now,
                     deadline: now.saturating_add(timeout),
                     head: Vec::new(),
                     data: Vec::new(),
@@ -491,12 +494,12 @@ impl Reassembler {
     fn oldest_except(&self, keep: usize) -> usize {
         (0..self.pending.len())
             .filter(|&j| j != keep)
-            .min_by_key(|&j| self.pending[j].deadline)
+            .min_by_key(|&j| self.pending[j].since)
             .expect("more than one datagram")
     }
 
     fn evict_oldest(&mut self, counters: &mut Counters) {
-        if let Some(j) = (0..self.pending.len()).min_by_key(|&j| self.pending[j].deadline) {
+        if let Some(j) = (0..self.pending.len()).min_by_key(|&j| self.pending[j].since) {
             self.discard(j, counters, DropReason::FragLimit, false);
         }
     }
@@ -777,6 +780,24 @@ mod tests {
         }
         assert_eq!(t.push(&f[4], 0), Outcome::Dropped(DropReason::FragLimit));
         assert_eq!(t.drops(DropReason::FragLimit), 5);
+    }
+
+    #[test]
+    fn the_first_to_arrive_is_evicted_first() {
+        // IPv6 waits longer (60 s) than IPv4 (30 s): arrival decides.
+        let limits = Limits {
+            max_datagrams: 2,
+            ..Limits::default()
+        };
+        let mut t = T::new(limits);
+        let (_, six) = esp(true, 2000, 1000, 1);
+        let (_, four) = esp(false, 2000, 1000, 2);
+        let (_, other) = esp(true, 2000, 1000, 3);
+        assert_eq!(t.push(&six[0], 0), Outcome::Held);
+        assert_eq!(t.push(&four[0], 10), Outcome::Held);
+        assert_eq!(t.push(&other[0], 20), Outcome::Held);
+        assert_eq!(t.drops(DropReason::FragLimit), 1);
+        assert_eq!(t.push(&four[1], 20), Outcome::Complete, "IPv4 kept");
     }
 
     #[test]
