@@ -52,7 +52,7 @@ def net(request, tmp_path_factory):
     return topo
 
 
-def seal(net, fam: str, i: int):
+def seal(net, fam: str, i: int, flow_label: int = 0):
     """Datagram i to B's listener, sealed with the A->B SA (the next
     sequence number of this module's sender)."""
     a, b = ADDRS[fam]
@@ -61,7 +61,7 @@ def seal(net, fam: str, i: int):
     net.seq[fam] += 1
     ssa = SecurityAssociation(ESP, spi=sa.spi, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(sa.enc_key[2:]),
                               seq_num=net.seq[fam])
-    l3 = IPv6(src=a, dst=b) if fam == "v6" else IP(src=a, dst=b, id=0x4000 + i, flags=0)
+    l3 = IPv6(src=a, dst=b, fl=flow_label) if fam == "v6" else IP(src=a, dst=b, id=0x4000 + i, flags=0)
     plain = l3 / UDP(sport=40000 + i, dport=PORTS[fam]) / Raw(datagram(i, SIZE, b""))
     plain = l3.__class__(bytes(plain))  # checksums and lengths fixed
     return plain.__class__(bytes(ssa.encrypt(plain)))
@@ -71,7 +71,7 @@ def scapy_fragments(sealed, fam: str, ident: int) -> list[bytes]:
     raw = bytes(sealed)
     if fam == "v6":
         p = IPv6(raw)
-        q = (IPv6(src=p.src, dst=p.dst, hlim=p.hlim, nh=44) / IPv6ExtHdrFragment(nh=p.nh, id=ident)
+        q = (IPv6(src=p.src, dst=p.dst, hlim=p.hlim, tc=p.tc, fl=p.fl, nh=44) / IPv6ExtHdrFragment(nh=p.nh, id=ident)
              / Raw(raw[40:]))
         frags = [bytes(f) for f in fragment6(q, 1280)]
     else:
@@ -153,6 +153,24 @@ def test_a_kernel_that_fragments_its_esp(net, tmp_path, fam):
     c = net.db.counters()
     assert c["in_packets"] - c0["in_packets"] == 1, f"{c0.line}\n{c.line}"
     assert c["dropped"] == c0["dropped"], c.line
+
+
+def test_fragments_of_many_flows_stay_together_in_the_fanout(net, tmp_path):
+    """Each worker reassembles alone, so all fragments of a datagram must
+    reach the same one. Datagrams with different flow labels spread over
+    the workers (the fanout hashes addresses and flow label); a fragment
+    hashed apart from its datagram's others would lose that datagram."""
+    fam, first, n = "v6", 10, 8
+    frags = [scapy_fragments(seal(net, fam, first + k, flow_label=0x1000 * (k + 1)), fam, 0x7000 + k)
+             for k in range(n)]
+    rx = listen(net, fam, count=n)
+    c0 = net.db.counters(settle=0)
+    order = [f[j] for j in (2, 0, 1) for f in frags]  # interleaved, last fragments first
+    inject(net, tmp_path, "flows", order)
+    got = rx.result(30)
+    assert got["received"] == list(range(first, first + n)) and not got["bad"], got
+    c = net.db.counters()
+    assert c["in_packets"] - c0["in_packets"] == n and c["dropped"] == c0["dropped"], f"{c0.line}\n{c.line}"
 
 
 def test_overlapping_ipv6_fragments_are_dropped_and_counted(net, tmp_path):
