@@ -379,15 +379,18 @@ impl Reassembler {
         }
         // Memory: make room by evicting older datagrams, or give this one up.
         let grow = end.saturating_sub(d.data.len()) + if f.offset == 0 { f.head_len } else { 0 };
+        // (Discarding moves the last datagram into the hole: find this
+        // one again each time.)
+        let mut i = i;
         while self.bytes + grow > self.limits.max_bytes && self.pending.len() > 1 {
             let oldest = self.oldest_except(i);
             self.discard(oldest, counters, DropReason::FragLimit, false);
+            i = self
+                .pending
+                .iter()
+                .position(|d| d.key == f.key)
+                .expect("never evicts itself");
         }
-        let i = self
-            .pending
-            .iter()
-            .position(|d| d.key == f.key)
-            .expect("never evicted itself");
         if self.bytes + grow > self.limits.max_bytes {
             return self.discard(i, counters, DropReason::FragLimit, true);
         }
@@ -785,6 +788,57 @@ mod tests {
         }
         assert_eq!(t.push(&f[4], 0), Outcome::Dropped(DropReason::FragLimit));
         assert_eq!(t.drops(DropReason::FragLimit), 5);
+    }
+
+    /// Fragments of a made-up IPv6 ESP datagram of `len` bytes, cut at
+    /// `cuts`: (whole, fragments).
+    fn cut(id: u32, len: usize, cuts: &[usize]) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let (whole, _) = esp(true, len, len, id);
+        let mut bounds = vec![0];
+        bounds.extend_from_slice(cuts);
+        bounds.push(len);
+        let frags = bounds
+            .windows(2)
+            .map(|w| {
+                let mut f = whole[..40].to_vec();
+                f[6] = packet::PROTO_FRAGMENT;
+                f.extend_from_slice(&[packet::PROTO_ESP, 0]);
+                let more = (w[1] < len) as u16;
+                f.extend_from_slice(&(w[0] as u16 | more).to_be_bytes());
+                f.extend_from_slice(&id.to_be_bytes());
+                f.extend_from_slice(&whole[40 + w[0]..40 + w[1]]);
+                fix_lengths(&mut f);
+                f
+            })
+            .collect();
+        (whole, frags)
+    }
+
+    #[test]
+    fn making_room_never_evicts_the_datagram_it_makes_room_for() {
+        // Found by the reassembly fuzz target: evicting moved the last
+        // datagram in the list, and the next eviction in the same round
+        // could pick the one the fragment belonged to (a panic).
+        let limits = Limits {
+            max_bytes: 2300,
+            ..Limits::default()
+        };
+        let mut t = T::new(limits);
+        let (_, a) = cut(1, 1000, &[512]);
+        let (_, d) = cut(2, 520, &[512]);
+        let (whole, ours) = cut(3, 512 + 1200, &[512]);
+        let (_, n) = cut(4, 1000, &[512]);
+        assert_eq!(t.push(&a[0], 0), Outcome::Held);
+        assert_eq!(t.push(&d[0], 1), Outcome::Held);
+        assert_eq!(t.push(&ours[0], 2), Outcome::Held);
+        assert_eq!(t.push(&n[0], 3), Outcome::Held);
+        // d completes and leaves: the list is [a, n, ours]
+        assert_eq!(t.push(&d[1], 4), Outcome::Complete);
+        // 1200 more bytes for ours: a and n must both go, not ours.
+        assert_eq!(t.push(&ours[1], 5), Outcome::Complete);
+        assert_eq!(t.buf.data(), &whole[..]);
+        assert_eq!(t.drops(DropReason::FragLimit), 2);
+        assert_eq!((t.r.in_progress(), t.r.bytes()), (0, 0));
     }
 
     #[test]
