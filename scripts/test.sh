@@ -13,6 +13,10 @@
 # the interop suite, target/release/tunsec for the e2e suite).
 # TUNSEC_TEST_PACKAGE=1 also builds and tests the Debian package
 # (scripts/test-package.sh: cargo-deb, debootstrap; a few minutes).
+#
+# After the Rust tests, every cargo fuzz target (fuzz/) runs for
+# TUNSEC_FUZZ_SECONDS seconds (default 15; 0 builds them only) through
+# scripts/fuzz.sh, which installs cargo-fuzz when missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +34,7 @@ fi
 
 cargo build
 cargo test
+TUNSEC_FUZZ_SECONDS=${TUNSEC_FUZZ_SECONDS:-15} scripts/fuzz.sh
 
 req=tests/interop/requirements.txt
 stamp=.venv/.requirements.installed

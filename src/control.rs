@@ -182,6 +182,8 @@ pub fn counters_json(c: &Counters) -> Value {
         "in_packets": c.in_packets,
         "in_bytes": c.in_bytes,
         "bypassed": c.bypassed,
+        "fragments": c.fragments,
+        "reassembled": c.reassembled,
         "dropped": c.total_drops(),
         "drops": drops,
     })

@@ -7,6 +7,7 @@ use crate::buf::PacketBuf;
 use crate::esp::{self, EspError};
 use crate::ipcomp::{Codec, IpCompError};
 use crate::packet::{self, IpInfo};
+use crate::reassembly::{self, Outcome, Reassembler};
 use crate::replay::ReplayError;
 use crate::sad::{Expiry, Proto, Sa};
 use crate::spd::{Action, Dir, Flow, Level, Policy};
@@ -53,10 +54,21 @@ pub enum DropReason {
     /// ESP in UDP (RFC 3948) for an SA without UDP encapsulation or with
     /// another port, or bare ESP for one with it.
     EncapMismatch,
+    /// An inbound fragment overlaps another of its datagram (or
+    /// contradicts its length): the whole datagram is dropped (RFC 5722).
+    FragOverlap,
+    /// An exact copy of a fragment already held.
+    FragDuplicate,
+    /// Fragments of a datagram that did not complete in time (or before
+    /// a capture ended).
+    FragIncomplete,
+    /// Fragments given up to bound memory: too many datagrams, bytes or
+    /// fragments in progress.
+    FragLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::PolicyDiscard,
@@ -73,6 +85,10 @@ impl DropReason {
         DropReason::SeqExhausted,
         DropReason::TooBig,
         DropReason::EncapMismatch,
+        DropReason::FragOverlap,
+        DropReason::FragDuplicate,
+        DropReason::FragIncomplete,
+        DropReason::FragLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +109,10 @@ impl DropReason {
             DropReason::SeqExhausted => "seq-exhausted",
             DropReason::TooBig => "too-big",
             DropReason::EncapMismatch => "encap-mismatch",
+            DropReason::FragOverlap => "frag-overlap",
+            DropReason::FragDuplicate => "frag-duplicate",
+            DropReason::FragIncomplete => "frag-incomplete",
+            DropReason::FragLimit => "frag-limit",
         }
     }
 
@@ -111,6 +131,9 @@ pub enum Verdict {
     /// run it through [`outbound`] again once the state changes, or give up
     /// with [`Worker::give_up`], which counts the `no-sa` drop.
     Pending,
+    /// Inbound: a fragment was kept until its datagram is complete
+    /// ([`crate::reassembly`]); nothing to send now.
+    Held,
     Drop(DropReason),
 }
 
@@ -161,6 +184,11 @@ pub struct Counters {
     pub in_packets: u64,
     pub in_bytes: u64,
     pub bypassed: u64,
+    /// Inbound fragments merged into datagrams, and the datagrams made
+    /// whole from them (each then counted as one packet: `fragments -
+    /// reassembled` packets read are in no other counter).
+    pub fragments: u64,
+    pub reassembled: u64,
     pub drops: [u64; DropReason::ALL.len()],
 }
 
@@ -179,6 +207,8 @@ impl Counters {
         self.in_packets += o.in_packets;
         self.in_bytes += o.in_bytes;
         self.bypassed += o.bypassed;
+        self.fragments += o.fragments;
+        self.reassembled += o.reassembled;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += b;
         }
@@ -190,8 +220,10 @@ impl Counters {
 }
 
 /// Per-worker state: random source for CBC IVs, DEFLATE codec, scratch
-/// space, counters and the events raised since the shell last drained them.
+/// space, fragments in reassembly, counters and the events raised since
+/// the shell last drained them.
 pub struct Worker {
+    pub reassembly: Reassembler,
     rng: StdRng,
     codec: Codec,
     scratch: Vec<u8>,
@@ -206,6 +238,7 @@ impl Worker {
     /// the ChaCha generator that makes CBC IVs unpredictable.
     pub fn new(seed: [u8; 32]) -> Worker {
         Worker {
+            reassembly: Reassembler::default(),
             rng: StdRng::from_seed(seed),
             codec: Codec::new(),
             scratch: Vec::with_capacity(512),
@@ -219,6 +252,19 @@ impl Worker {
     fn drop(&mut self, r: DropReason) -> Verdict {
         self.counters.count_drop(r);
         Verdict::Drop(r)
+    }
+
+    /// Abandon fragments whose datagram timed out (counted). The engine
+    /// does it whenever a fragment arrives; a shell calls this now and then
+    /// so that a lone fragment does not stay counted nowhere.
+    pub fn expire_fragments(&mut self, now: Duration) {
+        self.reassembly.expire(now, &mut self.counters);
+    }
+
+    /// Abandon every fragment in progress (counted as `frag-incomplete`):
+    /// the input ended.
+    pub fn flush_fragments(&mut self) {
+        self.reassembly.flush(&mut self.counters);
     }
 
     /// The shell drops a packet that got [`Verdict::Pending`]: count it.
@@ -433,9 +479,28 @@ fn replay_drop(sa: &Sa, e: ReplayError) -> DropReason {
 }
 
 /// Process a packet arriving for this host: verify and remove AH, ESP and
-/// IPComp, then check the result against the inbound policy.
+/// IPComp, then check the result against the inbound policy. A fragment of
+/// an IPsec packet is held ([`Verdict::Held`]) until its datagram is
+/// complete; the packet that completes it returns the datagram's verdict
+/// with the datagram in `buf`.
 pub fn inbound(state: &State, w: &mut Worker, buf: &mut PacketBuf, now: Duration) -> Verdict {
-    match inbound_inner(state, w, buf, now) {
+    let info = match packet::parse(buf.data()) {
+        Ok(i) => i,
+        Err(_) => return w.drop(DropReason::Malformed),
+    };
+    let info = if info.fragment && reassembly::wanted(buf.data(), &info) {
+        match w.reassembly.push(buf, &info, now, &mut w.counters) {
+            Outcome::Held => return Verdict::Held,
+            Outcome::Dropped(r) => return Verdict::Drop(r),
+            Outcome::Complete => match packet::parse(buf.data()) {
+                Ok(i) => i,
+                Err(_) => return w.drop(DropReason::Malformed),
+            },
+        }
+    } else {
+        info
+    };
+    match inbound_inner(state, w, buf, info, now) {
         Ok(()) => {
             w.counters.in_packets += 1;
             w.counters.in_bytes += buf.len() as u64;
@@ -449,9 +514,10 @@ fn inbound_inner(
     state: &State,
     w: &mut Worker,
     buf: &mut PacketBuf,
+    info: IpInfo,
     now: Duration,
 ) -> Result<(), DropReason> {
-    let mut info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
+    let mut info = info;
     // ESP in UDP (RFC 3948): to an SA that expects it on this port, or to
     // the NAT-T port (where an unknown SPI is counted as one).
     let mut encap = None;

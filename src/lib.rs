@@ -24,6 +24,7 @@ pub mod ike;
 pub mod ipcomp;
 pub mod packet;
 pub mod pcap;
+pub mod reassembly;
 pub mod replay;
 pub mod sad;
 pub mod secret;

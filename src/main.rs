@@ -44,7 +44,13 @@ fn run(cli: Cli) -> Result<()> {
                 Dir::In => tunsec::pcap::Direction::In,
             };
             let summary = tunsec::pcap::run(&state, dir, &input, &output, os_seed()?)?;
+            if let Some(d) = &summary.damaged {
+                eprintln!("{d}");
+            }
             eprintln!("{}", summary.line());
+            if let Some(l) = summary.fragments_line() {
+                eprintln!("{l}");
+            }
             let acquires = summary
                 .events
                 .iter()

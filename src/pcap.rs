@@ -17,7 +17,7 @@ use pcap_file::pcapng::{
 };
 use pcap_file::{DataLink, Endianness};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub struct Summary {
     pub not_ip: u64,
     pub counters: Counters,
     pub events: Vec<Event>,
+    /// Where the walk stopped at a damaged record, if it did (the
+    /// message names the input).
+    pub damaged: Option<String>,
 }
 
 impl Summary {
@@ -63,6 +66,17 @@ impl Summary {
             s.push_str(&format!(" ({})", parts.join(", ")));
         }
         s
+    }
+
+    /// `reassembled N datagrams from M fragments`, when fragments of IPsec
+    /// packets were merged: then read = written + dropped + M - N.
+    pub fn fragments_line(&self) -> Option<String> {
+        (self.counters.fragments > 0).then(|| {
+            format!(
+                "reassembled {} datagrams from {} fragments",
+                self.counters.reassembled, self.counters.fragments
+            )
+        })
     }
 }
 
@@ -185,20 +199,19 @@ struct Iface {
 /// record ends the walk with a message, as a truncated capture would.
 /// Frames of a link type tunsec cannot read reach `f` too (and are counted
 /// as not IP): a pcapng file may describe interfaces it never uses.
-fn for_each_frame(
-    input: &Path,
+fn for_each_frame<R: Read>(
+    name: &str,
+    mut file: R,
+    damaged_at: &mut Option<String>,
     mut f: impl FnMut(Option<Duration>, DataLink, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let file = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
-    let mut file = BufReader::new(file);
-    let header =
-        lenient_header(&mut file).with_context(|| format!("cannot read {}", input.display()))?;
-    let damaged = |e: &dyn std::fmt::Display| {
-        eprintln!("{}: stopped at a damaged record: {e}", input.display());
+    let header = lenient_header(&mut file).with_context(|| format!("cannot read {name}"))?;
+    let mut damaged = |e: &dyn std::fmt::Display| {
+        *damaged_at = Some(format!("{name}: stopped at a damaged record: {e}"));
     };
     if header.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
         let mut reader = PcapNgReader::new(std::io::Cursor::new(header).chain(file))
-            .with_context(|| format!("{}: not a readable pcapng file", input.display()))?;
+            .with_context(|| format!("{name}: not a readable pcapng file"))?;
         let mut little = reader.section().endianness == Endianness::Little;
         let mut ifaces: Vec<Iface> = Vec::new();
         while let Some(block) = reader.next_block() {
@@ -282,14 +295,10 @@ fn for_each_frame(
         return Ok(());
     }
     let mut reader = PcapReader::new(std::io::Cursor::new(header).chain(file))
-        .with_context(|| format!("{}: not a readable pcap file", input.display()))?;
+        .with_context(|| format!("{name}: not a readable pcap file"))?;
     let link = reader.header().datalink;
     if !supported(link) {
-        bail!(
-            "{}: unsupported link type {:?} (tunsec reads {LINK_TYPES})",
-            input.display(),
-            link
-        );
+        bail!("{name}: unsupported link type {link:?} (tunsec reads {LINK_TYPES})");
     }
     while let Some(p) = reader.next_packet() {
         match p {
@@ -311,18 +320,56 @@ pub fn run(
     output: &Path,
     seed: [u8; 32],
 ) -> Result<Summary> {
+    let file = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     // The output is created with the first frame (or at the end), so that
     // an unreadable input leaves no empty output behind.
-    let create = || -> Result<PcapWriter<BufWriter<File>>> {
+    let create = || -> Result<BufWriter<File>> {
         let out =
             File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+        Ok(BufWriter::new(out))
+    };
+    run_with(
+        state,
+        dir,
+        &input.display().to_string(),
+        BufReader::new(file),
+        &output.display().to_string(),
+        create,
+        seed,
+    )
+}
+
+/// [`run`] over a capture in memory; returns the summary and the pcap
+/// written (empty when the input was unusable).
+pub fn run_bytes(
+    state: &State,
+    dir: Direction,
+    input: &[u8],
+    seed: [u8; 32],
+) -> Result<(Summary, Vec<u8>)> {
+    let mut out = Vec::new();
+    let summary = run_with(state, dir, "input", input, "output", || Ok(&mut out), seed)?;
+    Ok((summary, out))
+}
+
+fn run_with<R: Read, W: Write>(
+    state: &State,
+    dir: Direction,
+    name: &str,
+    input: R,
+    output: &str,
+    create: impl FnOnce() -> Result<W>,
+    seed: [u8; 32],
+) -> Result<Summary> {
+    let mut create = Some(create);
+    let mut create = || -> Result<PcapWriter<W>> {
+        let out = create.take().expect("the output is created once")()?;
         let header = PcapHeader {
             datalink: DataLink::RAW,
             snaplen: 65535 + 40,
             ..PcapHeader::default()
         };
-        PcapWriter::with_header(BufWriter::new(out), header)
-            .with_context(|| format!("cannot write {}", output.display()))
+        PcapWriter::with_header(out, header).with_context(|| format!("cannot write {output}"))
     };
     let mut writer = None;
     let mut w = Worker::new(seed);
@@ -332,7 +379,8 @@ pub fn run(
     // (pcapng simple packet block) takes the previous packet's.
     let mut first: Option<Duration> = None;
     let mut last = (Duration::ZERO, Duration::ZERO); // (timestamp, now)
-    for_each_frame(input, |timestamp, link, data| {
+    let mut damaged = None;
+    let walked = for_each_frame(name, input, &mut damaged, |timestamp, link, data| {
         let writer = match &mut writer {
             Some(wr) => wr,
             None => writer.insert(create()?),
@@ -370,20 +418,23 @@ pub fn run(
             let pkt = PcapPacket::new(timestamp, buf.len() as u32, buf.data());
             writer
                 .write_packet(&pkt)
-                .with_context(|| format!("cannot write {}", output.display()))?;
+                .with_context(|| format!("cannot write {output}"))?;
             summary.written += 1;
         }
         Ok(())
-    })?;
+    });
+    summary.damaged = damaged;
+    walked?;
     let writer = match writer {
         Some(wr) => wr,
         None => create()?,
     };
-    use std::io::Write;
     writer
         .into_writer()
         .flush()
-        .with_context(|| format!("cannot write {}", output.display()))?;
+        .with_context(|| format!("cannot write {output}"))?;
+    // Fragments still waiting will never be completed.
+    w.flush_fragments();
     summary.counters.add(&w.counters);
     summary.events = std::mem::take(&mut w.events);
     Ok(summary)
@@ -489,15 +540,31 @@ mod tests {
     type Frame = (Option<Duration>, DataLink, Vec<u8>);
 
     fn frames(file: &[u8]) -> (Result<()>, Vec<Frame>) {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.pcapng");
-        std::fs::write(&p, file).unwrap();
         let mut got = Vec::new();
-        let r = for_each_frame(&p, |t, l, d| {
+        let r = for_each_frame("x.pcapng", file, &mut None, |t, l, d| {
             got.push((t, l, d.to_vec()));
             Ok(())
         });
         (r, got)
+    }
+
+    #[test]
+    fn in_memory_runs_report_a_damaged_record() {
+        let seed = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/seed-b.pcap"
+        ))
+        .unwrap();
+        let state = State::default();
+        let (whole, out) = run_bytes(&state, Direction::In, &seed, [0; 32]).unwrap();
+        assert!(whole.read > 2 && whole.damaged.is_none(), "{whole:?}");
+        assert_eq!(whole.written, whole.read, "no policy: everything passes");
+        assert!(out.len() > 24);
+        let (cut, _) = run_bytes(&state, Direction::In, &seed[..seed.len() - 3], [0; 32]).unwrap();
+        assert_eq!(cut.read, whole.read - 1);
+        let d = cut.damaged.expect("a damaged record");
+        assert!(d.starts_with("input: stopped at a damaged record"), "{d}");
+        assert!(run_bytes(&state, Direction::In, b"garbage", [0; 32]).is_err());
     }
 
     #[test]

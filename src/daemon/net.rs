@@ -6,10 +6,12 @@
 //!   mark so that policy routing sends them out of the real interface,
 //!   never back into the TUN device.
 //! - Receiving: `AF_PACKET`/`SOCK_DGRAM` sockets, one per worker, joined in
-//!   a fanout group that hashes by flow and defragments first. They see the
-//!   whole IP packet, IPv6 extension headers included (an IPv6 raw socket
-//!   hands over the payload only, and AH needs the header). A classic BPF
-//!   filter passes only ESP, AH and IPComp.
+//!   a fanout group that hashes by flow and defragments IPv4 first. They
+//!   see the whole IP packet, IPv6 extension headers included (an IPv6 raw
+//!   socket hands over the payload only, and AH needs the header). A
+//!   classic BPF filter passes only ESP, AH and IPComp, IPv6 fragments of
+//!   them included: the worker reassembles those (`crate::reassembly`
+//!   explains why the hash puts a datagram's fragments on one worker).
 //! - Silencing: the kernel has no ESP/AH/IPComp handler here and would
 //!   answer "protocol unreachable"; a raw socket bound to each protocol
 //!   (with a drop-everything filter) tells it the protocol is taken.
@@ -125,6 +127,11 @@ fn assemble(prog: &[Ins]) -> Vec<libc::sock_filter> {
 /// (RFC 3948) to the NAT-T port: UDP to 4500 whose first four payload
 /// bytes are not zero (IKE's non-ESP marker) and that is longer than a
 /// NAT keepalive. IKE and keepalives go on to the IKE daemon untouched.
+/// An IPv6 fragment passes when its fragment header names ESP, AH, IPComp
+/// or destination options: that field names the fragmentable part's first
+/// header in every fragment (RFC 8200 section 4.5), so later fragments
+/// pass too, and the worker reassembles them (`crate::reassembly`; the
+/// fanout's DEFRAG flag covers IPv4 only).
 fn ipsec_filter() -> Vec<libc::sock_filter> {
     use Ins::*;
     const NAT_T: u32 = crate::udp_encap::NAT_T_PORT as u32;
@@ -150,11 +157,18 @@ fn ipsec_filter() -> Vec<libc::sock_filter> {
         Jeq(0, Some("pass"), None),
         Jeq(60, Some("pass"), None),
         Jeq(43, Some("pass"), None),
+        Jeq(44, Some("frag"), None),
         Jeq(17, None, Some("drop")),
         Op(LD_H_ABS, 40 + 2),
         Jeq(NAT_T, None, Some("drop")),
         Op(LD_W_ABS, 40 + 8),
         Jeq(0, Some("drop"), Some("pass")),
+        Label("frag"),
+        Op(LD_B_ABS, 40), // the fragment header's next header
+        Jeq(50, Some("pass"), None),
+        Jeq(51, Some("pass"), None),
+        Jeq(108, Some("pass"), None),
+        Jeq(60, Some("pass"), Some("drop")),
         Label("pass"),
         Op(RET, 0x40000),
         Label("drop"),
@@ -192,7 +206,9 @@ pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
             size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         )
     })?;
-    // Hash by flow, and reassemble fragments before choosing a member.
+    // Hash by flow, and reassemble IPv4 fragments before choosing a
+    // member. IPv6 fragments hash alike (addresses, flow label, protocol
+    // 44: see crate::reassembly) and the worker reassembles them.
     let fanout: libc::c_int = (group as libc::c_int)
         | ((libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG) << 16) as libc::c_int;
     setsockopt(raw, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout)?;
@@ -475,6 +491,23 @@ mod tests {
             v6[6] = nh;
             assert_eq!(run(&p, 0x86dd, &v6) != 0, pass, "IPv6 next header {nh}");
         }
+        // Fragments: by what the fragment header says follows it.
+        v6.resize(48, 0);
+        v6[6] = 44;
+        for (nh, pass) in [
+            (50u8, true),
+            (51, true),
+            (108, true),
+            (60, true),
+            (17, false),
+            (6, false),
+            (58, false),
+            (44, false),
+        ] {
+            v6[40] = nh;
+            assert_eq!(run(&p, 0x86dd, &v6) != 0, pass, "IPv6 fragment of {nh}");
+        }
+        assert_eq!(run(&p, 0x86dd, &v6[..40]), 0, "truncated fragment header");
         assert_eq!(run(&p, 0x0806, &v4), 0, "ARP");
     }
 

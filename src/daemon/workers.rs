@@ -197,7 +197,8 @@ impl Hold {
                         w.give_up();
                         done = true;
                     }
-                    Verdict::Drop(_) => done = true,
+                    // (Held is inbound only.)
+                    Verdict::Drop(_) | Verdict::Held => done = true,
                 }
             } else if now.saturating_sub(since) >= HOLD_TIME {
                 w.give_up();
@@ -647,6 +648,10 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
         }
         if l.hold.n > 0 {
             l.hold.retry(&state, &mut l.w, now, &io.sender, &mut l.ioc);
+        }
+        // Fragments whose datagram never completes are dropped in time.
+        if l.w.reassembly.in_progress() > 0 {
+            l.w.expire_fragments(now);
         }
         if !l.w.events.is_empty() {
             shared

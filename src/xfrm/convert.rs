@@ -360,13 +360,24 @@ pub fn sa_config(info: &UserSaInfo, attrs: &[XfrmAttrs]) -> Result<SaConfig, Ref
             && s.dport.is_none();
         !wildcard && *s != host_pair(src, dst)
     });
+    let replay = esn_window.unwrap_or(info.replay_window as u32);
+    if replay > crate::replay::MAX_WINDOW {
+        // (The kernel refuses windows beyond its ESN bitmap's bound, too.)
+        return refuse(
+            EINVAL,
+            format!(
+                "replay window {replay}: tunsec keeps at most {}",
+                crate::replay::MAX_WINDOW
+            ),
+        );
+    }
     Ok(SaConfig {
         src,
         dst,
         proto,
         spi,
         reqid: info.reqid,
-        replay: esn_window.unwrap_or(info.replay_window as u32),
+        replay,
         esn,
         enc: enc.0,
         enc_key: enc.1,

@@ -575,3 +575,41 @@ fn events_and_notifications_read_as_the_kernel_writes_them() {
     // Keys never travel in notifications.
     assert!(!n[0].1.windows(16).any(|w| w == &sa.config.enc_key[..16]));
 }
+
+/// The message with the replay window of its XFRMA_REPLAY_ESN_VAL set.
+fn with_esn_window(mut b: Vec<u8>, window: u32) -> Vec<u8> {
+    let mut at = 16 + netlink::align(USERSA_INFO);
+    while at + 4 <= b.len() {
+        let len = u16::from_ne_bytes([b[at], b[at + 1]]) as usize;
+        let ty = u16::from_ne_bytes([b[at + 2], b[at + 3]]);
+        if ty == 23 {
+            // nla header, bmp_len, oseq, seq, oseq_hi, seq_hi, replay_window
+            b[at + 24..at + 28].copy_from_slice(&window.to_ne_bytes());
+            return b;
+        }
+        at += netlink::align(len.max(4));
+    }
+    panic!("no XFRMA_REPLAY_ESN_VAL");
+}
+
+#[test]
+fn a_replay_window_beyond_tunsecs_is_refused_and_dumps_stay_small() {
+    // Found by the xfrm fuzz target: a NEWSA with a window of 2^32 - 1
+    // was taken, and dumping the SA then built a bitmap of 2^27 words
+    // that overflowed the attribute's 16-bit length (a panic).
+    let b = fixture("ip-003-newsa-esp-aes-gcm-esn-out");
+    let mut s = State::seeded(1);
+    let (msgs, refused) = send(&mut s, &with_esn_window(b.clone(), u32::MAX));
+    assert_eq!(errno_of(&msgs), Some(EINVAL), "{refused:?}");
+    assert!(refused.unwrap().why.contains("replay window"));
+    assert_eq!(s.sad.len(), 0);
+    // The largest window tunsec keeps is taken, and its SA dumps.
+    let max = crate::replay::MAX_WINDOW;
+    let (msgs, refused) = send(&mut s, &with_esn_window(b, max));
+    assert!(refused.is_none(), "{refused:?} {:?}", errno_of(&msgs));
+    let sa = s.sad.iter().next().expect("the SA");
+    assert_eq!(sa.config.replay, max);
+    let (info, attrs) = convert::sa_info(sa, CLOCK, false);
+    let m = sa_message(sa, XFRM_MSG_NEWSA, 0, 1, PID, CLOCK, false);
+    assert!(m.len() < 65536 && info.replay_window > 0 && !attrs.is_empty());
+}
