@@ -689,6 +689,37 @@ pub fn render_prometheus(v: &Value) -> String {
         "Packets dropped by the engine, by reason.",
         &drops,
     );
+    // Per worker: how the load spreads over the cores.
+    let workers = v["workers"].as_array().cloned().unwrap_or_default();
+    let per_worker = |key: &str, dir: Option<&str>| {
+        workers
+            .iter()
+            .map(|w| {
+                let id = n(&w["worker"]);
+                let label = match dir {
+                    Some(d) => format!("worker=\"{id}\",direction=\"{d}\""),
+                    None => format!("worker=\"{id}\""),
+                };
+                (label, n(&w[key]).to_string())
+            })
+            .collect::<Vec<_>>()
+    };
+    if !workers.is_empty() {
+        let mut pk = per_worker("out_packets", Some("out"));
+        pk.extend(per_worker("in_packets", Some("in")));
+        family(
+            "tunsec_worker_packets_total",
+            "counter",
+            "Packets protected (out) and accepted (in), by worker.",
+            &pk,
+        );
+        family(
+            "tunsec_worker_drops_total",
+            "counter",
+            "Packets dropped by the engine, by worker.",
+            &per_worker("dropped", None),
+        );
+    }
     family(
         "tunsec_nft_plaintext_refused_total",
         "counter",
@@ -921,6 +952,10 @@ mod tests {
             "io": {"tun_rx": 121, "tun_tx": 111, "tun_tx_errors": 0,
                    "net_rx": 114, "net_tx": 120, "net_tx_errors": 1, "net_rx_trimmed": 2},
             "plaintext_refused": 4,
+            "workers": [
+                {"worker": 0, "out_packets": 70, "in_packets": 60, "dropped": 2},
+                {"worker": 1, "out_packets": 50, "in_packets": 50, "dropped": 1},
+            ],
             "sas": [
                 {"src": "10.77.0.1", "dst": "10.77.0.2", "proto": "esp", "spi": 4096,
                  "packets": 120, "bytes": 150000, "replay_drops": 0, "icv_failures": 0},
@@ -984,10 +1019,13 @@ mod tests {
         assert_eq!(get("tunsec_sa_replay_drops_total", &ah), 2.0);
         assert_eq!(get("tunsec_sa_icv_failures_total", &ah), 1.0);
         assert_eq!(get("tunsec_sa_packets_total", &ah), 110.0);
-        // Nothing else: 1 + 2 + 2 + 1 + one per drop reason + 1 + 4 + 2 + 1
-        // + 2 * 4 series.
+        let w = |id, dir| [("worker", id), ("direction", dir)];
+        assert_eq!(get("tunsec_worker_packets_total", &w("1", "in")), 50.0);
+        assert_eq!(get("tunsec_worker_drops_total", &[("worker", "0")]), 2.0);
+        // Nothing else: 1 + 2 + 2 + 1 + one per drop reason + 4 + 2 (per
+        // worker) + 1 + 4 + 2 + 1 + 2 * 4 series.
         let reasons = crate::engine::DropReason::ALL.len();
-        assert_eq!(m.len(), 22 + reasons, "{text}");
+        assert_eq!(m.len(), 28 + reasons, "{text}");
     }
 
     #[test]

@@ -399,6 +399,12 @@ impl Control {
                         "net_rx_trimmed": io.net_rx_trimmed,
                     },
                     "plaintext_refused": self.plaintext_refused(),
+                    "workers": self.shared.per_worker().iter().enumerate().map(|(i, (c, io))| json!({
+                        "worker": i,
+                        "out_packets": c.out_packets, "in_packets": c.in_packets,
+                        "dropped": c.total_drops(),
+                        "tun_rx": io.tun_rx, "tun_tx": io.tun_tx, "net_rx": io.net_rx, "net_tx": io.net_tx,
+                    })).collect::<Vec<_>>(),
                     "sas": sas,
                 })
             }

@@ -13,6 +13,7 @@ pub mod plumbing;
 pub mod privilege;
 pub mod reload;
 pub mod rtnl;
+pub mod seccomp;
 pub mod tun;
 pub mod workers;
 pub mod xfrm;
@@ -522,13 +523,29 @@ fn serve(
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let mut handles = Vec::new();
+    // The threads that parse the network's packets filter their own
+    // system calls (an allow-list; see seccomp.rs).
+    let filter = if seccomp::enabled() {
+        Some(seccomp::worker_filter()?)
+    } else {
+        tracing::warn!("TUNSEC_SECCOMP=0: the workers run without a seccomp filter");
+        None
+    };
     for (i, io) in ios.into_iter().enumerate() {
         let s = shared.clone();
         let seed = os_seed()?;
+        let filter = filter.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("tunsec-w{i}"))
-                .spawn(move || workers::run(i, s, io, seed))?,
+                .spawn(move || {
+                    if let Some(f) = &filter
+                        && let Err(e) = seccomp::apply(f)
+                    {
+                        tracing::error!("worker {i}: {e:#}; it runs without");
+                    }
+                    workers::run(i, s, io, seed)
+                })?,
         );
     }
     ready();

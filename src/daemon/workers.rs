@@ -73,6 +73,14 @@ impl Shared {
         self.epoch.elapsed()
     }
 
+    /// Each worker's counters, as last published.
+    pub fn per_worker(&self) -> Vec<(Counters, IoCounters)> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Counters summed over the workers.
     pub fn totals(&self) -> (Counters, IoCounters) {
         let mut t = (Counters::default(), IoCounters::default());

@@ -63,6 +63,12 @@ def test_every_thread_keeps_net_admin_and_net_raw_only(net):
             assert st["NoNewPrivs"] == "1", f"{name}: NoNewPrivs {st['NoNewPrivs']}"
             assert st["Uid"].split()[:2] == ["0", "0"], st["Uid"]
         assert "privileges: capabilities cap_net_admin, cap_net_raw only" in d.log(), d.log()
+        # The workers (which parse what the network sends) run under their
+        # seccomp allow-list (mode 2: filter); the others do not.
+        modes = {name.split("/")[0]: st["Seccomp"] for name, st in threads.items()}
+        workers = [n for n in modes if n.startswith("tunsec-w")]
+        assert workers and all(modes[n] == "2" for n in workers), modes
+        assert modes.get("tunsec-ctl") == "0", modes
 
 
 def test_traffic_and_policy_changes_work_with_fewer_privileges(net):
