@@ -65,10 +65,8 @@ pub fn worker_filter() -> Result<BpfProgram> {
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
         .context("seccomp: unsupported architecture")?;
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = WORKER_SYSCALLS
-        .iter()
-        .map(|s| (*s as i64, Vec::new()))
-        .collect();
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        WORKER_SYSCALLS.iter().map(|s| (*s, Vec::new())).collect();
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
