@@ -315,29 +315,8 @@ impl Gso {
                 4,
             )
         })?;
-        let rtnl = cvt(unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        })?;
-        let rtnl = unsafe { OwnedFd::from_raw_fd(rtnl) };
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: a receive timeout on our own socket: a lookup never
-        // holds a worker longer.
-        unsafe {
-            libc::setsockopt(
-                rtnl.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
+        // Lookups never hold a worker longer than this.
+        let rtnl = super::rtnl::netlink_socket(libc::NETLINK_ROUTE, Duration::from_millis(200))?;
         Ok(Gso {
             packet,
             rtnl,

@@ -188,36 +188,43 @@ pub struct Rtnl {
     seq: u32,
 }
 
+/// A netlink socket of `protocol` whose receives give up after `timeout`
+/// (never hang on the kernel): what the daemon's rtnetlink and
+/// nf_tables clients share.
+pub fn netlink_socket(protocol: libc::c_int, timeout: std::time::Duration) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket call; the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a receive timeout on our own socket.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    Ok(fd)
+}
+
 impl Rtnl {
     pub fn open() -> io::Result<Rtnl> {
-        // SAFETY: plain socket call; the descriptor is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a new descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: a receive timeout on our own socket (never hang on the
-        // kernel).
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
+        let fd = netlink_socket(libc::NETLINK_ROUTE, std::time::Duration::from_secs(5))?;
         Ok(Rtnl { fd, seq: 1 })
     }
 
