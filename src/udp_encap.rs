@@ -131,22 +131,31 @@ pub fn fix_inner_checksum(pkt: &mut [u8], info: &IpInfo) {
     );
 }
 
+/// The one's-complement sum of a TCP/UDP pseudo-header (the packet's two
+/// addresses, `addrs`, as they stand in its IP header; the protocol; the
+/// length), folded and complemented like a finished checksum.
+pub fn pseudo_checksum(addrs: &[u8], proto: u8, len: usize) -> u16 {
+    let mut sum: u64 = proto as u64 + len as u64;
+    for w in addrs.chunks_exact(4) {
+        sum += u32::from_be_bytes([w[0], w[1], w[2], w[3]]) as u64;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// The TCP/UDP checksum of the segment at `at` to the end of `pkt`, with
 /// the pseudo-header of the packet's addresses, its checksum field as it is.
 fn l4_checksum(pkt: &[u8], at: usize, proto: u8) -> u16 {
-    let len = pkt.len() - at;
-    let mut sum: u64 = proto as u64 + len as u64;
     let addrs = if pkt[0] >> 4 == 6 {
         &pkt[8..40]
     } else {
         &pkt[12..20]
     };
-    for w in addrs.chunks_exact(4) {
-        sum += u32::from_be_bytes([w[0], w[1], w[2], w[3]]) as u64;
-    }
-    // `packet::checksum` folds and complements; undo the complement to add
-    // the pseudo-header, then fold again.
-    sum += (!packet::checksum(&pkt[at..])) as u64;
+    // Both sums are complemented: undo that, add, fold, complement.
+    let mut sum = (!pseudo_checksum(addrs, proto, pkt.len() - at)) as u64
+        + (!packet::checksum(&pkt[at..])) as u64;
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }

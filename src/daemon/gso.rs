@@ -68,24 +68,77 @@ pub fn gso_headers(l2: &L2, v6: bool, ip_len: usize, seg: usize) -> [u8; VNET_HD
 }
 
 /// The UDP checksum field of a `CHECKSUM_PARTIAL` super-packet: the folded
-/// pseudo-header sum, not complemented (the kernel finishes it per
+/// pseudo-header sum of the packet's two addresses (`addrs`, as they stand
+/// in its IP header), not complemented (the kernel finishes it per
 /// datagram).
-pub fn partial_udp_checksum(src: IpAddr, dst: IpAddr, udp_len: usize) -> u16 {
-    let mut sum: u64 = 17 + udp_len as u64;
-    let mut add = |a: IpAddr| match a {
-        IpAddr::V4(a) => sum += u32::from_be_bytes(a.octets()) as u64,
-        IpAddr::V6(a) => {
-            for w in a.octets().chunks_exact(4) {
-                sum += u32::from_be_bytes([w[0], w[1], w[2], w[3]]) as u64;
-            }
-        }
+pub fn partial_udp_checksum(addrs: &[u8], udp_len: usize) -> u16 {
+    !crate::udp_encap::pseudo_checksum(addrs, crate::packet::PROTO_UDP, udp_len)
+}
+
+/// The length of the run of packets from `pkts[0]` that one UDP GSO
+/// super-packet can carry: ESP in UDP (a port is the NAT-T port) between
+/// the same addresses and ports, IPv4 without options or IPv6 without
+/// extension headers, all of one size but the last, which may be shorter.
+pub fn run_len(pkts: &[&[u8]]) -> usize {
+    let p = pkts[0];
+    let ip = match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 28 && p[0] == 0x45 && p[9] == crate::packet::PROTO_UDP => 20,
+        Some(6) if p.len() >= 48 && p[6] == crate::packet::PROTO_UDP => 40,
+        _ => return 1,
     };
-    add(src);
-    add(dst);
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
+    let (sport, dport) = (crate::packet::be16(p, ip), crate::packet::be16(p, ip + 2));
+    let nat_t = crate::udp_encap::NAT_T_PORT;
+    if sport != nat_t && dport != nat_t {
+        return 1;
     }
-    sum as u16
+    // Addresses, then ports: the same for every packet of the run.
+    let (addrs, hdr) = if ip == 20 { (12..24, 28) } else { (8..44, 48) };
+    let same = |q: &[u8]| q.len() >= hdr && q[0] == p[0] && q[addrs.clone()] == p[addrs.clone()];
+    let seg = p.len() - hdr;
+    let mut total = p.len();
+    let mut n = 1;
+    for q in &pkts[1..] {
+        if !same(q) || q.len() > p.len() || total + q.len() - hdr > 65535 {
+            break;
+        }
+        total += q.len() - hdr;
+        n += 1;
+        if q.len() - hdr < seg {
+            break;
+        }
+    }
+    n
+}
+
+/// The IP and UDP header of the super-packet for `run` (see [`run_len`]):
+/// the first datagram's, with the IP length of the whole and a UDP length
+/// that names one datagram, not the whole (the kernel cuts by `gso_size`
+/// and sets each length anyway, and a peer that gets the super-packet
+/// whole, over a veth, reads the datagram size from it: [`split`]); the
+/// UDP checksum is the partial one the kernel completes. Returns the
+/// header buffer, its length and the datagram size.
+pub fn super_header(run: &[&[u8]]) -> ([u8; 48], usize, usize) {
+    use crate::packet::{checksum, put16};
+    let p = run[0];
+    let v6 = p[0] >> 4 == 6;
+    let ip = if v6 { 40 } else { 20 };
+    let hdr = ip + 8;
+    let total: usize = hdr + run.iter().map(|q| q.len() - hdr).sum::<usize>();
+    let mut h = [0u8; 48];
+    h[..hdr].copy_from_slice(&p[..hdr]);
+    if v6 {
+        put16(&mut h, 4, (total - 40) as u16);
+    } else {
+        put16(&mut h, 2, total as u16);
+        put16(&mut h, 10, 0);
+        let c = checksum(&h[..20]);
+        put16(&mut h, 10, c);
+    }
+    let seg = p.len() - hdr;
+    put16(&mut h, ip + 4, (8 + seg) as u16);
+    let addrs = if v6 { &p[8..40] } else { &p[12..20] };
+    put16(&mut h, ip + 6, partial_udp_checksum(addrs, 8 + seg));
+    (h, hdr, seg)
 }
 
 /// A received UDP GSO super-packet: ESP in UDP (a port is the NAT-T port)
@@ -593,5 +646,52 @@ mod tests {
         crate::packet::put16(&mut p, 22, 53);
         crate::packet::put16(&mut p, 20, 53);
         assert!(split(&p).is_none());
+    }
+
+    #[test]
+    fn runs_of_equal_datagrams_become_one_super_packet_that_splits_back() {
+        let udp = |len: usize, dport: u16| {
+            let mut p = vec![0u8; 28];
+            p[0] = 0x45;
+            p[9] = 17;
+            p[12..20].copy_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+            crate::packet::put16(&mut p, 20, 4500);
+            crate::packet::put16(&mut p, 22, dport);
+            p.extend((0..len).map(|i| i as u8));
+            crate::packet::fix_lengths(&mut p);
+            p
+        };
+        let (a, b, c, d) = (
+            udp(100, 4500),
+            udp(100, 4500),
+            udp(60, 4500),
+            udp(100, 4500),
+        );
+        // Equal sizes, then a shorter last one: three; what follows is not
+        // in the run.
+        assert_eq!(run_len(&[&a, &b, &c, &d]), 3);
+        // Another port, another size first, or not the NAT-T port: one.
+        assert_eq!(run_len(&[&a, &udp(100, 4501)]), 1);
+        assert_eq!(run_len(&[&c, &a]), 1);
+        assert_eq!(run_len(&[&udp(100, 53)]), 1);
+        let run = [&a[..], &b[..], &c[..]];
+        let (h, hdr, seg) = super_header(&run);
+        assert_eq!((hdr, seg), (28, 100));
+        let mut whole = h[..hdr].to_vec();
+        for q in run {
+            whole.extend_from_slice(&q[hdr..]);
+        }
+        assert_eq!(crate::packet::be16(&whole, 2) as usize, whole.len());
+        assert_eq!(crate::packet::checksum(&whole[..20]), 0);
+        let mut s = split(&whole).unwrap();
+        let mut out = crate::buf::PacketBuf::new();
+        for q in run {
+            assert!(s.next_into(&whole, &mut out));
+            // The datagram as sealed, but for the UDP checksum (zeroed).
+            let mut want = q.to_vec();
+            crate::packet::put16(&mut want, 26, 0);
+            assert_eq!(out.data(), &want[..]);
+        }
+        assert!(!s.next_into(&whole, &mut out));
     }
 }

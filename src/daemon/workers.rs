@@ -413,41 +413,6 @@ impl Loop {
     }
 }
 
-/// The length of the run of packets from `pkts[0]` that one UDP GSO
-/// super-packet can carry: ESP in UDP (a port is the NAT-T port) between
-/// the same addresses and ports, IPv4 without options or IPv6 without
-/// extension headers, all of one size but the last, which may be shorter.
-fn gso_run(pkts: &[&[u8]]) -> usize {
-    let p = pkts[0];
-    let ip = match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= 28 && p[0] == 0x45 && p[9] == packet::PROTO_UDP => 20,
-        Some(6) if p.len() >= 48 && p[6] == packet::PROTO_UDP => 40,
-        _ => return 1,
-    };
-    let (sport, dport) = (packet::be16(p, ip), packet::be16(p, ip + 2));
-    let nat_t = crate::udp_encap::NAT_T_PORT;
-    if sport != nat_t && dport != nat_t {
-        return 1;
-    }
-    // Addresses, then ports: the same for every packet of the run.
-    let (addrs, hdr) = if ip == 20 { (12..24, 28) } else { (8..44, 48) };
-    let same = |q: &[u8]| q.len() >= hdr && q[0] == p[0] && q[addrs.clone()] == p[addrs.clone()];
-    let seg = p.len() - hdr;
-    let mut total = p.len();
-    let mut n = 1;
-    for q in &pkts[1..] {
-        if !same(q) || q.len() > p.len() || total + q.len() - hdr > 65535 {
-            break;
-        }
-        total += q.len() - hdr;
-        n += 1;
-        if q.len() - hdr < seg {
-            break;
-        }
-    }
-    n
-}
-
 /// Send sealed packets, in order: runs of ESP in UDP as UDP GSO
 /// super-packets, other packets as frames on the packet socket, both where
 /// the link-layer path is known (no IP output path: route lookup,
@@ -491,7 +456,7 @@ fn send_out(io: &Io, pkts: &[&[u8]], ioc: &mut IoCounters) {
     };
     let mut i = 0;
     while i < pkts.len() {
-        let n = gso_run(&pkts[i..]);
+        let n = gso::run_len(&pkts[i..]);
         let l2 = dst_of(pkts[i]).and_then(|d| g.l2(d));
         match l2 {
             Some(l2) if n >= 2 => {
@@ -534,46 +499,15 @@ fn framed_tx() -> bool {
 }
 
 impl Io {
-    /// One super-packet for `run` (see [`gso_run`]); false if the kernel
+    /// One super-packet for `run` (see [`gso::run_len`]); false if the kernel
     /// refused it (GSO is then off for this worker, said once).
     fn send_gso(&self, l2: &gso::L2, run: &[&[u8]]) -> bool {
         let Some(g) = self.gso.as_ref() else {
             return false;
         };
-        let p = run[0];
-        let v6 = p[0] >> 4 == 6;
-        let ip = if v6 { 40 } else { 20 };
-        let hdr = ip + 8;
-        let total: usize = hdr + run.iter().map(|q| q.len() - hdr).sum::<usize>();
-        let mut h = [0u8; 48];
-        h[..hdr].copy_from_slice(&p[..hdr]);
-        if v6 {
-            packet::put16(&mut h, 4, (total - 40) as u16);
-        } else {
-            packet::put16(&mut h, 2, total as u16);
-            packet::put16(&mut h, 10, 0);
-            let c = packet::checksum(&h[..20]);
-            packet::put16(&mut h, 10, c);
-        }
-        let (src, dst) = if v6 {
-            (
-                IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).unwrap()),
-                IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).unwrap()),
-            )
-        } else {
-            (
-                IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).unwrap()),
-                IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).unwrap()),
-            )
-        };
-        // The UDP length names one datagram, not the whole: the kernel
-        // cuts by gso_size and sets each length anyway, and a peer that
-        // gets the super-packet whole (over a veth) reads the datagram
-        // size from it (`gso::split`).
-        let seg = p.len() - hdr;
-        packet::put16(&mut h, ip + 4, (8 + seg) as u16);
-        packet::put16(&mut h, ip + 6, gso::partial_udp_checksum(src, dst, 8 + seg));
-        let vh = gso::gso_headers(l2, v6, ip, seg);
+        let v6 = run[0][0] >> 4 == 6;
+        let (h, hdr, seg) = gso::super_header(run);
+        let vh = gso::gso_headers(l2, v6, hdr - 8, seg);
         let mut parts: [&[u8]; BATCH + 2] = [&[]; BATCH + 2];
         parts[0] = &vh;
         parts[1] = &h[..hdr];
