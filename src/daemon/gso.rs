@@ -657,6 +657,7 @@ mod tests {
             p[12..20].copy_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
             crate::packet::put16(&mut p, 20, 4500);
             crate::packet::put16(&mut p, 22, dport);
+            crate::packet::put16(&mut p, 24, (8 + len) as u16);
             p.extend((0..len).map(|i| i as u8));
             crate::packet::fix_lengths(&mut p);
             p
