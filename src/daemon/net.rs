@@ -176,13 +176,19 @@ fn ipsec_filter() -> Vec<libc::sock_filter> {
     ])
 }
 
-/// A receiving packet socket for one ethertype (`libc::ETH_P_IP` or
-/// `libc::ETH_P_IPV6`), member of fanout group `group`.
+/// A receiving packet socket for one ethertype (`libc::ETH_P_IP`,
+/// `libc::ETH_P_IPV6`, or `libc::ETH_P_ALL` for [`Rx::Tap`]), member of
+/// fanout group `group`.
 ///
-/// Bound to one ethertype, not ETH_P_ALL: an ETH_P_ALL socket is a tap that
-/// the kernel also hands every *outgoing* packet (the fanout's hook ignores
-/// PACKET_IGNORE_OUTGOING), which cost 7% of the CPU at full rate.
+/// An ETH_P_ALL socket is a tap that the kernel also hands every
+/// *outgoing* frame: in a fanout group only the group's flag
+/// PACKET_FANOUT_FLAG_IGNORE_OUTGOING (Linux 6.10) spares that (the
+/// socket option PACKET_IGNORE_OUTGOING does not reach the group's hook);
+/// without it the copies cost 7% of the CPU at full rate, so a kernel
+/// without the flag refuses the tap here (EINVAL) and the caller falls
+/// back to one socket per family.
 pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
+    let tap = ethertype == libc::ETH_P_ALL as u16;
     let proto = ethertype.to_be() as libc::c_int;
     let fd = socket(
         libc::AF_PACKET,
@@ -209,10 +215,95 @@ pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
     // Hash by flow, and reassemble IPv4 fragments before choosing a
     // member. IPv6 fragments hash alike (addresses, flow label, protocol
     // 44: see crate::reassembly) and the worker reassembles them.
-    let fanout: libc::c_int = (group as libc::c_int)
-        | ((libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG) << 16) as libc::c_int;
+    let flags = libc::PACKET_FANOUT_HASH
+        | libc::PACKET_FANOUT_FLAG_DEFRAG
+        | if tap {
+            PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+        } else {
+            0
+        };
+    let fanout: libc::c_int = (group as libc::c_int) | (flags << 16) as libc::c_int;
     setsockopt(raw, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout)?;
     Ok(fd)
+}
+
+/// The fanout flag that makes the group's tap skip outgoing frames.
+const PACKET_FANOUT_FLAG_IGNORE_OUTGOING: libc::c_uint = 0x4000;
+
+/// How the workers receive IPsec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rx {
+    /// One ETH_P_ALL socket per worker: it sees each frame before
+    /// ingress, where an nftables ingress chain on `links` drops the
+    /// kernel's own copy before the IP layer
+    /// ([`super::nftables::ingress_ruleset`]).
+    Tap { links: Vec<String> },
+    /// One socket per family (ETH_P_IP, ETH_P_IPV6): each frame reaches
+    /// them beside the IP layer, which drops its copy at prerouting.
+    PerFamily,
+}
+
+impl Rx {
+    /// The tap where it is safe, unless `TUNSEC_RX=family` asks for the
+    /// other (`TUNSEC_RX=tap` insists), with the reason when not.
+    pub fn choose(tun: &str) -> (Rx, Option<String>) {
+        let want = std::env::var("TUNSEC_RX").unwrap_or_default();
+        if want == "family" {
+            return (Rx::PerFamily, Some("TUNSEC_RX=family".into()));
+        }
+        match tap_links(std::path::Path::new("/sys/class/net"), tun) {
+            Ok(links) => (Rx::Tap { links }, None),
+            Err(why) if want == "tap" => {
+                tracing::warn!("TUNSEC_RX=tap although {why}");
+                let links = tap_links_unchecked(std::path::Path::new("/sys/class/net"), tun);
+                (Rx::Tap { links }, None)
+            }
+            Err(why) => (Rx::PerFamily, Some(why)),
+        }
+    }
+}
+
+/// The links a tap's ingress chain covers: all but `lo` and tunsec's own
+/// TUN device, as listed under `sys` (/sys/class/net). Refused when a
+/// link is stacked (a bridge or bond port, a VLAN, macvlan or other upper
+/// device): a tap sees such a frame once on the lower link and again on
+/// the upper one, where the per-family sockets see it once.
+pub fn tap_links(sys: &std::path::Path, tun: &str) -> Result<Vec<String>, String> {
+    let links = tap_links_unchecked(sys, tun);
+    for l in &links {
+        let dir = sys.join(l);
+        if dir.join("master").exists() {
+            return Err(format!("link {l} has a master (bridge or bond port)"));
+        }
+        let stacked = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("lower_"))
+            })
+            .unwrap_or(false);
+        if stacked {
+            return Err(format!(
+                "link {l} is stacked on another (VLAN, bridge, bond, macvlan)"
+            ));
+        }
+    }
+    if links.is_empty() {
+        return Err("there is no link but lo and the TUN device".into());
+    }
+    Ok(links)
+}
+
+fn tap_links_unchecked(sys: &std::path::Path, tun: &str) -> Vec<String> {
+    let mut links: Vec<String> = std::fs::read_dir(sys)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo" && n != tun)
+                .collect()
+        })
+        .unwrap_or_default();
+    links.sort();
+    links
 }
 
 /// Raw sockets that claim ESP, AH and IPComp for IPv4 and IPv6 so that the
@@ -406,6 +497,29 @@ pub fn recv_batch<B: AsMut<[u8]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tap_links_are_the_unstacked_links_but_lo_and_the_tun() {
+        let dir = std::env::temp_dir().join(format!("tunsec-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for l in ["lo", "tsec0", "veth1", "eth0"] {
+            std::fs::create_dir_all(dir.join(l)).unwrap();
+        }
+        assert_eq!(tap_links(&dir, "tsec0").unwrap(), ["eth0", "veth1"]);
+        // A bridge port (master) and a bridge (lower_*) each refuse the tap.
+        std::fs::create_dir_all(dir.join("br0/lower_eth0")).unwrap();
+        let e = tap_links(&dir, "tsec0").unwrap_err();
+        assert!(e.contains("br0 is stacked"), "{e}");
+        std::fs::remove_dir_all(dir.join("br0")).unwrap();
+        std::fs::write(dir.join("eth0/master"), "").unwrap();
+        let e = tap_links(&dir, "tsec0").unwrap_err();
+        assert!(e.contains("eth0 has a master"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let empty = std::env::temp_dir().join(format!("tunsec-sys-empty-{}", std::process::id()));
+        std::fs::create_dir_all(empty.join("lo")).unwrap();
+        assert!(tap_links(&empty, "tsec0").is_err());
+        std::fs::remove_dir_all(&empty).unwrap();
+    }
 
     #[test]
     fn filter_jumps_stay_inside_the_program() {

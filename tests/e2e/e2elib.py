@@ -213,11 +213,11 @@ class Topology:
         return self.run(ns, "cat", f"/sys/class/net/{iface}/address").stdout.strip()
 
     def daemon(self, ns: str, config: Path | None, tun: str = TUN, control: Path | None = None,
-               xfrm: bool = False) -> "Daemon":
+               xfrm: bool = False, env: dict | None = None) -> "Daemon":
         """A tunsec daemon; with `xfrm`, serving XFRM netlink at
-        WORKDIR/NS-TUN.xfrm (Daemon.xfrm)."""
+        WORKDIR/NS-TUN.xfrm (Daemon.xfrm); `env` adds to its environment."""
         d = Daemon(self, ns, config, tun, control or self.workdir / f"{ns}-{tun}.sock",
-                   self.workdir / f"{ns}-{tun}.xfrm" if xfrm else None)
+                   self.workdir / f"{ns}-{tun}.xfrm" if xfrm else None, env)
         self.daemons.append(d)
         return d
 
@@ -342,9 +342,10 @@ class Daemon:
     to a file (RUST_LOG=info, no colours)."""
 
     def __init__(self, topo: Topology, ns: str, config: Path | None, tun: str, control: Path,
-                 xfrm: Path | None = None):
+                 xfrm: Path | None = None, env: dict | None = None):
         self.topo, self.ns, self.config, self.tun, self.control = topo, ns, config, tun, control
         self.xfrm = xfrm
+        self.env = env or {}
         self.p: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.starts = 0
@@ -360,7 +361,7 @@ class Daemon:
         self.starts += 1
         self.log_path = self.topo.workdir / f"tunsec-{self.ns}-{self.tun}-{self.starts}.log"
         log = open(self.log_path, "wb")
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"}
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1", **self.env}
         self.p = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv()], stdout=log, stderr=subprocess.STDOUT,
                                   env=env)
         log.close()
