@@ -644,6 +644,15 @@ impl Sad {
             })
     }
 
+    /// SAs in `self` that `old` does not have (added, or replaced by an
+    /// update): at the cost of the change.
+    pub fn added_since<'a>(&'a self, old: &'a Sad) -> impl Iterator<Item = &'a Arc<Sa>> {
+        self.by_spi
+            .changes_since(&old.by_spi, Arc::ptr_eq)
+            .into_iter()
+            .filter_map(|(_, new)| new)
+    }
+
     /// All SAs, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Sa>> {
         let mut v: Vec<_> = self.by_spi.values().collect();

@@ -225,6 +225,9 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let file = path.display().to_string();
             let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
+            if let Some(e) = net::unreceivable(&base.sad, &state.sad) {
+                bail!("{file}: {e}");
+            }
             for w in &warnings {
                 tracing::warn!("{file}:{}: {}", w.line, w.message);
             }

@@ -306,6 +306,71 @@ fn tap_links_unchecked(sys: &std::path::Path, tun: &str) -> Vec<String> {
     links
 }
 
+/// Why an ESP-in-UDP SA that `next` has and `cur` does not cannot work
+/// here, if so: the packet filter takes ESP in UDP to port 4500 only
+/// ([`ipsec_filter`]), so this host's end of the encapsulation must be
+/// 4500. That is the destination port of an SA to a local address; an SA
+/// with 4500 at neither end cannot have it at this host's end either way.
+/// (The peer's port may be anything a NAT chose.)
+pub fn unreceivable(cur: &crate::sad::Sad, next: &crate::sad::Sad) -> Option<String> {
+    use crate::udp_encap::NAT_T_PORT;
+    let mut local = None;
+    for sa in next.added_since(cur) {
+        let c = &sa.config;
+        let Some(e) = c.encap else { continue };
+        if e.dport == NAT_T_PORT {
+            continue;
+        }
+        let ours = e.sport != NAT_T_PORT
+            || local
+                .get_or_insert_with(|| local_addrs().unwrap_or_default())
+                .contains(&c.dst);
+        if ours {
+            return Some(format!(
+                "esp-udp SA {}[{}] -> {}[{}] spi {:#x}: tunsec receives ESP in UDP on port {NAT_T_PORT} only, \
+                 and this host's end of it is not {NAT_T_PORT}",
+                c.src, e.sport, c.dst, e.dport, c.spi
+            ));
+        }
+    }
+    None
+}
+
+/// This host's addresses (getifaddrs), in this network namespace.
+pub fn local_addrs() -> io::Result<std::collections::HashSet<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    cvt(unsafe { libc::getifaddrs(&mut head) })?;
+    let mut out = std::collections::HashSet::new();
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs made; ifa_addr may be null,
+        // and its family says which sockaddr it is.
+        unsafe {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match (*a).sa_family as libc::c_int {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.insert(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.insert(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
 /// Raw sockets that claim ESP, AH and IPComp for IPv4 and IPv6 so that the
 /// kernel does not answer them with ICMP "protocol unreachable". They
 /// never deliver anything: their filter drops every packet.
