@@ -234,6 +234,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// IPComp compression tries this worker made (DEFLATE runs).
+    pub fn compression_tries(&self) -> u64 {
+        self.codec.runs()
+    }
+
     /// `seed` must come from a CSPRNG (the shell reads the OS's): it keys
     /// the ChaCha generator that makes CBC IVs unpredictable.
     pub fn new(seed: [u8; 32]) -> Worker {
@@ -415,8 +420,16 @@ fn protect(
         }
         let r = match sa.config.proto {
             Proto::IpComp => {
-                w.codec
-                    .compress(buf, info.insert_at, info.next_hdr_pos, sa.config.wire_cpi());
+                if sa.ipcomp.try_now()
+                    && let Some(shrank) = w.codec.compress(
+                        buf,
+                        info.insert_at,
+                        info.next_hdr_pos,
+                        sa.config.wire_cpi(),
+                    )
+                {
+                    sa.ipcomp.record(shrank);
+                }
                 Ok(())
             }
             Proto::Esp | Proto::Ah => {

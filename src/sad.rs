@@ -236,6 +236,8 @@ pub struct Sa {
     /// an in-order packet (the common case) is checked against it alone.
     replay_top: AtomicU64,
     pub counters: SaCounters,
+    /// IPComp: RFC 3173's adaptive pauses (unused by ESP and AH).
+    pub ipcomp: crate::ipcomp::Adaptive,
     /// Last packet protected or accepted.
     pub used: UseTime,
     soft_fired: AtomicBool,
@@ -309,6 +311,7 @@ impl Sa {
             serial,
             seq: AtomicU64::new(0),
             counters: SaCounters::default(),
+            ipcomp: Default::default(),
             used: UseTime::default(),
             soft_fired: AtomicBool::new(false),
             hard_fired: AtomicBool::new(false),

@@ -468,6 +468,88 @@ fn ipcomp_compresses_only_when_it_pays() {
 }
 
 #[test]
+fn ipcomp_pauses_on_incompressible_data_and_resumes_on_text() {
+    // RFC 3173 section 2.1: after ADAPT_FAILS payloads that do not shrink,
+    // the next ADAPT_MIN_SKIP go without a try (then twice as many), and
+    // every packet still opens on the peer; the first shrinking payload
+    // after a pause ends the backoff.
+    use tunsec::ipcomp::{ADAPT_FAILS, ADAPT_MIN_SKIP};
+    let text = format!(
+        "add {A4} {B4} ipcomp 0x4000 -C deflate;\n\
+         spdadd {A4} {B4} any -P out ipsec ipcomp/transport//use;\n\
+         spdadd {A4} {B4} any -P in ipsec ipcomp/transport//use;\n"
+    );
+    let (a, b) = (state(&text), state(&text));
+    let (mut wa, mut wb) = (Worker::new([0; 32]), Worker::new([0; 32]));
+    let mut buf = PacketBuf::new();
+    let mut x = 7u32;
+    let mut noise = || -> Vec<u8> {
+        (0..1200)
+            .map(|_| {
+                x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+                (x >> 24) as u8
+            })
+            .collect()
+    };
+    let words: Vec<u8> = b"all work and no play makes jack a dull boy. "
+        .iter()
+        .cycle()
+        .take(1200)
+        .cloned()
+        .collect();
+    let deflate_runs = |w: &Worker| w.compression_tries();
+    let mut send = |payload: &[u8], wa: &mut Worker| -> bool {
+        let p = tcp(A4, B4, payload);
+        buf.load(&p);
+        assert_eq!(
+            engine::outbound(&a, wa, &mut buf, Duration::ZERO),
+            Verdict::Forward
+        );
+        let compressed = buf.data()[9] == 108;
+        assert_eq!(
+            engine::inbound(&b, &mut wb, &mut buf, Duration::ZERO),
+            Verdict::Forward
+        );
+        assert_eq!(buf.data(), &p[..]);
+        compressed
+    };
+    for _ in 0..ADAPT_FAILS {
+        assert!(!send(&noise(), &mut wa));
+    }
+    let runs = deflate_runs(&wa);
+    // The pause: text too goes uncompressed, and DEFLATE does not run.
+    for _ in 0..ADAPT_MIN_SKIP {
+        assert!(!send(&words, &mut wa));
+    }
+    assert_eq!(deflate_runs(&wa), runs);
+    // Tries again: text shrinks, and the backoff starts over.
+    assert!(send(&words, &mut wa));
+    for _ in 0..ADAPT_FAILS {
+        assert!(!send(&noise(), &mut wa));
+    }
+    let runs = deflate_runs(&wa);
+    for _ in 0..ADAPT_MIN_SKIP {
+        send(&noise(), &mut wa);
+    }
+    assert_eq!(
+        deflate_runs(&wa),
+        runs,
+        "a second pause after a success is again the shortest"
+    );
+    // Still incompressible: the next pause is twice as long.
+    for _ in 0..ADAPT_FAILS {
+        send(&noise(), &mut wa);
+    }
+    let runs = deflate_runs(&wa);
+    for _ in 0..2 * ADAPT_MIN_SKIP {
+        send(&noise(), &mut wa);
+    }
+    assert_eq!(deflate_runs(&wa), runs);
+    send(&noise(), &mut wa);
+    assert_eq!(deflate_runs(&wa), runs + 1);
+}
+
+#[test]
 fn ipcomp_rejects_corrupt_data_and_bombs() {
     let text = format!(
         "add {A4} {B4} ipcomp 0x4000 -C deflate;\n\
