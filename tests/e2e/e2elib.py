@@ -392,6 +392,23 @@ class Daemon:
         assert m
         return int(m.group(1))
 
+    def memory_kib(self) -> dict[str, int]:
+        """`rss`, and `heap`: the size of the private writable anonymous
+        mappings (the allocator's arenas and large blocks, thread stacks,
+        the key arena's locked part), all but the key arena's reservation
+        (16 GiB, MAP_NORESERVE). What malloc took from the kernel grows
+        only with what it holds or cannot reuse: a leak shows here, while
+        RSS also grows as pages of blocks allocated long ago are first
+        written (the workers' packet buffers)."""
+        heap = 0
+        for line in Path(f"/proc/{self.pid}/maps").read_text().splitlines():
+            f = line.split()
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            if f[1].startswith("rw") and f[1].endswith("p") and f[4] == "0" \
+                    and (len(f) < 6 or f[5] == "[heap]") and hi - lo < 1 << 30:
+                heap += (hi - lo) >> 10
+        return {"rss": self.rss_kib(), "heap": heap}
+
     def _counter_lines(self, final: bool) -> list[str]:
         return [m.group(2) for m in COUNTERS_LINE.finditer(self.log()) if bool(m.group(1)) == final]
 
