@@ -158,10 +158,15 @@ def test_send_buffers_full(net):
     during = net.da.counters()
     net.run(net.a, "tc", "qdisc", "del", "dev", IFACE_A, "root")
     tcp_transfer_check(tx, rx, 2_000_000)
-    print("flood:", flood.lines, "before:", before.line, "during:", during.line)
-    # The flood itself costs CPU (every datagram is sealed); a spin would
-    # use the whole 3 s or more.
-    assert used < 2.5, f"{used:.2f} CPU seconds in 3 s of flood"
+    sealed = during["tun_rx"] - before["tun_rx"]
+    print("flood:", flood.lines, "before:", before.line, "during:", during.line,
+          f"CPU {used:.2f} s, {used / max(sealed, 1) * 1e6:.1f} us a packet")
+    # The flood itself costs CPU: every datagram is sealed, and how many
+    # the flood sends in 3 s depends on the machine (530,000 to 750,000
+    # here, 2.1 to 2.7 CPU seconds, 3.4 to 4.4 us each). A spin would burn
+    # CPU without packets to show for it.
+    assert used / max(sealed, 1) < 8e-6, \
+        f"{used:.2f} CPU seconds in 3 s of flood for {sealed} packets"
     assert net.da.alive()
 
 
