@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2elib import A4, A6, B4, IFACE_A, PY, Capture, ip_packets, make_topology, mkconf, snapshot, snapshot_diff, \
+from e2elib import A4, A6, B4, B6, IFACE_A, PY, Capture, ip_packets, make_topology, mkconf, snapshot, snapshot_diff, \
     tcp_transfer_check, tcp_transfer_start
 
 ECHO = """
@@ -202,7 +202,7 @@ def raw_queues(net, ns) -> list[int]:
 UDP_BURST = """
 import socket, sys, time
 dst, port, size, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
 end = time.monotonic() + secs; n = 0
 while time.monotonic() < end:
     try: s.sendto(bytes(size), (dst, port)); n += 1
@@ -227,8 +227,9 @@ def test_raw_socket_send_errors_are_counted(net):
         before = net.da.counters()
         net.run(net.a, "tc", "qdisc", "add", "dev", IFACE_A, "root", "tbf", "rate", "2mbit", "burst", "4kb",
                 "limit", "6kb")
-        flood = net.spawn(net.a, [PY, "-c", UDP_BURST, B4, "9498", "1000", "2"], "udp-burst")
-        flood.p.wait(timeout=30)
+        for dst in (B4, B6):
+            flood = net.spawn(net.a, [PY, "-c", UDP_BURST, dst, "9498", "1000", "1"], "udp-burst")
+            flood.p.wait(timeout=30)
         during = net.da.counters()
         dropped = qdisc_dropped(net, net.a, IFACE_A)
         net.run(net.a, "tc", "qdisc", "del", "dev", IFACE_A, "root")
@@ -243,8 +244,10 @@ def test_raw_socket_send_errors_are_counted(net):
         net.run(net.a, "ip", "link", "set", IFACE_A, "mtu", "1300")
         before = net.da.counters()
         burst = net.spawn(net.a, [PY, "-c", (
-            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "for i in range(200): s.sendto(bytes(1300), ('%s', 9497))\n") % B4], "big-datagrams")
+            "import socket\n"
+            "for fam, dst in ((socket.AF_INET, '%s'), (socket.AF_INET6, '%s')):\n"
+            "    s = socket.socket(fam, socket.SOCK_DGRAM)\n"
+            "    for i in range(100): s.sendto(bytes(1300), (dst, 9497))\n") % (B4, B6)], "big-datagrams")
         burst.p.wait(timeout=30)
         after = net.da.counters()
         queued = raw_queues(net, net.a)
@@ -253,8 +256,9 @@ def test_raw_socket_send_errors_are_counted(net):
         assert errors == 200, f"200 datagrams over the MTU, {errors} failed sends: {after.line}"
         assert queued and not any(queued), f"error queue bytes left on the raw sockets: {queued}"
         log = net.da.log()
-        assert re.search(r"raw IPv4 socket: \d+ errors? reported by the kernel .*Message too long.*mtu 1300",
-                         log), log[-3000:]
+        for v in (4, 6):
+            assert re.search(rf"raw IPv{v} socket: \d+ errors? reported by the kernel .*Message too long.*mtu 1300",
+                             log), log[-3000:]
         assert net.da.alive()
     finally:
         net.run(net.a, "tc", "qdisc", "del", "dev", IFACE_A, "root", check=False)
