@@ -9,7 +9,8 @@ are the only drops), and memory is bounded over the second half.
 
 Memory, two figures per daemon (Daemon.memory_kib): RSS, and `heap`,
 what the allocator took from the kernel (private writable anonymous
-mappings). RSS alone grows for a long time without a leak: each worker
+mappings, thread stacks aside: each control client gets a thread, and
+when two overlap glibc keeps one more 2 MiB stack for later ones). RSS alone grows for a long time without a leak: each worker
 allocates its packet buffers once at start (64 read slots, 64 GRO
 buffers, a 64 KiB read buffer: about 9.5 MB per worker, malloc_info's
 arena size) and the kernel makes a page resident only when it is first
@@ -20,9 +21,8 @@ fragmentation that does not level off grows `heap` instead. Hence:
 - `heap` in the second half at most 512 KiB above the first half's
   largest: once the buffers are allocated it moved by under 50 KiB in
   90 s of traffic and 2,000 rekeys; 512 KiB leaves room for the
-  allocator's top-of-arena trimming and growing (128 KiB steps) and a
-  stack cached by a client thread, and catches anything leaking 2 KB a
-  second over a five-minute half;
+  allocator's top-of-arena trimming and growing (128 KiB steps), and
+  catches anything leaking 2 KB a second over a five-minute half;
 - RSS in the second half at most 4 MiB above the first half's largest:
   the buffers still untouched (up to about 19 MB for two workers) may
   become resident, but a ten-minute soak grew 1 MB in its last eight.
