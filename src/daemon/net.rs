@@ -4,7 +4,10 @@
 //! - Sending: `AF_INET`/`SOCK_RAW`/`IPPROTO_RAW` (header included) and the
 //!   IPv6 equivalent with `IPV6_HDRINCL`, both carrying tunsec's firewall
 //!   mark so that policy routing sends them out of the real interface,
-//!   never back into the TUN device.
+//!   never back into the TUN device. With `IP_RECVERR`/`IPV6_RECVERR`, so
+//!   that a packet the qdisc drops fails its send (`ENOBUFS`; without it
+//!   the kernel reports success, net/ipv4/raw.c); what the kernel then
+//!   queues on the socket's error queue is drained after failed sends.
 //! - Receiving: `AF_PACKET`/`SOCK_DGRAM` sockets, one per worker, joined in
 //!   a fanout group that hashes by flow and defragments IPv4 first. They
 //!   see the whole IP packet, IPv6 extension headers included (an IPv6 raw
@@ -16,10 +19,12 @@
 //!   answer "protocol unreachable"; a raw socket bound to each protocol
 //!   (with a drop-everything filter) tells it the protocol is taken.
 
+use std::cell::Cell;
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -390,9 +395,150 @@ pub fn protocol_claims() -> io::Result<Vec<OwnedFd>> {
 pub struct Sender {
     v4: OwnedFd,
     v6: OwnedFd,
+    /// What the error queues held since it was last said ([v4, v6]).
+    errq: [Cell<ErrqLog>; 2],
 }
 
 const IPV6_HDRINCL: libc::c_int = 36;
+
+/// Error queue entries taken per socket after a batch with failed sends.
+/// The kernel bounds the queue itself (it is charged to the receive
+/// buffer), and an entry is only queued by a send that fails: this many
+/// keeps it empty.
+const ERRQ_DRAIN: usize = 64;
+/// The error queue is said in the log at most this often.
+const ERRQ_SAY_EVERY: Duration = Duration::from_secs(10);
+
+/// One entry of a socket's error queue (`MSG_ERRQUEUE`): what the kernel
+/// reported about a packet it could not send (`ip_local_error`, e.g.
+/// `EMSGSIZE` beyond the device's MTU) or about an ICMP error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedError {
+    pub errno: i32,
+    /// `SO_EE_ORIGIN_LOCAL`, `_ICMP` or `_ICMP6`.
+    pub origin: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The MTU for `EMSGSIZE`.
+    pub info: u32,
+    /// The packet's destination.
+    pub dst: Option<IpAddr>,
+}
+
+impl std::fmt::Display for QueuedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", io::Error::from_raw_os_error(self.errno))?;
+        if let Some(d) = self.dst {
+            write!(f, " to {d}")?;
+        }
+        match self.origin {
+            libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6 => write!(
+                f,
+                ", ICMP{} type {} code {}",
+                if self.origin == libc::SO_EE_ORIGIN_ICMP6 {
+                    "v6"
+                } else {
+                    ""
+                },
+                self.icmp_type,
+                self.icmp_code
+            )?,
+            _ => {}
+        }
+        if self.errno == libc::EMSGSIZE && self.info != 0 {
+            write!(f, ", mtu {}", self.info)?;
+        }
+        Ok(())
+    }
+}
+
+/// Take up to `max` entries from the error queue of `fd` without
+/// blocking, handing each to `each`. Returns how many were taken.
+pub fn drain_errqueue(fd: RawFd, max: usize, mut each: impl FnMut(QueuedError)) -> usize {
+    let mut n = 0;
+    while n < max {
+        // The packet that caused the error (its start; truncation is fine).
+        let mut data = [0u8; 64];
+        // Control messages: a sock_extended_err and its offender address.
+        let mut control = [0u64; 64];
+        // SAFETY: zeroed sockaddr_storage/msghdr are valid; every pointer
+        // set below refers to a local that outlives the call.
+        let mut name: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = size_of::<[u64; 64]>();
+        // SAFETY: msg describes valid buffers (above).
+        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if r < 0 {
+            // EAGAIN: the queue is empty; anything else: nothing to take.
+            break;
+        }
+        n += 1;
+        let mut e = QueuedError {
+            errno: 0,
+            origin: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+            info: 0,
+            dst: sockaddr_ip(&name, msg.msg_namelen),
+        };
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel
+        // filled within msg_controllen; the payload is read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
+                if (level == libc::SOL_IP && ty == libc::IP_RECVERR)
+                    || (level == libc::SOL_IPV6 && ty == libc::IPV6_RECVERR)
+                {
+                    let ee: libc::sock_extended_err =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const _);
+                    e.errno = ee.ee_errno as i32;
+                    e.origin = ee.ee_origin;
+                    e.icmp_type = ee.ee_type;
+                    e.icmp_code = ee.ee_code;
+                    e.info = ee.ee_info;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        each(e);
+    }
+    n
+}
+
+/// The address of a `sockaddr_in` or `sockaddr_in6`.
+fn sockaddr_ip(sa: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<IpAddr> {
+    match sa.ss_family as libc::c_int {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says it is a sockaddr_in, within len.
+            let sin = unsafe { &*(sa as *const _ as *const libc::sockaddr_in) };
+            Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, a sockaddr_in6.
+            let sin6 = unsafe { &*(sa as *const _ as *const libc::sockaddr_in6) };
+            Some(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+        }
+        _ => None,
+    }
+}
+
+/// Error queue entries not yet said, and when it was last said.
+#[derive(Clone, Copy, Default)]
+struct ErrqLog {
+    unsaid: u64,
+    last: Option<QueuedError>,
+    said: Option<Instant>,
+}
 
 impl Sender {
     pub fn new(mark: u32) -> io::Result<Sender> {
@@ -400,6 +546,10 @@ impl Sender {
         let v6 = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
         let one: libc::c_int = 1;
         setsockopt(v6.as_raw_fd(), libc::IPPROTO_IPV6, IPV6_HDRINCL, &one)?;
+        // A qdisc drop (NET_XMIT_DROP) becomes ENOBUFS from sendmsg only
+        // with these; without them a raw socket reports the packet sent.
+        setsockopt(v4.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVERR, &one)?;
+        setsockopt(v6.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVERR, &one)?;
         let sndbuf: libc::c_int = 8 << 20;
         for fd in [&v4, &v6] {
             setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, &mark)?;
@@ -410,7 +560,42 @@ impl Sender {
                 &sndbuf,
             );
         }
-        Ok(Sender { v4, v6 })
+        Ok(Sender {
+            v4,
+            v6,
+            errq: Default::default(),
+        })
+    }
+
+    /// Empty the error queue of one family's socket (after a failed send:
+    /// only a failed send queues anything there) and say what it held, at
+    /// most every [`ERRQ_SAY_EVERY`].
+    fn drain_errors(&self, v4: bool) {
+        let (fd, slot) = if v4 {
+            (&self.v4, &self.errq[0])
+        } else {
+            (&self.v6, &self.errq[1])
+        };
+        let mut log = slot.get();
+        let n = drain_errqueue(fd.as_raw_fd(), ERRQ_DRAIN, |e| log.last = Some(e));
+        if n == 0 {
+            return;
+        }
+        log.unsaid += n as u64;
+        if log.said.is_none_or(|t| t.elapsed() >= ERRQ_SAY_EVERY) {
+            let last = log.last.map(|e| e.to_string()).unwrap_or_default();
+            tracing::warn!(
+                "raw IPv{} socket: {} error{} reported by the kernel (last: {last}); \
+                 the packets are counted as failed sends; said at most every {} s",
+                if v4 { 4 } else { 6 },
+                log.unsaid,
+                if log.unsaid == 1 { "" } else { "s" },
+                ERRQ_SAY_EVERY.as_secs()
+            );
+            log.unsaid = 0;
+            log.said = Some(Instant::now());
+        }
+        slot.set(log);
     }
 
     /// Send one IP packet to its destination address.
@@ -429,7 +614,9 @@ impl Sender {
             )
         };
         if r < 0 {
-            Err(io::Error::last_os_error())
+            let e = io::Error::last_os_error();
+            self.drain_errors(dst.is_ipv4());
+            Err(e)
         } else {
             Ok(())
         }
@@ -483,6 +670,7 @@ impl Sender {
                 }
             }
             let fd = if v4 { &self.v4 } else { &self.v6 };
+            let failed_before = failed;
             let mut off = 0;
             while off < n {
                 // SAFETY: msgs[off..n] are initialised above.
@@ -502,6 +690,9 @@ impl Sender {
                     sent += r as usize;
                     off += r as usize;
                 }
+            }
+            if failed > failed_before {
+                self.drain_errors(v4);
             }
         }
         (sent, failed)
@@ -562,6 +753,68 @@ pub fn recv_batch<B: AsMut<[u8]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error queue as a raw socket with IP_RECVERR gets it, made
+    /// without privileges: a UDP socket with IP_RECVERR sending to a
+    /// closed port on the loopback gets an ICMP port unreachable queued.
+    #[test]
+    fn error_queue_drains_and_says_what_it_held() {
+        use std::net::UdpSocket;
+        for (any, lo) in [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "::1")] {
+            let Ok(s) = UdpSocket::bind(any) else {
+                continue; // no IPv6 loopback here
+            };
+            let closed = UdpSocket::bind(any).unwrap().local_addr().unwrap();
+            let fd = s.as_raw_fd();
+            let one: libc::c_int = 1;
+            if lo.contains(':') {
+                setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, &one).unwrap();
+            } else {
+                setsockopt(fd, libc::IPPROTO_IP, libc::IP_RECVERR, &one).unwrap();
+            }
+            assert_eq!(drain_errqueue(fd, 8, |_| panic!("empty")), 0);
+            // A queued ICMP error also fails the next send (sk_err), as
+            // it would on a raw socket: count the sends that went.
+            let mut went = 0;
+            while went < 3 {
+                if s.send_to(b"x", closed).is_ok() {
+                    went += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut got = Vec::new();
+            let n = drain_errqueue(fd, 2, |e| got.push(e));
+            assert_eq!(n, 2, "bounded by max");
+            drain_errqueue(fd, 8, |e| got.push(e));
+            assert_eq!(got.len(), 3, "{got:?}");
+            for e in &got {
+                assert_eq!(e.errno, libc::ECONNREFUSED, "{e:?}");
+                assert!(
+                    matches!(e.origin, libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6),
+                    "{e:?}"
+                );
+                assert_eq!(e.dst, Some(lo.parse().unwrap()), "{e:?}");
+            }
+            let said = got[0].to_string();
+            assert!(said.contains("refused") && said.contains(lo), "{said}");
+            assert_eq!(drain_errqueue(fd, 8, |_| panic!("drained")), 0);
+        }
+    }
+
+    #[test]
+    fn emsgsize_says_the_mtu() {
+        let e = QueuedError {
+            errno: libc::EMSGSIZE,
+            origin: libc::SO_EE_ORIGIN_LOCAL,
+            icmp_type: 0,
+            icmp_code: 0,
+            info: 1300,
+            dst: Some("10.77.0.2".parse().unwrap()),
+        };
+        let s = e.to_string();
+        assert!(s.starts_with("Message too long"), "{s}");
+        assert!(s.ends_with(" to 10.77.0.2, mtu 1300"), "{s}");
+    }
 
     #[test]
     fn tap_links_are_the_unstacked_links_but_lo_and_the_tun() {

@@ -392,6 +392,29 @@ class Daemon:
         assert m
         return int(m.group(1))
 
+    def memory_kib(self) -> dict[str, int]:
+        """`rss`, and `heap`: the size of the private writable anonymous
+        mappings but thread stacks (a writable mapping right above a
+        guard page: the control socket starts a thread per client, and
+        glibc keeps the stacks of finished threads for the next ones) and
+        the key arena's 16 GiB reservation (MAP_NORESERVE); that is the
+        allocator's arenas and large blocks and the key arena's locked
+        part. What malloc took from the kernel grows only with what it
+        holds or cannot reuse: a leak shows here, while RSS also grows as
+        pages of blocks allocated long ago are first written (the
+        workers' packet buffers)."""
+        heap = 0
+        prev = None  # (end, perms, size) of the mapping before
+        for line in Path(f"/proc/{self.pid}/maps").read_text().splitlines():
+            f = line.split()
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            anon = f[4] == "0" and (len(f) < 6 or f[5] == "[heap]")
+            stack = prev is not None and prev[0] == lo and prev[1] == "---p" and prev[2] <= 64 << 10
+            if f[1] == "rw-p" and anon and not stack and hi - lo < 1 << 30:
+                heap += (hi - lo) >> 10
+            prev = (hi, f[1], hi - lo)
+        return {"rss": self.rss_kib(), "heap": heap}
+
     def _counter_lines(self, final: bool) -> list[str]:
         return [m.group(2) for m in COUNTERS_LINE.finditer(self.log()) if bool(m.group(1)) == final]
 
