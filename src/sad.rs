@@ -73,23 +73,26 @@ pub struct Lifetime {
     pub hard_packets: u64,
 }
 
-/// Everything `add` says about an SA.
+/// Everything `add` says about an SA. Laid out (`repr(C)`) with what
+/// packets read first (addresses, SPI, flags, lifetimes, selector) and
+/// the keys, read only when the SA is made or dumped, last.
 #[derive(Clone, PartialEq, Eq)]
+#[repr(C)]
 pub struct SaConfig {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub proto: Proto,
+    pub esn: bool,
+    /// IPComp: `-R` given, the SPI field is the CPI on the wire.
+    pub raw_cpi: bool,
+    pub enc: EncAlg,
+    pub auth: AuthAlg,
     pub spi: u32,
     pub reqid: u32,
     /// Replay window in packets; 0 = no replay check.
     pub replay: u32,
-    pub esn: bool,
-    pub enc: EncAlg,
-    pub enc_key: Zeroizing<Vec<u8>>,
-    pub auth: AuthAlg,
-    pub auth_key: Zeroizing<Vec<u8>>,
-    /// IPComp: `-R` given, the SPI field is the CPI on the wire.
-    pub raw_cpi: bool,
+    /// ESP only: carried in UDP (RFC 3948), with these ports.
+    pub encap: Option<crate::udp_encap::Encap>,
     pub lifetime: Lifetime,
     /// The traffic this SA may carry out, when narrower than everything
     /// between its two addresses (XFRM's `xfrm_usersa_info.sel`: the
@@ -97,8 +100,8 @@ pub struct SaConfig {
     /// an SA whose selector does not match the flow, as the kernel's
     /// `xfrm_state_find` does; setkey SAs have none.
     pub selector: Option<crate::spd::Selector>,
-    /// ESP only: carried in UDP (RFC 3948), with these ports.
-    pub encap: Option<crate::udp_encap::Encap>,
+    pub enc_key: Zeroizing<Vec<u8>>,
+    pub auth_key: Zeroizing<Vec<u8>>,
 }
 
 impl fmt::Debug for SaConfig {
@@ -200,8 +203,10 @@ impl fmt::Debug for UseTime {
     }
 }
 
-/// Per-SA counters (read by `stats`).
+/// Per-SA counters (read by `stats`). The two every packet writes come
+/// first (they share the SA's first cache line with the sequence number).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct SaCounters {
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
@@ -220,27 +225,34 @@ pub enum Expiry {
     Hard,
 }
 
-/// A live SA.
+/// A live SA. Laid out (`repr(C)`, cache-line aligned) for the packet
+/// path: the first line holds what every packet writes (sequence number,
+/// packet and byte counters, use time, replay top), the second the flags,
+/// age and replay window, then the configuration's packet fields, then the
+/// cipher with its AEAD context inline; keys and the MAC follow. A batch
+/// prefetches [`Sa::hot_bytes`] from the SA's address in one step: no
+/// pointer inside needs to arrive first (see `engine`).
+#[repr(C, align(64))]
 pub struct Sa {
-    pub config: SaConfig,
-    pub cipher: Cipher,
-    pub mac: Auth,
-    /// When it was added (engine time).
-    pub added: Duration,
-    /// Insertion order: among several matching SAs the newest wins.
-    pub serial: u64,
     /// Next outbound sequence number minus one.
     seq: AtomicU64,
-    pub replay: Mutex<ReplayWindow>,
-    /// The window's highest accepted number, readable without the lock:
-    /// an in-order packet (the common case) is checked against it alone.
-    replay_top: AtomicU64,
     pub counters: SaCounters,
     /// Last packet protected or accepted.
     pub used: UseTime,
+    /// The window's highest accepted number, readable without the lock:
+    /// an in-order packet (the common case) is checked against it alone.
+    replay_top: AtomicU64,
+    dead: AtomicBool,
     soft_fired: AtomicBool,
     hard_fired: AtomicBool,
-    dead: AtomicBool,
+    /// When it was added (engine time).
+    pub added: Duration,
+    pub replay: Mutex<ReplayWindow>,
+    pub config: SaConfig,
+    pub cipher: Cipher,
+    pub mac: Auth,
+    /// Insertion order: among several matching SAs the newest wins.
+    pub serial: u64,
 }
 
 impl fmt::Debug for Sa {
@@ -315,6 +327,18 @@ impl Sa {
             dead: AtomicBool::new(false),
             config,
         })
+    }
+
+    /// Bytes from the SA's start that a packet reads: counters, flags,
+    /// configuration and the cipher with its AEAD context (the MAC's keyed
+    /// state, for HMAC suites, is a box away).
+    pub const HOT_BYTES: usize = std::mem::offset_of!(Sa, cipher) + std::mem::size_of::<Cipher>();
+
+    /// Ask for the lines a packet of this SA will read (see
+    /// [`crate::prefetch`]).
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        crate::prefetch::bytes(self as *const Sa, Self::HOT_BYTES);
     }
 
     /// Largest sequence number this SA may send.
