@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod engine;
 pub mod esp;
+pub mod flowcache;
 
 pub mod ike;
 pub mod ipcomp;
