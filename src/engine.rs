@@ -5,7 +5,7 @@
 use crate::ah::{self, AhError};
 use crate::buf::PacketBuf;
 use crate::esp::{self, EspError};
-use crate::flowcache::{self, FlowCache, FlowKey};
+use crate::flowcache::{self, FlowCache, FlowKey, Kind};
 use crate::ipcomp::{Codec, IpCompError};
 use crate::packet::{self, IpInfo};
 use crate::reassembly::{self, Outcome, Reassembler};
@@ -487,6 +487,7 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
     verdicts: &mut [Verdict],
 ) {
     let n = bufs.len();
+    let second = flowcache::second(now);
     // Stage 1: parse, hash the flow, ask for its set of the flow cache.
     for i in 0..n {
         let buf = bufs[i].as_mut();
@@ -523,7 +524,11 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
             },
         };
         if let Step::Hit(hit) = step {
-            if let Some(p) = hit.policy {
+            // The policy is read only to touch its use time, once a second.
+            if let Some(p) = hit.policy
+                && hit.kind == Kind::Ipsec
+                && hit.must_touch(second)
+            {
                 crate::prefetch::bytes(p, std::mem::size_of::<Policy>());
             }
             if let Some(sa) = hit.sa {
@@ -548,12 +553,12 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
                     // decide again (an older SA may serve).
                     w.out_flows.remove(&sc.key[i], sc.hash[i]);
                     match resolve_step(state, w, sc, i) {
-                        Ok(Step::Hit(hit)) => protect_hit(hit, w, buf, info, now),
+                        Ok(Step::Hit(hit)) => protect_hit(hit, w, buf, info, &sc.key[i], now),
                         Ok(_) => protect_bundle(w, buf, info, now),
                         Err(v) => v,
                     }
                 } else {
-                    protect_hit(hit, w, buf, info, now)
+                    protect_hit(hit, w, buf, info, &sc.key[i], now)
                 }
             }
             Step::Bundle => protect_bundle(w, buf, info, now),
@@ -606,17 +611,30 @@ fn protect_hit(
     w: &mut Worker,
     buf: &mut PacketBuf,
     info: &IpInfo,
+    key: &FlowKey,
     now: Duration,
 ) -> Verdict {
-    // SAFETY: valid until the chunk ends (flowcache::Hit).
-    let (policy, sa) = unsafe { (hit.policy.map(|p| &*p), hit.sa.map(|p| &*p)) };
-    match policy {
-        None => {
+    match hit.kind {
+        Kind::None | Kind::Bypass => {
             w.counters.bypassed += 1;
-            Verdict::Forward
+            return Verdict::Forward;
         }
-        Some(p) => protect(p, &[sa], w, buf, info, now),
+        Kind::Discard => return w.drop(DropReason::PolicyDiscard),
+        Kind::Ipsec => {}
     }
+    // SAFETY: valid until the chunk ends (flowcache::Hit).
+    let sa = hit.sa.map(|p| unsafe { &*p });
+    let v = protect_sas(&[sa], w, buf, info, now);
+    let second = flowcache::second(now);
+    if v == Verdict::Forward
+        && hit.must_touch(second)
+        && let Some(p) = hit.policy
+    {
+        // SAFETY: as above.
+        unsafe { (*p).used.touch(now) };
+        w.out_flows.touched(hit.slot, key, second);
+    }
+    v
 }
 
 fn protect_bundle(w: &mut Worker, buf: &mut PacketBuf, info: &IpInfo, now: Duration) -> Verdict {
@@ -643,6 +661,21 @@ fn protect(
         Action::Discard => return w.drop(DropReason::PolicyDiscard),
         Action::Ipsec(_) => {}
     }
+    let v = protect_sas(sas, w, buf, info, now);
+    if v == Verdict::Forward {
+        policy.used.touch(now);
+    }
+    v
+}
+
+/// Apply an `ipsec` policy's SAs (innermost first) to a packet.
+fn protect_sas(
+    sas: &[Option<&Sa>],
+    w: &mut Worker,
+    buf: &mut PacketBuf,
+    info: &IpInfo,
+    now: Duration,
+) -> Verdict {
     if info.fragment {
         return w.drop(DropReason::Fragment);
     }
@@ -703,7 +736,6 @@ fn protect(
             return w.drop(r);
         }
     }
-    policy.used.touch(now);
     w.counters.out_packets += 1;
     w.counters.out_bytes += plain_len as u64;
     Verdict::Forward
@@ -790,16 +822,35 @@ fn inbound_chunk<B: AsMut<PacketBuf>>(
     verdicts: &mut [Verdict],
 ) {
     let n = bufs.len();
+    let second = flowcache::second(now);
     let mut steps = [InStep::Done; CHUNK];
-    // Stage 1: parse (and reassemble), take off UDP, find the SA.
+    let mut spis = [None; CHUNK];
+    // Stage 1: parse (and reassemble), take off UDP, find the SPI.
     for i in 0..n {
         let buf = bufs[i].as_mut();
-        match inbound_header(state, w, buf, now) {
-            Ok((info, step)) => {
-                sc.info[i] = info;
-                steps[i] = step;
+        // (Results written in place: a packet's records moved through
+        // the stack cost store-forwarding stalls.)
+        if let Err(v) = inbound_header(
+            state,
+            w,
+            buf,
+            now,
+            &mut sc.info[i],
+            &mut steps[i],
+            &mut spis[i],
+        ) {
+            verdicts[i] = v;
+        }
+    }
+    // Then look up the SAs in a loop of its own: nothing but the lookups,
+    // independent of each other, so that their misses overlap; ask for
+    // each SA's lines.
+    for i in 0..n {
+        if let (Some((dst, proto, spi)), InStep::Header { sa, .. }) = (spis[i], &mut steps[i]) {
+            *sa = state.sad.lookup_inbound(dst, proto, spi);
+            if let Some(sa) = sa {
+                sa.prefetch();
             }
-            Err(v) => verdicts[i] = v,
         }
     }
     // Stage 2: verify and decapsulate; hash the inner flow.
@@ -808,27 +859,37 @@ fn inbound_chunk<B: AsMut<PacketBuf>>(
             continue;
         };
         let buf = bufs[i].as_mut();
-        let (found, nfound, flow) =
-            match decap_all(state, w, buf, sc.info[i], encap, ipsec, sa, now) {
-                Ok(r) => r,
-                Err(r) => {
-                    verdicts[i] = w.drop(r);
-                    steps[i] = InStep::Done;
-                    continue;
-                }
-            };
+        let mut found = [None; MAX_BUNDLE];
+        let flow = &mut sc.flow[i];
+        let nfound = match decap_all(
+            state,
+            w,
+            buf,
+            &sc.info[i],
+            encap,
+            ipsec,
+            sa,
+            now,
+            &mut found,
+            flow,
+        ) {
+            Ok(n) => n,
+            Err(r) => {
+                verdicts[i] = w.drop(r);
+                steps[i] = InStep::Done;
+                continue;
+            }
+        };
         if nfound > 1 {
             // A bundle: checked now, without the flow cache.
-            let policy = state.spd.lookup(Dir::In, &flow);
-            verdicts[i] = accept(w, buf, policy.map(|p| &**p), &found[..nfound], &flow, now);
+            let policy = state.spd.lookup(Dir::In, flow);
+            verdicts[i] = accept(w, buf, policy.map(|p| &**p), &found[..nfound], flow, now);
             steps[i] = InStep::Done;
             continue;
         }
-        let key = FlowKey::of(&flow);
-        let h = w.in_flows.hash(&key);
+        sc.key[i] = FlowKey::of(flow);
+        let h = w.in_flows.hash(&sc.key[i]);
         w.in_flows.prefetch(h);
-        sc.flow[i] = flow;
-        sc.key[i] = key;
         sc.hash[i] = h;
         steps[i] = InStep::Open(found[0]);
     }
@@ -839,7 +900,12 @@ fn inbound_chunk<B: AsMut<PacketBuf>>(
         };
         let p = match w.in_flows.get(&sc.key[i], sc.hash[i]) {
             Some(hit) => {
-                if let Some(p) = hit.policy {
+                // Read only when the bundle is checked or the use time
+                // touched (once a second).
+                let memo = found.is_some_and(|(_, sa)| hit.sa == Some(Arc::as_ptr(sa)));
+                if let Some(p) = hit.policy
+                    && (!memo || hit.must_touch(second))
+                {
                     crate::prefetch::bytes(p, std::mem::size_of::<Policy>());
                 }
                 PolicyOf::Cached(hit)
@@ -867,8 +933,11 @@ fn inbound_chunk<B: AsMut<PacketBuf>>(
                     .is_some_and(|(_, sa)| hit.sa == Some(Arc::as_ptr(sa)));
                 if passed {
                     // The same flow passed this policy with this SA.
-                    if let Some(p) = policy {
+                    if let Some(p) = policy
+                        && hit.must_touch(second)
+                    {
                         p.used.touch(now);
+                        w.in_flows.touched(hit.slot, &sc.key[i], second);
                     }
                     w.counters.in_packets += 1;
                     w.counters.in_bytes += buf.len() as u64;
@@ -918,50 +987,56 @@ fn accept(
 
 /// Stage 1 of a packet: parse it (a fragment goes to reassembly), take
 /// off an ESP-in-UDP header meant for us, find its first IPsec header and
-/// the SA it names (asking for that SA's lines).
+/// the key of the SA it names (destination, protocol, SPI).
+#[inline(always)]
 fn inbound_header<'s>(
     state: &'s State,
     w: &mut Worker,
     buf: &mut PacketBuf,
     now: Duration,
-) -> Result<(IpInfo, InStep<'s>), Verdict> {
-    let Ok(info) = packet::parse(buf.data()) else {
-        return Err(w.drop(DropReason::Malformed));
+    info: &mut IpInfo,
+    step: &mut InStep<'s>,
+    out_spi: &mut Option<(IpAddr, Proto, u32)>,
+) -> Result<(), Verdict> {
+    // Parsed into place: a packet's record copied through the stack after
+    // narrow stores costs a store-forwarding stall.
+    *info = match packet::parse(buf.data()) {
+        Ok(i) => i,
+        Err(_) => return Err(w.drop(DropReason::Malformed)),
     };
-    let mut info = if info.fragment && reassembly::wanted(buf.data(), &info) {
-        match w.reassembly.push(buf, &info, now, &mut w.counters) {
+    if info.fragment && reassembly::wanted(buf.data(), info) {
+        match w.reassembly.push(buf, info, now, &mut w.counters) {
             Outcome::Held => return Err(Verdict::Held),
             Outcome::Dropped(r) => return Err(Verdict::Drop(r)),
             Outcome::Complete => match packet::parse(buf.data()) {
-                Ok(i) => i,
+                Ok(i) => *info = i,
                 Err(_) => return Err(w.drop(DropReason::Malformed)),
             },
         }
-    } else {
-        info
-    };
+    }
     // ESP in UDP (RFC 3948): to an SA that expects it on this port, or to
     // the NAT-T port (where an unknown SPI is counted as one).
     let mut encap = None;
-    if let Some((spi, e)) = udp_encap::peek(buf.data(), &info) {
+    if let Some((spi, e)) = udp_encap::peek(buf.data(), info) {
         let expected = state
             .sad
             .lookup_inbound(info.dst(buf.data()), Proto::Esp, spi)
             .is_some_and(|sa| sa.config.encap.is_some_and(|x| x.dport == e.dport));
         if expected || e.dport == udp_encap::NAT_T_PORT {
-            udp_encap::decapsulate(buf, &info);
-            info = match packet::parse(buf.data()) {
+            udp_encap::decapsulate(buf, info);
+            *info = match packet::parse(buf.data()) {
                 Ok(i) => i,
                 Err(_) => return Err(w.drop(DropReason::Malformed)),
             };
             encap = Some(e);
         }
     }
-    let ipsec = match packet::find_ipsec_header(buf.data(), &info) {
+    let ipsec = match packet::find_ipsec_header(buf.data(), info) {
         Ok(h) => h.map(|(at, nh_pos, _)| (at, nh_pos)),
         Err(_) => return Err(w.drop(DropReason::Malformed)),
     };
-    let mut sa = None;
+    // The SA the first header names (AH or ESP), looked up next.
+    let mut spi = None;
     if let Some((at, nh_pos)) = ipsec {
         let d = buf.data();
         let proto = match d[nh_pos] {
@@ -970,36 +1045,40 @@ fn inbound_header<'s>(
             _ => None,
         };
         if let Some(proto) = proto {
-            let spi = match proto {
+            let peek = match proto {
                 Proto::Ah => ah::peek(d, at),
                 _ => esp::peek(d, at),
             };
-            if let Some((spi, _)) = spi {
-                sa = state.sad.lookup_inbound(info.dst(d), proto, spi);
-                if let Some(sa) = sa {
-                    sa.prefetch();
-                }
-            }
+            spi = peek.map(|(spi, _)| (info.dst(d), proto, spi));
         }
     }
-    Ok((info, InStep::Header { encap, ipsec, sa }))
+    *step = InStep::Header {
+        encap,
+        ipsec,
+        sa: None,
+    };
+    *out_spi = spi;
+    Ok(())
 }
 
 /// Stage 2 of a packet: remove its IPsec headers, outermost first (`sa`:
 /// the first one's, found in stage 1), and check the UDP encapsulation.
-/// Returns the SAs found (outermost first), how many, and the inner flow.
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+/// Fills in the SAs found (outermost first) and the inner flow; returns
+/// how many SAs.
+#[allow(clippy::too_many_arguments)]
 fn decap_all<'s>(
     state: &'s State,
     w: &mut Worker,
     buf: &mut PacketBuf,
-    info: IpInfo,
+    info: &IpInfo,
     encap: Option<udp_encap::Encap>,
     ipsec: Option<(usize, usize)>,
     sa: Option<&'s Arc<Sa>>,
     now: Duration,
-) -> Result<([Found<'s>; MAX_BUNDLE], usize, Flow), DropReason> {
-    let mut found: [Found<'s>; MAX_BUNDLE] = [None; MAX_BUNDLE];
+    found: &mut [Found<'s>; MAX_BUNDLE],
+    out_flow: &mut Flow,
+) -> Result<usize, DropReason> {
+    let info = *info;
     let mut n = 0;
     let mut first = sa;
     if let Some((at, nh_pos)) = ipsec {
@@ -1037,7 +1116,7 @@ fn decap_all<'s>(
         let inner = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
         udp_encap::fix_inner_checksum(buf.data_mut(), &inner);
     }
-    let flow = if n == 0 {
+    *out_flow = if n == 0 {
         flow_of(&info, buf.data(), info.dst(buf.data()))
     } else if !info.is_v6() {
         // IPv4 after decapsulation: same header, the protocol byte now
@@ -1052,7 +1131,7 @@ fn decap_all<'s>(
         let info = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
         flow_of(&info, buf.data(), info.dst(buf.data()))
     };
-    Ok((found, n, flow))
+    Ok(n)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -6,6 +6,7 @@
 
 use proptest::prelude::*;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tunsec::buf::PacketBuf;
 use tunsec::engine::{self, Event, Verdict, Worker};
@@ -218,14 +219,20 @@ fn change(peers: &[(bool, PeerConf)], n: usize, kind: u8, serial: usize) -> Stri
 }
 
 /// Run one packet alone with a fresh worker: the reference.
-fn alone(state: &State, out: bool, pkt: &[u8], events: &mut usize) -> (Verdict, Vec<u8>, Vec<u64>) {
+fn alone(
+    state: &State,
+    out: bool,
+    pkt: &[u8],
+    now: Duration,
+    events: &mut usize,
+) -> (Verdict, Vec<u8>, Vec<u64>) {
     let mut w = Worker::new([3; 32]);
     let mut buf = PacketBuf::new();
     buf.load(pkt);
     let v = if out {
-        engine::outbound(state, &mut w, &mut buf, Duration::ZERO)
+        engine::outbound(state, &mut w, &mut buf, now)
     } else {
-        engine::inbound(state, &mut w, &mut buf, Duration::ZERO)
+        engine::inbound(state, &mut w, &mut buf, now)
     };
     *events += w
         .events
@@ -319,13 +326,15 @@ proptest! {
                 })
                 .collect();
             let mut v = vec![Verdict::Forward; bufs.len()];
+            // Time goes on (use times are touched once a second per flow).
+            let now = Duration::from_millis(300 * round as u64);
             if out {
-                engine::outbound_batch(&b, &mut w, &mut bufs, Duration::ZERO, &mut v);
+                engine::outbound_batch(&b, &mut w, &mut bufs, now, &mut v);
             } else {
-                engine::inbound_batch(&b, &mut w, &mut bufs, Duration::ZERO, &mut v);
+                engine::inbound_batch(&b, &mut w, &mut bufs, now, &mut v);
             }
             for (j, (_, p)) in list[at..end].iter().enumerate() {
-                let (rv, rbytes, rc) = alone(&a, out, p, &mut ref_events);
+                let (rv, rbytes, rc) = alone(&a, out, p, now, &mut ref_events);
                 prop_assert_eq!(v[j], rv, "packet {} ({}bound)", at + j, if out { "out" } else { "in" });
                 if rv == Verdict::Forward {
                     prop_assert_eq!(bufs[j].data(), &rbytes[..], "packet {}", at + j);
@@ -337,6 +346,19 @@ proptest! {
             at = end;
         }
         prop_assert_eq!(counts(&w), ref_counts);
+        // The same use times and counters on every policy and SA.
+        let uses = |s: &State| -> Vec<_> { s.spd.iter().map(|p| (p.id, p.used.get())).collect() };
+        prop_assert_eq!(uses(&b), uses(&a));
+        let sas = |s: &State| -> Vec<_> {
+            s.sad
+                .iter()
+                .map(|sa| {
+                    let c = &sa.counters;
+                    (sa.config.spi, c.packets.load(Relaxed), c.bytes.load(Relaxed), sa.used.get())
+                })
+                .collect()
+        };
+        prop_assert_eq!(sas(&b), sas(&a));
         let events = w.events.iter().filter(|e| matches!(e, Event::Acquire { .. })).count();
         prop_assert_eq!(events, ref_events);
     }
