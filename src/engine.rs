@@ -685,7 +685,7 @@ fn protect_sas(
         if let Err(r) = w.expiry(sa, e) {
             return w.drop(r);
         }
-        let r = match sa.config.proto {
+        let r = match sa.proto() {
             Proto::IpComp => {
                 w.codec
                     .compress(buf, info.insert_at, info.next_hdr_pos, sa.config.wire_cpi());
@@ -697,13 +697,13 @@ fn protect_sas(
                     let _ = w.expiry(sa, e);
                     return w.drop(DropReason::SeqExhausted);
                 };
-                if sa.config.proto == Proto::Esp {
+                if sa.proto() == Proto::Esp {
                     esp::seal(buf, info.insert_at, info.next_hdr_pos, sa, seq, &mut w.rng)
                         .map_err(|e| match e {
                             EspError::TooBig => DropReason::TooBig,
                             _ => DropReason::Malformed,
                         })
-                        .and_then(|()| match sa.config.encap {
+                        .and_then(|()| match sa.encap() {
                             Some(e)
                                 if !udp_encap::encapsulate(
                                     buf,
@@ -1102,7 +1102,7 @@ fn decap_all<'s>(
             } else {
                 None
             };
-            if sa.config.encap.map(|e| e.dport) != wanted {
+            if sa.encap().map(|e| e.dport) != wanted {
                 return Err(DropReason::EncapMismatch);
             }
             found[n] = Some((proto, sa));
@@ -1177,7 +1177,7 @@ fn decap_one<'s>(
             .lookup_inbound(info.dst(buf.data()), proto, spi)
             .ok_or(DropReason::UnknownSpi)?,
     };
-    if sa.config.src != info.src(buf.data()) {
+    if sa.src() != info.src(buf.data()) {
         return Err(DropReason::UnknownSpi);
     }
     if sa.is_dead() {

@@ -247,11 +247,14 @@ impl FlowCache {
         WAYS * (h as usize & self.mask)
     }
 
-    /// Ask for the lines of the set `h` falls in.
+    /// Ask for the first two ways of the set `h` falls in: the newest
+    /// entries, where a flow is unless three others came to its set after
+    /// it (a few percent of flows at 10,000 round robin); a line less to
+    /// wait for on every packet is worth a late one on those.
     #[inline(always)]
     pub fn prefetch(&self, h: u64) {
         if let Some(e) = self.entries.get(self.set(h)) {
-            crate::prefetch::bytes(e as *const Entry, WAYS * std::mem::size_of::<Entry>());
+            crate::prefetch::bytes(e as *const Entry, 2 * std::mem::size_of::<Entry>());
         }
     }
 
