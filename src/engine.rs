@@ -842,9 +842,8 @@ fn inbound_chunk<B: AsMut<PacketBuf>>(
             verdicts[i] = v;
         }
     }
-    // Then look up the SAs in a loop of its own: nothing but the lookups,
-    // independent of each other, so that their misses overlap; ask for
-    // each SA's lines.
+    // Then look up the SAs (their slots were asked for in stage 1); ask
+    // for each SA's lines.
     for i in 0..n {
         if let (Some((dst, proto, spi)), InStep::Header { sa, .. }) = (spis[i], &mut steps[i]) {
             *sa = state.sad.lookup_inbound(dst, proto, spi);
@@ -1050,6 +1049,9 @@ fn inbound_header<'s>(
                 _ => esp::peek(d, at),
             };
             spi = peek.map(|(spi, _)| (info.dst(d), proto, spi));
+            if let Some((dst, proto, spi)) = spi {
+                state.sad.prefetch_inbound(dst, proto, spi);
+            }
         }
     }
     *step = InStep::Header {

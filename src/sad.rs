@@ -723,6 +723,12 @@ impl Sad {
             .find(|sa| sa.config.spi == spi)
     }
 
+    /// Ask for the line where [`Sad::lookup_inbound`] of these will look.
+    #[inline]
+    pub fn prefetch_inbound(&self, dst: IpAddr, proto: Proto, spi: u32) {
+        self.by_spi.prefetch(&SpiKey(dst, proto, spi));
+    }
+
     /// Inbound lookup by the SPI (or CPI) found in a packet.
     #[inline]
     pub fn lookup_inbound(&self, dst: IpAddr, proto: Proto, spi: u32) -> Option<&Arc<Sa>> {
