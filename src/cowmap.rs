@@ -1,12 +1,10 @@
 //! A hash map for immutable snapshots that change one entry at a time:
-//! 128 shards behind `Arc`s, copied on write. Cloning the map costs one
-//! reference count; changing an entry copies the array of 128 shard
-//! pointers (if shared) and the one shard it lands in, 1/128th of the map.
-//! Reads are a plain hash-map lookup after picking the shard, so the
-//! per-packet SAD and SPD lookups keep their speed while a change at
-//! 10,000 entries copies about 80 of them instead of all (64 shards: 48 µs
-//! per SA added at 10,000 peers, 128: 28 µs, 256: 17 µs but 3.5 µs per
-//! change on a small state; `tunsec bench --peers`).
+//! 1,024 shards behind `Arc`s in two levels of 32, copied on write.
+//! Cloning the map costs one reference count; changing an entry copies the
+//! root's 32 pointers and one second level's (if shared) and the one shard
+//! it lands in, 1/1024th of the map. Reads are a hash-table lookup after
+//! picking the shard (two loads of hot pointers). See [`FAN`] for what
+//! one and two levels cost.
 //!
 //! A shard is an open-addressing table of its own ([`Table`]: linear
 //! probing, each slot holding the key's hash beside it), so that a batch
@@ -20,7 +18,16 @@ use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
-const SHARDS: usize = 128;
+/// Shards per level: two levels of 32, 1,024 shards. A change copies the
+/// root's 32 pointers, one second level's 32 and one shard (about 20
+/// entries at 20,000 SAs): each pointer and entry copied is a reference
+/// count raised, and at 10,000 peers the entries' counts are cache misses.
+/// One level of 128 shards copied 128 pointers and about 156 entries: an
+/// SA added at 10,000 peers took 30-45 µs in the engine and 80-110 µs
+/// through the daemon. (A second level once made every packet dearer;
+/// packets now find their SA through the workers' flow caches, and the
+/// inbound SPI lookup asks for its slot ahead.)
+const FAN: usize = 32;
 
 /// foldhash, not FxHash: IPv6 peers that differ only in their last bytes
 /// put all their entropy in the high bits of FxHash's input words, which
@@ -200,14 +207,17 @@ impl<K: Eq, V> Table<K, V> {
 }
 
 pub struct CowMap<K, V> {
-    shards: Arc<[Arc<Map<K, V>>; SHARDS]>,
+    root: Arc<[Arc<Mid<K, V>>; FAN]>,
     len: usize,
 }
+
+/// A second level: FAN shards.
+type Mid<K, V> = [Arc<Map<K, V>>; FAN];
 
 impl<K, V> Clone for CowMap<K, V> {
     fn clone(&self) -> Self {
         CowMap {
-            shards: self.shards.clone(),
+            root: self.root.clone(),
             len: self.len,
         }
     }
@@ -215,8 +225,11 @@ impl<K, V> Clone for CowMap<K, V> {
 
 impl<K, V> Default for CowMap<K, V> {
     fn default() -> Self {
+        // One empty shard shared by all: copied when first written.
+        let empty = Arc::new(Map::default());
+        let mid = Arc::new(std::array::from_fn(|_| empty.clone()));
         CowMap {
-            shards: Arc::new(std::array::from_fn(|_| Arc::new(Map::default()))),
+            root: Arc::new(std::array::from_fn(|_| mid.clone())),
             len: 0,
         }
     }
@@ -225,26 +238,33 @@ impl<K, V> Default for CowMap<K, V> {
 impl<K: std::fmt::Debug, V: std::fmt::Debug> std::fmt::Debug for CowMap<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map()
-            .entries(self.shards.iter().flat_map(|s| s.iter()))
+            .entries(self.shards().flat_map(|s| s.iter()))
             .finish()
     }
 }
 
-/// The shard: seven bits of the hash from neither end. hashbrown places
-/// a key by the low bits and tags it with the top seven; with the shard
-/// taken from the top seven too, every key of a shard had the same tag,
-/// so a probe matched every full slot of its group and compared keys one
-/// bucket after another (about 5 at 10,000 SAs, each a cache miss).
 #[inline]
 fn hash<Q: Hash + ?Sized>(k: &Q) -> u64 {
     SEED.hash_one(k)
 }
 
-/// The shard: seven bits of the hash above those that place a key in its
-/// shard's table (up to 2^48 slots).
+/// The shard: ten bits of the hash (five per level) above those that
+/// place a key in its shard's table (up to 2^54 slots).
 #[inline]
-fn shard_of(h: u64) -> usize {
-    (h >> 57) as usize
+fn shard_of(h: u64) -> (usize, usize) {
+    ((h >> 59) as usize, (h >> 54) as usize & (FAN - 1))
+}
+
+impl<K, V> CowMap<K, V> {
+    #[inline]
+    fn shard(&self, h: u64) -> &Map<K, V> {
+        let (a, b) = shard_of(h);
+        &self.root[a][b]
+    }
+
+    fn shards(&self) -> impl Iterator<Item = &Arc<Map<K, V>>> {
+        self.root.iter().flat_map(|m| m.iter())
+    }
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
@@ -262,7 +282,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
     {
         let h = hash(k);
-        self.shards[shard_of(h)].get(h, k)
+        self.shard(h).get(h, k)
     }
 
     /// Ask for the line where a lookup of `k` will start (see
@@ -270,7 +290,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     #[inline]
     pub fn prefetch<Q: Hash + ?Sized>(&self, k: &Q) {
         let h = hash(k);
-        if let Some(p) = self.shards[shard_of(h)].slot_addr(h) {
+        if let Some(p) = self.shard(h).slot_addr(h) {
             crate::prefetch::line(p);
         }
     }
@@ -282,13 +302,15 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         self.get(k).is_some()
     }
 
-    fn shard_mut(&mut self, i: usize) -> &mut Map<K, V> {
-        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[i])
+    fn shard_mut(&mut self, h: u64) -> &mut Map<K, V> {
+        let (a, b) = shard_of(h);
+        let mid = Arc::make_mut(&mut Arc::make_mut(&mut self.root)[a]);
+        Arc::make_mut(&mut mid[b])
     }
 
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
         let h = hash(&k);
-        let old = self.shard_mut(shard_of(h)).insert(h, k, v);
+        let old = self.shard_mut(h).insert(h, k, v);
         if old.is_none() {
             self.len += 1;
         }
@@ -300,9 +322,8 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
     {
         let h = hash(k);
-        let i = shard_of(h);
-        self.shards[i].get(h, k)?;
-        let old = self.shard_mut(i).remove(h, k);
+        self.shard(h).get(h, k)?;
+        let old = self.shard_mut(h).remove(h, k);
         if old.is_some() {
             self.len -= 1;
         }
@@ -315,12 +336,12 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         V: Default,
     {
         let h = hash(&k);
-        let shard = self.shard_mut(shard_of(h));
+        let shard = self.shard_mut(h);
         let (i, new) = shard.slot_or_insert(h, k, V::default);
         if new {
             self.len += 1;
         }
-        let shard = self.shard_mut(shard_of(h));
+        let shard = self.shard_mut(h);
         &mut shard.slots[i].as_mut().expect("just found or made").2
     }
 
@@ -329,13 +350,12 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
     {
         let h = hash(k);
-        let i = shard_of(h);
-        self.shards[i].get(h, k)?;
-        self.shard_mut(i).get_mut(h, k)
+        self.shard(h).get(h, k)?;
+        self.shard_mut(h).get_mut(h, k)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.shards.iter().flat_map(|s| s.iter())
+        self.shards().flat_map(|s| s.iter())
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
@@ -345,14 +365,17 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     /// Keep the entries `f` accepts; shards with nothing to drop are not
     /// copied.
     pub fn retain(&mut self, mut f: impl FnMut(&K, &V) -> bool) {
-        for i in 0..SHARDS {
-            if self.shards[i].iter().all(|(k, v)| f(k, v)) {
-                continue;
+        for a in 0..FAN {
+            for b in 0..FAN {
+                if self.root[a][b].iter().all(|(k, v)| f(k, v)) {
+                    continue;
+                }
+                let mid = Arc::make_mut(&mut Arc::make_mut(&mut self.root)[a]);
+                let s = Arc::make_mut(&mut mid[b]);
+                let before = s.len();
+                s.retain(|k, v| f(k, v));
+                self.len -= before - s.len();
             }
-            let s = self.shard_mut(i);
-            let before = s.len();
-            s.retain(|k, v| f(k, v));
-            self.len -= before - s.len();
         }
     }
 
@@ -370,8 +393,12 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         same: impl Fn(&V, &V) -> bool,
     ) -> Vec<(Option<&'a V>, Option<&'a V>)> {
         let mut out = Vec::new();
-        for i in 0..SHARDS {
-            let (a, b) = (&old.shards[i], &self.shards[i]);
+        if Arc::ptr_eq(&old.root, &self.root) {
+            return out;
+        }
+        let mids = old.root.iter().zip(self.root.iter());
+        let changed = mids.filter(|(a, b)| !Arc::ptr_eq(a, b));
+        for (a, b) in changed.flat_map(|(a, b)| a.iter().zip(b.iter())) {
             if Arc::ptr_eq(a, b) {
                 continue;
             }
@@ -473,10 +500,12 @@ mod tests {
         assert_eq!(a.remove(&6), None);
         assert_eq!(a.len(), 999);
         // Unchanged shards are shared, not copied.
-        let shared = (0..SHARDS)
-            .filter(|i| Arc::ptr_eq(&a.shards[*i], &b.shards[*i]))
+        let shared = a
+            .shards()
+            .zip(b.shards())
+            .filter(|(x, y)| Arc::ptr_eq(x, y))
             .count();
-        assert!(shared >= SHARDS - 4, "{shared}");
+        assert!(shared >= FAN * FAN - 4, "{shared}");
         // What changed, from the copied shards only.
         let mut ch: Vec<_> = a
             .changes_since(&b, |x, y| x == y)
