@@ -632,6 +632,10 @@ impl Sad {
 
     /// Forget reservations that expired by `now`; returns how many.
     pub fn expire_larval(&mut self, now: Duration) -> usize {
+        if self.larval.is_empty() {
+            // Every change calls this: do not visit 1,024 empty shards.
+            return 0;
+        }
         let before = self.larval.len();
         self.larval.retain(|_, (_, exp)| *exp > now);
         before - self.larval.len()
@@ -754,6 +758,11 @@ impl Sad {
                     && reqid.is_none_or(|r| sa.config.reqid == r)
                     && sa.config.selector.is_none_or(|s| s.matches(flow))
             })
+    }
+
+    /// All SAs in no particular order (no sort: for scans of every SA).
+    pub fn iter_unordered(&self) -> impl Iterator<Item = &Arc<Sa>> {
+        self.by_spi.values()
     }
 
     /// All SAs, oldest first.
