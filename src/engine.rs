@@ -466,7 +466,8 @@ pub fn outbound_batch<B: AsMut<PacketBuf>>(
     verdicts: &mut [Verdict],
 ) {
     assert_eq!(bufs.len(), verdicts.len(), "one verdict per packet");
-    w.out_flows.begin_batch(state.generation, state.spd.len());
+    w.out_flows
+        .begin_batch(state.generation, state.spd.len_dir(Dir::Out));
     let mut sc = w.scratch.take().unwrap_or_else(Scratch::new);
     for (b, v) in bufs.chunks_mut(CHUNK).zip(verdicts.chunks_mut(CHUNK)) {
         outbound_chunk(state, w, &mut sc, b, now, v);
@@ -803,7 +804,8 @@ pub fn inbound_batch<B: AsMut<PacketBuf>>(
     verdicts: &mut [Verdict],
 ) {
     assert_eq!(bufs.len(), verdicts.len(), "one verdict per packet");
-    w.in_flows.begin_batch(state.generation, state.spd.len());
+    w.in_flows
+        .begin_batch(state.generation, state.spd.len_dir(Dir::In));
     let mut sc = w.scratch.take().unwrap_or_else(Scratch::new);
     for (b, v) in bufs.chunks_mut(CHUNK).zip(verdicts.chunks_mut(CHUNK)) {
         inbound_chunk(state, w, &mut sc, b, now, v);

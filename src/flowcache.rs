@@ -9,9 +9,10 @@
 //! stale at once, by one counter, without touching them. An SA that died
 //! since is checked by the engine on each hit.
 //!
-//! Four-way sets of 64-byte entries (a set is four cache lines, fetched
-//! ahead by a batch). The number of entries follows the size of the state
-//! (about two per policy) and only grows. With 10,000 flows round robin
+//! Four-way sets of 64-byte entries (a set is four cache lines, the first
+//! two fetched ahead by a batch). The number of entries follows the size
+//! of the state (about two per policy of the cache's direction: 2 MiB a
+//! cache at 10,000 peers) and only grows. With 10,000 flows round robin
 //! (the worst case for any cache: each flow comes back only after all the
 //! others) about 0.4% of packets miss: two-way sets of the same total
 //! size missed 3-4% (flows of one set beyond its ways evict each other on
@@ -158,8 +159,8 @@ pub struct FlowCache {
     sweep_at: usize,
 }
 
-/// Sets for a state of `n` policies: two entries per policy, at least 64
-/// entries, at most 65,536 (4 MiB).
+/// Sets for a state of `n` policies (of the cache's direction): two
+/// entries per policy, at least 64 entries, at most 65,536 (4 MiB).
 fn sets_for(n: usize) -> usize {
     (2 * n / WAYS)
         .next_power_of_two()

@@ -9,7 +9,9 @@
 //! - µs to add, update and delete one SA, and to add and delete one
 //!   policy, on the state with N peers (the engine's share: the daemon's
 //!   routes and nftables come on top);
-//! - memory per peer (resident set before and after loading).
+//! - memory: heap bytes of the state per peer, per SA and per policy
+//!   (states of SAs alone and of policies alone), and the bytes of one
+//!   worker's flow caches.
 
 use crate::buf::PacketBuf;
 use crate::engine::{self, Verdict, Worker};
@@ -135,11 +137,30 @@ fn udp(src: IpAddr, dst: IpAddr) -> Vec<u8> {
     b
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4)
+/// Bytes the allocator has handed out and not taken back (glibc's
+/// count, chunk headers included). The resident set, measured before,
+/// said nothing useful: memory freed by an earlier row was reused without
+/// growing it (0 bytes a peer for IPv6), and one peer's row was one
+/// page's worth of whatever.
+#[cfg(target_env = "gnu")]
+fn heap_bytes() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as u64
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn heap_bytes() -> u64 {
+    0
+}
+
+/// Heap bytes a state made from `text` holds, per `per` items.
+fn bytes_of(text: &str, per: usize) -> Result<f64> {
+    let before = heap_bytes();
+    let (state, _, _) = State::default().apply_text(text, "mem", Duration::ZERO)?;
+    let after = heap_bytes();
+    drop(state);
+    Ok(after.saturating_sub(before) as f64 / per as f64)
 }
 
 /// ns per packet of `f` over the pool, `batch` packets a call (each
@@ -205,16 +226,30 @@ pub struct PeersRow {
     pub sa_delete_us: f64,
     pub policy_add_us: f64,
     pub policy_delete_us: f64,
+    /// Heap bytes of the state per peer (two SAs, two policies).
     pub bytes_per_peer: f64,
+    pub bytes_per_sa: f64,
+    pub bytes_per_policy: f64,
+    /// The worker's flow caches (both directions) after the run.
+    pub flow_cache_bytes: usize,
 }
 
 pub fn measure(n: usize, v6: bool, rounds: usize, batch: usize) -> Result<PeersRow> {
     let text = config(n, v6, false);
-    let rss0 = rss_kib();
+    // Memory: the whole state, then its SAs alone and its policies alone
+    // (the ICMP bypass policies go with the SAs' text, as a constant).
+    let only = |keep: &str| -> String {
+        text.lines()
+            .filter(|l| l.starts_with(keep) || l.contains("icmp"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let bytes_per_peer = bytes_of(&text, n)?;
+    let bytes_per_sa = bytes_of(&only("add "), 2 * n)?;
+    let bytes_per_policy = bytes_of(&only("spdadd "), 2 * n)?;
     let t = Instant::now();
     let (state, _, _) = State::default().apply_text(&text, "peers", Duration::ZERO)?;
     let load_secs = t.elapsed().as_secs_f64();
-    let rss1 = rss_kib();
     let (mirror, _, _) =
         State::default().apply_text(&config(n, v6, true), "mirror", Duration::ZERO)?;
     let pool_len = n.max(256);
@@ -313,7 +348,10 @@ pub fn measure(n: usize, v6: bool, rounds: usize, batch: usize) -> Result<PeersR
         sa_delete_us,
         policy_add_us,
         policy_delete_us,
-        bytes_per_peer: (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
+        bytes_per_peer,
+        bytes_per_sa,
+        bytes_per_policy,
+        flow_cache_bytes: w.flow_cache_bytes(),
     })
 }
 
@@ -321,7 +359,7 @@ pub fn run(peers: &[usize], json: bool, rounds: usize, batch: usize) -> Result<(
     let mut rows = Vec::new();
     if !json {
         println!(
-            "{:<5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            "{:<5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>7}",
             "",
             "peers",
             "load s",
@@ -333,7 +371,10 @@ pub fn run(peers: &[usize], json: bool, rounds: usize, batch: usize) -> Result<(
             "SA del",
             "pol add",
             "pol del",
-            "B/peer"
+            "B/peer",
+            "B/SA",
+            "B/pol",
+            "flows"
         );
     }
     for v6 in [false, true] {
@@ -344,7 +385,7 @@ pub fn run(peers: &[usize], json: bool, rounds: usize, batch: usize) -> Result<(
             let r = measure(n, v6, rounds, batch)?;
             if !json {
                 println!(
-                    "{:<5} {:>6} {:>8.3} {:>8.0} {:>8.0} {:>8.0} {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>9.0}",
+                    "{:<5} {:>6} {:>8.3} {:>8.0} {:>8.0} {:>8.0} {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.1}µ {:>7.0} {:>6.0} {:>6.0} {:>6}K",
                     r.family,
                     r.peers,
                     r.load_secs,
@@ -356,7 +397,10 @@ pub fn run(peers: &[usize], json: bool, rounds: usize, batch: usize) -> Result<(
                     r.sa_delete_us,
                     r.policy_add_us,
                     r.policy_delete_us,
-                    r.bytes_per_peer
+                    r.bytes_per_peer,
+                    r.bytes_per_sa,
+                    r.bytes_per_policy,
+                    r.flow_cache_bytes >> 10
                 );
             }
             rows.push(r);
