@@ -85,7 +85,7 @@ _tunsec() {
             return 0
             ;;
         tunsec__subcmd__bench)
-            opts="-h --json --millis --rounds --sizes --only --peers --help"
+            opts="-h --json --millis --rounds --sizes --only --peers --batch --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -108,6 +108,10 @@ _tunsec() {
                     return 0
                     ;;
                 --peers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --batch)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -188,7 +188,7 @@ fn compute_icv(
     scratch.extend_from_slice(&buf.data()[..at]);
     zero_mutable(scratch, view)?;
     let hi = seq_hi.to_be_bytes();
-    let esn: &[u8] = if sa.config.esn { &hi } else { &[] };
+    let esn: &[u8] = if sa.esn() { &hi } else { &[] };
     sa.mac.compute(&[scratch, &buf.data()[at..], esn], out);
     Ok(())
 }
@@ -220,7 +220,7 @@ pub fn seal(
     d[at + 1] = (ah_len / 4 - 2) as u8;
     d[at + 2] = 0;
     d[at + 3] = 0;
-    put32(d, at + 4, sa.config.spi);
+    put32(d, at + 4, sa.spi());
     put32(d, at + 8, seq as u32);
     d[at + FIXED..at + ah_len].fill(0);
     set_next_header(d, nh_pos, PROTO_AH);

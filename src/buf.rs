@@ -24,6 +24,14 @@ impl Default for PacketBuf {
     }
 }
 
+/// The engine's batch functions take any slice of things holding a
+/// buffer (the workers' receive slots) or of buffers themselves.
+impl AsMut<PacketBuf> for PacketBuf {
+    fn as_mut(&mut self) -> &mut PacketBuf {
+        self
+    }
+}
+
 impl std::fmt::Debug for PacketBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PacketBuf")

@@ -94,7 +94,7 @@ pub fn seal<R: RngCore>(
     d[t..t + pad].copy_from_slice(&PAD_BYTES[..pad]);
     d[t + pad] = pad as u8;
     d[t + pad + 1] = next;
-    put32(d, at, sa.config.spi);
+    put32(d, at, sa.spi());
     put32(d, at + 4, seq as u32);
     set_next_header(d, nh_pos, PROTO_ESP);
 
@@ -107,7 +107,7 @@ pub fn seal<R: RngCore>(
     if sa.cipher.is_aead() {
         let iv: [u8; 8] = seq.to_be_bytes();
         ivb.copy_from_slice(&iv);
-        let tag = if sa.config.esn {
+        let tag = if sa.esn() {
             let mut aad = [0u8; 12];
             aad[..4].copy_from_slice(&esp_hdr[..4]);
             aad[4..8].copy_from_slice(&seq_hi);
@@ -124,7 +124,7 @@ pub fn seal<R: RngCore>(
             ivb.copy_from_slice(&iv);
             sa.cipher.cbc_encrypt(&iv, body);
         }
-        let esn: &[u8] = if sa.config.esn { &seq_hi } else { &[] };
+        let esn: &[u8] = if sa.esn() { &seq_hi } else { &[] };
         sa.mac.compute(&[esp_hdr, ivb, body, esn], icv_out);
     }
     Ok(())
@@ -169,7 +169,7 @@ pub fn open(
     let seq_hi = seq_hi.to_be_bytes();
     if sa.cipher.is_aead() {
         let iv: [u8; 8] = (&*ivb).try_into().unwrap();
-        let ok = if sa.config.esn {
+        let ok = if sa.esn() {
             let mut aad = [0u8; 12];
             aad[..4].copy_from_slice(&esp_hdr[..4]);
             aad[4..8].copy_from_slice(&seq_hi);
@@ -182,7 +182,7 @@ pub fn open(
             return Err(EspError::Icv);
         }
     } else {
-        let esn: &[u8] = if sa.config.esn { &seq_hi } else { &[] };
+        let esn: &[u8] = if sa.esn() { &seq_hi } else { &[] };
         if icv > 0 && !sa.mac.verify(&[esp_hdr, ivb, body, esn], icv_in) {
             return Err(EspError::Icv);
         }
@@ -242,6 +242,10 @@ mod tests {
     }
 
     fn sa(enc: EncAlg, key: &str, auth: AuthAlg, akey: &str, spi: u32) -> Sa {
+        sa_esn(enc, key, auth, akey, spi, false)
+    }
+
+    fn sa_esn(enc: EncAlg, key: &str, auth: AuthAlg, akey: &str, spi: u32, esn: bool) -> Sa {
         let cfg = SaConfig {
             src: "192.168.123.3".parse().unwrap(),
             dst: "192.168.123.100".parse().unwrap(),
@@ -249,7 +253,7 @@ mod tests {
             spi,
             reqid: 0,
             replay: 0,
-            esn: false,
+            esn,
             enc,
             enc_key: Zeroizing::new(h(key)),
             auth,
@@ -502,8 +506,14 @@ mod tests {
     #[test]
     fn draft_mcgrew_gcm_test_01_and_rfc7634_packets_open() {
         for (i, v) in VECTORS.iter().enumerate() {
-            let mut s = sa(v.enc, &format!("{}{}", v.key, v.salt), AuthAlg::Null, "", 0);
-            s.config.esn = v.esn_hi.is_some();
+            let s = sa_esn(
+                v.enc,
+                &format!("{}{}", v.key, v.salt),
+                AuthAlg::Null,
+                "",
+                0,
+                v.esn_hi.is_some(),
+            );
             let esp = h(v.packet);
             let plain = h(v.plain);
             let mut pkt = h("45000000 00000000 40320000 c0a87b03 c0a87b64");

@@ -20,10 +20,13 @@ pub mod crypto;
 pub mod daemon;
 pub mod engine;
 pub mod esp;
+pub mod flowcache;
+
 pub mod ike;
 pub mod ipcomp;
 pub mod packet;
 pub mod pcap;
+pub mod prefetch;
 pub mod reassembly;
 pub mod replay;
 pub mod sad;

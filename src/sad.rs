@@ -73,23 +73,26 @@ pub struct Lifetime {
     pub hard_packets: u64,
 }
 
-/// Everything `add` says about an SA.
+/// Everything `add` says about an SA. Laid out (`repr(C)`) with what
+/// packets read first (addresses, SPI, flags, lifetimes, selector) and
+/// the keys, read only when the SA is made or dumped, last.
 #[derive(Clone, PartialEq, Eq)]
+#[repr(C)]
 pub struct SaConfig {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub proto: Proto,
+    pub esn: bool,
+    /// IPComp: `-R` given, the SPI field is the CPI on the wire.
+    pub raw_cpi: bool,
+    pub enc: EncAlg,
+    pub auth: AuthAlg,
     pub spi: u32,
     pub reqid: u32,
     /// Replay window in packets; 0 = no replay check.
     pub replay: u32,
-    pub esn: bool,
-    pub enc: EncAlg,
-    pub enc_key: Zeroizing<Vec<u8>>,
-    pub auth: AuthAlg,
-    pub auth_key: Zeroizing<Vec<u8>>,
-    /// IPComp: `-R` given, the SPI field is the CPI on the wire.
-    pub raw_cpi: bool,
+    /// ESP only: carried in UDP (RFC 3948), with these ports.
+    pub encap: Option<crate::udp_encap::Encap>,
     pub lifetime: Lifetime,
     /// The traffic this SA may carry out, when narrower than everything
     /// between its two addresses (XFRM's `xfrm_usersa_info.sel`: the
@@ -97,8 +100,8 @@ pub struct SaConfig {
     /// an SA whose selector does not match the flow, as the kernel's
     /// `xfrm_state_find` does; setkey SAs have none.
     pub selector: Option<crate::spd::Selector>,
-    /// ESP only: carried in UDP (RFC 3948), with these ports.
-    pub encap: Option<crate::udp_encap::Encap>,
+    pub enc_key: Zeroizing<Vec<u8>>,
+    pub auth_key: Zeroizing<Vec<u8>>,
 }
 
 impl fmt::Debug for SaConfig {
@@ -200,8 +203,10 @@ impl fmt::Debug for UseTime {
     }
 }
 
-/// Per-SA counters (read by `stats`).
+/// Per-SA counters (read by `stats`). The two every packet writes come
+/// first (they share the SA's first cache line with the sequence number).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct SaCounters {
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
@@ -220,29 +225,54 @@ pub enum Expiry {
     Hard,
 }
 
-/// A live SA.
+/// A live SA. Laid out (`repr(C)`, cache-line aligned) for the packet
+/// path: line 0 holds what every packet writes (sequence number, packet
+/// and byte counters, use time, replay top); line 1 the flags and copies
+/// of what a packet reads of the configuration (protocol, ESN, SPI,
+/// replay size, UDP encapsulation, the lifetimes folded into the first
+/// limit a packet could reach); line 2 the replay window and, inbound, the
+/// source; then the cipher with its AEAD context inline. The rest (age,
+/// configuration, keys, MAC) is read when the SA is made, looked up,
+/// shown or near a limit. An outbound packet reads 12 lines (2 + 10 of
+/// the AES-GCM context), an inbound one 13; a batch prefetches them from
+/// the SA's address in one step (see [`Sa::prefetch`]).
+#[repr(C, align(64))]
 pub struct Sa {
-    pub config: SaConfig,
-    pub cipher: Cipher,
-    pub mac: Auth,
-    /// When it was added (engine time).
-    pub added: Duration,
-    /// Insertion order: among several matching SAs the newest wins.
-    pub serial: u64,
     /// Next outbound sequence number minus one.
     seq: AtomicU64,
-    pub replay: Mutex<ReplayWindow>,
-    /// The window's highest accepted number, readable without the lock:
-    /// an in-order packet (the common case) is checked against it alone.
-    replay_top: AtomicU64,
     pub counters: SaCounters,
     /// IPComp: RFC 3173's adaptive pauses (unused by ESP and AH).
     pub ipcomp: crate::ipcomp::Adaptive,
     /// Last packet protected or accepted.
     pub used: UseTime,
+    /// The window's highest accepted number, readable without the lock:
+    /// an in-order packet (the common case) is checked against it alone.
+    replay_top: AtomicU64,
+    // Line 1.
+    dead: AtomicBool,
     soft_fired: AtomicBool,
     hard_fired: AtomicBool,
-    dead: AtomicBool,
+    proto: Proto,
+    esn: bool,
+    spi: u32,
+    replay_size: u32,
+    encap: Option<crate::udp_encap::Encap>,
+    /// No lifetime is reached while packets, bytes and time stay below
+    /// these (the smallest limits set; `u64::MAX` and `Duration::MAX`
+    /// when none is): below them a packet does not read the lifetimes.
+    first_packets: u64,
+    first_bytes: u64,
+    first_deadline: Duration,
+    // Line 2.
+    pub replay: Mutex<ReplayWindow>,
+    src: IpAddr,
+    pub cipher: Cipher,
+    /// When it was added (engine time).
+    pub added: Duration,
+    pub config: SaConfig,
+    pub mac: Auth,
+    /// Insertion order: among several matching SAs the newest wins.
+    pub serial: u64,
 }
 
 impl fmt::Debug for Sa {
@@ -302,9 +332,29 @@ impl Sa {
         }
         let cipher = Cipher::new(config.enc, &config.enc_key)?;
         let mac = Auth::new(config.auth, &config.auth_key)?;
+        let lt = &config.lifetime;
+        let first = |a: u64, b: u64| match (a, b) {
+            (0, 0) => u64::MAX,
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        };
+        let first_secs = first(lt.soft_secs, lt.hard_secs);
         Ok(Sa {
             replay: Mutex::new(ReplayWindow::new(config.replay)),
             replay_top: AtomicU64::new(0),
+            proto: config.proto,
+            esn: config.esn,
+            spi: config.spi,
+            replay_size: config.replay,
+            encap: config.encap,
+            first_packets: first(lt.soft_packets, lt.hard_packets),
+            first_bytes: first(lt.soft_bytes, lt.hard_bytes),
+            first_deadline: if first_secs == u64::MAX {
+                Duration::MAX
+            } else {
+                added.saturating_add(Duration::from_secs(first_secs))
+            },
+            src: config.src,
             cipher,
             mac,
             added,
@@ -320,13 +370,56 @@ impl Sa {
         })
     }
 
+    /// Bytes from the SA's start that a packet reads besides the cipher:
+    /// counters, flags, configuration copies, replay window and source.
+    pub const HOT_BYTES: usize = std::mem::offset_of!(Sa, cipher);
+
+    /// Ask for the lines a packet of this SA will read (see
+    /// [`crate::prefetch`]): [`Sa::HOT_BYTES`] and the cipher with its
+    /// AEAD context (the MAC's keyed state, for HMAC suites, is a box
+    /// away): 13 lines for AES-GCM. At 10,000 peers each line costs a
+    /// packet about 5 ns, fetched ahead or not: the fetches queue.
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        crate::prefetch::bytes(
+            self as *const Sa,
+            Self::HOT_BYTES + std::mem::size_of::<Cipher>(),
+        );
+    }
+
+    /// The SPI (a copy of the configuration's, on the SA's hot lines).
+    #[inline]
+    pub fn spi(&self) -> u32 {
+        self.spi
+    }
+
+    /// Extended sequence numbers (as [`Sa::spi`]).
+    #[inline]
+    pub fn esn(&self) -> bool {
+        self.esn
+    }
+
+    /// The protocol (as [`Sa::spi`]).
+    #[inline]
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+
+    /// UDP encapsulation (as [`Sa::spi`]).
+    #[inline]
+    pub fn encap(&self) -> Option<crate::udp_encap::Encap> {
+        self.encap
+    }
+
+    /// The source address (as [`Sa::spi`]).
+    #[inline]
+    pub fn src(&self) -> IpAddr {
+        self.src
+    }
+
     /// Largest sequence number this SA may send.
     fn seq_limit(&self) -> u64 {
-        if self.config.esn {
-            u64::MAX
-        } else {
-            u32::MAX as u64
-        }
+        if self.esn { u64::MAX } else { u32::MAX as u64 }
     }
 
     /// Take the next outbound sequence number. `None` once the space is
@@ -380,6 +473,19 @@ impl Sa {
 
     #[inline]
     fn evaluate(&self, packets: u64, bytes: u64, now: Duration) -> (Expiry, bool) {
+        if packets < self.first_packets
+            && bytes < self.first_bytes
+            && now < self.first_deadline
+            && !self.is_dead()
+        {
+            // Below every limit: the answer of the full check below.
+            return (Expiry::Alive, false);
+        }
+        self.evaluate_limits(packets, bytes, now)
+    }
+
+    #[cold]
+    fn evaluate_limits(&self, packets: u64, bytes: u64, now: Duration) -> (Expiry, bool) {
         let lt = &self.config.lifetime;
         let age = now.saturating_sub(self.added).as_secs();
         let over = |limit: u64, v: u64| limit != 0 && v >= limit;
@@ -404,7 +510,7 @@ impl Sa {
     #[inline]
     pub fn replay_check(&self, seq_lo: u32) -> Result<u64, ReplayError> {
         let top = self.replay_top.load(Relaxed);
-        let full = crate::replay::infer(top, self.config.replay, seq_lo, self.config.esn);
+        let full = crate::replay::infer(top, self.replay_size, seq_lo, self.esn);
         if full > top {
             // Right of the window: accepted whatever the bitmap says. The
             // lock is taken again (and the check repeated) in replay_accept.
@@ -529,6 +635,10 @@ impl Sad {
 
     /// Forget reservations that expired by `now`; returns how many.
     pub fn expire_larval(&mut self, now: Duration) -> usize {
+        if self.larval.is_empty() {
+            // Every change calls this: do not visit 1,024 empty shards.
+            return 0;
+        }
         let before = self.larval.len();
         self.larval.retain(|_, (_, exp)| *exp > now);
         before - self.larval.len()
@@ -620,6 +730,12 @@ impl Sad {
             .find(|sa| sa.config.spi == spi)
     }
 
+    /// Ask for the line where [`Sad::lookup_inbound`] of these will look.
+    #[inline]
+    pub fn prefetch_inbound(&self, dst: IpAddr, proto: Proto, spi: u32) {
+        self.by_spi.prefetch(&SpiKey(dst, proto, spi));
+    }
+
     /// Inbound lookup by the SPI (or CPI) found in a packet.
     #[inline]
     pub fn lookup_inbound(&self, dst: IpAddr, proto: Proto, spi: u32) -> Option<&Arc<Sa>> {
@@ -654,6 +770,11 @@ impl Sad {
             .changes_since(&old.by_spi, Arc::ptr_eq)
             .into_iter()
             .filter_map(|(_, new)| new)
+    }
+
+    /// All SAs in no particular order (no sort: for scans of every SA).
+    pub fn iter_unordered(&self) -> impl Iterator<Item = &Arc<Sa>> {
+        self.by_spi.values()
     }
 
     /// All SAs, oldest first.
@@ -726,6 +847,46 @@ mod tests {
         assert_eq!(sad.flush(Some(Proto::Ah)).len(), 0);
         assert_eq!(sad.flush(None).len(), 1);
         assert!(sad.is_empty());
+    }
+
+    #[test]
+    fn a_packet_reads_three_lines_and_the_cipher() {
+        use std::mem::{offset_of, size_of};
+        assert!(offset_of!(Sa, replay_top) + 8 <= 64, "line 0");
+        assert_eq!(offset_of!(Sa, dead), 64);
+        assert!(offset_of!(Sa, first_deadline) + 16 <= 128, "line 1");
+        assert!(offset_of!(Sa, src) + size_of::<IpAddr>() <= 192, "line 2");
+        // The AES-GCM context ends in the 13th line.
+        let end = Sa::HOT_BYTES + size_of::<Cipher>();
+        assert!(end <= 13 * 64, "{end}");
+    }
+
+    #[test]
+    fn the_first_limit_decides_as_the_lifetimes_do() {
+        for (soft, hard) in [(0, 0), (3, 0), (0, 4), (3, 5), (5, 3)] {
+            let mut c = esp_config(1);
+            c.lifetime = Lifetime {
+                soft_packets: soft,
+                hard_packets: hard,
+                soft_secs: soft,
+                hard_secs: hard,
+                ..Default::default()
+            };
+            let added = Duration::from_secs(10);
+            for p in 0..8 {
+                for t in 0..8 {
+                    let sa = Sa::new(c.clone(), added, 1).unwrap();
+                    let now = added + Duration::from_millis(999 * t);
+                    let limits = sa.evaluate_limits(p, 0, now).0;
+                    let sa = Sa::new(c.clone(), added, 1).unwrap();
+                    assert_eq!(
+                        sa.evaluate(p, 0, now).0,
+                        limits,
+                        "{soft}/{hard} p={p} t={t}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

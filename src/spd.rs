@@ -294,6 +294,8 @@ pub struct Spd {
     by_selector: CowMap<(Dir, Selector), Arc<Policy>>,
     next_id: u64,
     version: u64,
+    /// Policies per direction (in, out, fwd).
+    per_dir: [usize; 3],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -354,6 +356,11 @@ impl Spd {
         self.by_selector.len()
     }
 
+    /// Policies of one direction.
+    pub fn len_dir(&self, dir: Dir) -> usize {
+        self.per_dir[dir_index(dir)]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_selector.is_empty()
     }
@@ -411,12 +418,14 @@ impl Spd {
         });
         self.by_selector.insert((dir, selector), p.clone());
         self.with_bucket(&p, |v| bucket_insert(v, p.clone()));
+        self.per_dir[dir_index(dir)] += 1;
         p
     }
 
     fn remove(&mut self, dir: Dir, sel: &Selector) -> Option<Arc<Policy>> {
         let p = self.by_selector.remove(&(dir, *sel))?;
         self.version += 1;
+        self.per_dir[dir_index(dir)] -= 1;
         self.with_bucket(&p, |v| v.retain(|e| e.policy.id != p.id));
         Some(p)
     }

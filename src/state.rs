@@ -17,8 +17,9 @@ use std::time::Duration;
 pub struct State {
     pub spd: Spd,
     pub sad: Sad,
-    /// Distinct for every state [`State::apply`] produces: workers key
-    /// their per-flow caches on it.
+    /// Distinct for every state [`State::apply`] produces that differs
+    /// from the one it was applied to (statements that only read, `get`
+    /// and `dump`, keep it): workers key their per-flow caches on it.
     pub generation: u64,
     /// State of the generator `getspi` draws SPIs from (xorshift). Seed it
     /// from the OS with [`State::seeded`] so that SPIs are unpredictable.
@@ -87,8 +88,19 @@ impl State {
         now: Duration,
     ) -> Result<(State, Applied), ConfigError> {
         let mut s = self.clone();
-        s.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
-        s.sad.expire_larval(now);
+        let expired = s.sad.expire_larval(now);
+        // A new generation only for a change: workers drop their cached
+        // per-flow decisions on each (at 10,000 peers, 10,000 lookups to
+        // make again), which `get` or `dump` must not cost them.
+        let reads_only = statements.iter().all(|st| {
+            matches!(
+                st.cmd,
+                Command::Get { .. } | Command::Dump(_) | Command::SpdDump
+            )
+        });
+        if !reads_only || expired > 0 {
+            s.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+        }
         let mut applied = Applied::default();
         for st in statements {
             let err = |message: String| ConfigError {
@@ -288,6 +300,27 @@ mod tests {
     fn apply(s: &State, text: &str, secs: u64) -> Result<(State, Applied), ConfigError> {
         let p = crate::setkey::parse(text, "ctl").unwrap();
         s.apply(&p.statements, "ctl", Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn reads_keep_the_generation_and_changes_make_a_new_one() {
+        let s = State::seeded(1);
+        let (s, _) = apply(&s, &format!("add 10.0.0.1 10.0.0.2 esp 0x100 {K};"), 0).unwrap();
+        let g = s.generation;
+        let (r, a) = apply(&s, "get 10.0.0.1 10.0.0.2 esp 0x100; dump; spddump;", 0).unwrap();
+        assert_eq!(r.generation, g);
+        assert_eq!(a.output.len(), 2);
+        let (c, _) = apply(
+            &s,
+            "get 10.0.0.1 10.0.0.2 esp 0x100; delete 10.0.0.1 10.0.0.2 esp 0x100;",
+            0,
+        )
+        .unwrap();
+        assert_ne!(c.generation, g);
+        // A reservation that expired goes: that is a change too.
+        let (l, _) = apply(&s, "getspi 10.0.0.2 10.0.0.1 esp 0x1000-0x1fff;", 0).unwrap();
+        let (e, _) = apply(&l, "dump;", 100).unwrap();
+        assert_ne!(e.generation, l.generation);
     }
 
     #[test]

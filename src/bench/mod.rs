@@ -42,6 +42,10 @@ pub struct Args {
     /// per packet, per SA and policy change, loading, memory.
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<usize>,
+    /// With --peers: packets per call of the engine's batch functions
+    /// (the workers hand it up to 64, what one receive call returns).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
 }
 
 /// A benchmarked transform: the setkey SAs and the bundle.
@@ -551,7 +555,12 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
 
 pub fn run(args: &Args) -> Result<()> {
     if !args.peers.is_empty() {
-        return peers::run(&args.peers, args.json, args.rounds.min(7));
+        return peers::run(
+            &args.peers,
+            args.json,
+            args.rounds.min(7),
+            args.batch.max(1),
+        );
     }
     let d = Duration::from_millis(args.millis);
     let mut results = Vec::new();

@@ -451,7 +451,10 @@ impl Control {
             Ok(x) => x,
             Err(e) => return control::error(&e.to_string()),
         };
-        if let Err(e) = self.commit(&mut plumbing, &cur, next) {
+        // Reads (get, dump) leave the state as it is: nothing to commit.
+        if next.generation != cur.generation
+            && let Err(e) = self.commit(&mut plumbing, &cur, next)
+        {
             return control::error(&e);
         }
         let mut v = control::ok(&applied.output);

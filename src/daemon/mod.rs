@@ -19,7 +19,7 @@ pub mod tun;
 pub mod workers;
 pub mod xfrm;
 
-use crate::engine::{DropReason, Event};
+use crate::engine::{DropReason, Event, SaId};
 use crate::sad::Expiry;
 use crate::state::State;
 use anyhow::{Context, Result, bail};
@@ -729,26 +729,32 @@ fn report(
 /// and publish a state without the hard-expired ones (serialised with
 /// control changes through the plumbing lock).
 fn expire(shared: &Shared, ctl: &control::Control) -> Vec<Event> {
-    let _writer = ctl.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+    // The scan reads every SA (20,000 at 10,000 peers: milliseconds) and
+    // runs without the writers' lock, so that control requests do not
+    // wait for it; the lock is taken only to replace the state.
     let now = shared.now();
     let state = shared.state.load_full();
     let mut events = Vec::new();
     let mut dead = false;
-    for sa in state.sad.iter() {
+    for sa in state.sad.iter_unordered() {
         match sa.expiry(now) {
-            (Expiry::Soft, true) => events.push(Event::SoftExpire(crate::engine::SaId::of(sa))),
+            (Expiry::Soft, true) => events.push((sa.serial, Event::SoftExpire(SaId::of(sa)))),
             (Expiry::Hard, first) => {
                 if first {
-                    events.push(Event::HardExpire(crate::engine::SaId::of(sa)));
+                    events.push((sa.serial, Event::HardExpire(SaId::of(sa))));
                 }
                 dead = true;
             }
             _ => {}
         }
     }
+    // Oldest SA first, as before.
+    events.sort_by_key(|(serial, _)| *serial);
     let larval_expired = state.sad.larval().any(|l| l.4 <= now);
     if dead || larval_expired {
-        let mut next = (*state).clone();
+        let _writer = ctl.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+        // The state may have changed meanwhile: reap from the current one.
+        let mut next = (*shared.state.load_full()).clone();
         let gone = next.sad.reap();
         next.sad.expire_larval(now);
         shared.state.store(Arc::new(next.renewed()));
@@ -756,5 +762,5 @@ fn expire(shared: &Shared, ctl: &control::Control) -> Vec<Event> {
             tracing::info!("removed {} hard-expired SAs", gone.len());
         }
     }
-    events
+    events.into_iter().map(|(_, e)| e).collect()
 }

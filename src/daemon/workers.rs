@@ -142,6 +142,13 @@ impl AsMut<[u8]> for Slot {
     }
 }
 
+/// As the engine's batch functions take it.
+impl AsMut<PacketBuf> for Slot {
+    fn as_mut(&mut self) -> &mut PacketBuf {
+        &mut self.0
+    }
+}
+
 /// Packets that met `require` without an SA wait here, briefly, for the
 /// keying daemon to answer the ACQUIRE; the rest are dropped. Buffers are
 /// swapped in and out, never copied.
@@ -299,12 +306,22 @@ impl Loop {
                     }
                 }
             };
-            let mut keep = [false; BATCH];
             for (i, slot) in self.slots.iter_mut().enumerate().take(n) {
                 slot.0.set_loaded(self.sizes[i]);
                 self.ioc.tun_rx += 1;
                 ensure_ipv4_id(&mut slot.0, &mut self.ip_id);
-                let v = engine::outbound(state, &mut self.w, &mut slot.0, now);
+            }
+            let mut verdicts = [Verdict::Forward; BATCH];
+            engine::outbound_batch(
+                state,
+                &mut self.w,
+                &mut self.slots[..n],
+                now,
+                &mut verdicts[..n],
+            );
+            let mut keep = [false; BATCH];
+            for (i, slot) in self.slots.iter_mut().enumerate().take(n) {
+                let v = verdicts[i];
                 keep[i] = v == Verdict::Forward;
                 if v == Verdict::Drop(DropReason::Fragment) {
                     warn_fragment_once(io, slot.0.data());
@@ -339,8 +356,10 @@ impl Loop {
                 }
             };
             let mut k = 0;
-            for i in 0..n {
+            let mut i = 0;
+            while i < n {
                 if self.sizes[i] == 0 {
+                    i += 1;
                     continue;
                 }
                 let buf = &mut self.slots[i].0;
@@ -351,8 +370,34 @@ impl Loop {
                     while segs.next_into(self.slots[i].0.data(), &mut self.segment) {
                         self.deliver(io, &mut k, state, now, None);
                     }
-                } else {
-                    self.deliver(io, &mut k, state, now, Some(i));
+                    i += 1;
+                    continue;
+                }
+                // A run of single packets: one call of the engine.
+                let start = i;
+                loop {
+                    self.received(Some(i));
+                    i += 1;
+                    if i == n || self.sizes[i] == 0 {
+                        break;
+                    }
+                    self.slots[i].0.set_loaded(self.sizes[i]);
+                    if gso::split(self.slots[i].0.data()).is_some() {
+                        break;
+                    }
+                }
+                let mut verdicts = [Verdict::Forward; BATCH];
+                engine::inbound_batch(
+                    state,
+                    &mut self.w,
+                    &mut self.slots[start..i],
+                    now,
+                    &mut verdicts[start..i],
+                );
+                for (j, v) in verdicts.iter().enumerate().take(i).skip(start) {
+                    if *v == Verdict::Forward {
+                        self.queue_tun(io, &mut k, Some(j));
+                    }
                 }
             }
             self.flush_tun(io, &mut k);
@@ -365,6 +410,19 @@ impl Loop {
     /// Run one received packet (slot `i`, or the segment buffer) through
     /// the engine and queue it for the TUN device.
     fn deliver(&mut self, io: &Io, k: &mut usize, state: &State, now: Duration, i: Option<usize>) {
+        self.received(i);
+        let buf = match i {
+            Some(i) => &mut self.slots[i].0,
+            None => &mut self.segment,
+        };
+        if engine::inbound(state, &mut self.w, buf, now) == Verdict::Forward {
+            self.queue_tun(io, k, i);
+        }
+    }
+
+    /// Count a received packet (slot `i`, or the segment buffer) and trim
+    /// bytes beyond its IP length.
+    fn received(&mut self, i: Option<usize>) {
         let buf = match i {
             Some(i) => &mut self.slots[i].0,
             None => &mut self.segment,
@@ -376,9 +434,14 @@ impl Loop {
             buf.truncate(len);
             self.ioc.net_rx_trimmed += 1;
         }
-        if engine::inbound(state, &mut self.w, buf, now) != Verdict::Forward {
-            return;
-        }
+    }
+
+    /// Queue a packet the engine let through for the TUN device.
+    fn queue_tun(&mut self, io: &Io, k: &mut usize, i: Option<usize>) {
+        let buf = match i {
+            Some(i) => &self.slots[i].0,
+            None => &self.segment,
+        };
         if self.offload {
             // Coalesced writes want every packet at one offset, after
             // room for the virtio header.
@@ -584,6 +647,9 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
         if l.hold.n > 0 {
             l.hold.retry(&state, &mut l.w, now, &io.sender, &mut l.ioc);
         }
+        // Release what the flow caches still hold of older states (a
+        // deleted SA's keys), a little each round, more when idle.
+        l.w.sweep(&state, if r == 0 { 1024 } else { 16 });
         // Fragments whose datagram never completes are dropped in time.
         if l.w.reassembly.in_progress() > 0 {
             l.w.expire_fragments(now);

@@ -1,0 +1,365 @@
+//! Property tests of the batch functions and the workers' flow caches:
+//! whatever the policies, SAs, flows, batch sizes and state changes in
+//! between, a worker that keeps its caches from batch to batch decides
+//! every packet as a fresh worker (empty caches) deciding it alone: the
+//! same verdict, the same bytes, the same counters and events.
+
+use proptest::prelude::*;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tunsec::buf::PacketBuf;
+use tunsec::engine::{self, Event, Verdict, Worker};
+use tunsec::packet::fix_lengths;
+use tunsec::state::State;
+
+const PEERS: usize = 4;
+const KEY: &str = "0x000102030405060708090a0b0c0d0e0f10111213";
+
+fn local(v6: bool) -> IpAddr {
+    if v6 {
+        "fd00:7::1".parse().unwrap()
+    } else {
+        "10.7.0.1".parse().unwrap()
+    }
+}
+
+fn peer(v6: bool, i: usize) -> IpAddr {
+    if v6 {
+        format!("fd00:7:1::{}", i + 1).parse().unwrap()
+    } else {
+        format!("10.7.1.{}", i + 1).parse().unwrap()
+    }
+}
+
+/// What one peer (of one family) gets.
+#[derive(Debug, Clone)]
+struct PeerConf {
+    out_policy: u8,
+    in_policy: u8,
+    /// A more specific policy for UDP to or from port 7.
+    port7: u8,
+    /// Outbound ESP SAs (the newest may die after a few packets).
+    out_sas: u8,
+    out_hard_packets: u8,
+    in_sas: u8,
+}
+
+fn peer_conf() -> impl Strategy<Value = PeerConf> {
+    (0u8..6, 0u8..5, 0u8..3, 0u8..3, 0u8..6, 0u8..3).prop_map(
+        |(out_policy, in_policy, port7, out_sas, out_hard_packets, in_sas)| PeerConf {
+            out_policy,
+            in_policy,
+            port7,
+            out_sas,
+            out_hard_packets,
+            in_sas,
+        },
+    )
+}
+
+fn action(k: u8, in_: bool) -> Option<&'static str> {
+    Some(match k {
+        0 => return None,
+        1 => "ipsec esp/transport//require",
+        2 => "ipsec esp/transport//use",
+        3 => "none",
+        4 => "discard",
+        // No AH SA is ever added: outbound raises an ACQUIRE, inbound
+        // ESP is a mismatch.
+        _ if in_ => "ipsec esp/transport//require",
+        _ => "ipsec ah/transport//require",
+    })
+}
+
+fn out_spi(i: usize, k: usize) -> u32 {
+    0x1000 + (i as u32) * 16 + k as u32
+}
+
+fn in_spi(i: usize, k: usize) -> u32 {
+    0x2000 + (i as u32) * 16 + k as u32
+}
+
+/// The local host's setkey text.
+fn config(peers: &[(bool, PeerConf)]) -> String {
+    let mut s = String::new();
+    for (n, (v6, c)) in peers.iter().enumerate() {
+        let (l, p) = (local(*v6), peer(*v6, n));
+        for k in 0..c.out_sas as usize {
+            let hard = if k + 1 == c.out_sas as usize && c.out_hard_packets > 0 {
+                format!(" -ph {}", c.out_hard_packets)
+            } else {
+                String::new()
+            };
+            s += &format!(
+                "add {l} {p} esp {:#x} -r 0{hard} -E aes-gcm-16 {KEY};\n",
+                out_spi(n, k)
+            );
+        }
+        for k in 0..c.in_sas as usize {
+            s += &format!(
+                "add {p} {l} esp {:#x} -r 32 -E aes-gcm-16 {KEY};\n",
+                in_spi(n, k)
+            );
+        }
+        if let Some(a) = action(c.out_policy, false) {
+            s += &format!("spdadd {l} {p} any -P out {a};\n");
+        }
+        if let Some(a) = action(c.in_policy, true) {
+            s += &format!("spdadd {p} {l} any -P in {a};\n");
+        }
+        match c.port7 {
+            1 => {
+                s += &format!("spdadd {l} {p}[7] udp -P out discard;\n");
+                s += &format!("spdadd {p}[7] {l} udp -P in none;\n");
+            }
+            2 => {
+                s += &format!("spdadd {l}[any] {p}[7] udp -P out none;\n");
+                s += &format!("spdadd {p}[7] {l}[any] udp -P in discard;\n");
+            }
+            _ => {}
+        }
+    }
+    // Subnets: fewer than hosts, so host pairs win where they exist.
+    s += "spdadd 10.7.1.0/29 10.7.0.1 any -P in none;\n";
+    s += "spdadd fd00:7::1 fd00:7:1::/112 tcp -P out discard;\n";
+    s
+}
+
+/// The peers' setkey text: their outbound SAs are our inbound ones (plus
+/// one SPI we do not know), sealing everything they send.
+fn mirror(peers: &[(bool, PeerConf)]) -> String {
+    let mut s = String::new();
+    for (n, (v6, c)) in peers.iter().enumerate() {
+        let (l, p) = (local(*v6), peer(*v6, n));
+        // Oldest first: the newest SA seals (in_sas 0: an unknown SPI).
+        for k in 0..(c.in_sas as usize).max(1) {
+            let spi = if c.in_sas == 0 {
+                0x3000 + n as u32
+            } else {
+                in_spi(n, k)
+            };
+            s += &format!("add {p} {l} esp {spi:#x} -r 0 -E aes-gcm-16 {KEY};\n");
+        }
+        s += &format!("spdadd {p} {l} any -P out ipsec esp/transport//require;\n");
+    }
+    s
+}
+
+/// A packet from `src` to `dst`: UDP or TCP with small ports.
+fn packet(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut h = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        _ => unreachable!(),
+    };
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0u8; 28]);
+    fix_lengths(&mut p);
+    p
+}
+
+/// A packet to send: to (or from) peer `n`, its protocol and ports; a
+/// `replay` repeats an earlier inbound packet.
+#[derive(Debug, Clone)]
+struct Pkt {
+    peer: usize,
+    tcp: bool,
+    sport: u16,
+    dport: u16,
+    plain: bool,
+    replay: bool,
+}
+
+fn pkt() -> impl Strategy<Value = Pkt> {
+    (
+        0..2 * PEERS,
+        any::<bool>(),
+        6u16..9,
+        6u16..9,
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.05),
+    )
+        .prop_map(|(peer, tcp, sport, dport, plain, replay)| Pkt {
+            peer,
+            tcp,
+            sport,
+            dport,
+            plain,
+            replay,
+        })
+}
+
+/// A state change between batches: setkey statements for peer `n`.
+fn change(peers: &[(bool, PeerConf)], n: usize, kind: u8, serial: usize) -> String {
+    let (v6, _) = peers[n];
+    let (l, p) = (local(v6), peer(v6, n));
+    match kind {
+        0 => format!(
+            "add {l} {p} esp {:#x} -r 0 -E aes-gcm-16 {KEY};",
+            0x5000 + serial
+        ),
+        1 => format!("deleteall {l} {p} esp;"),
+        2 => format!("spdupdate {l} {p} any -P out ipsec esp/transport//require;"),
+        3 => format!("spdupdate {l} {p} any -P out none;"),
+        4 => format!("spdupdate {p} {l} any -P in ipsec esp/transport//use;"),
+        _ => format!("spdupdate {p} {l} any -P in discard;"),
+    }
+}
+
+/// Run one packet alone with a fresh worker: the reference.
+fn alone(
+    state: &State,
+    out: bool,
+    pkt: &[u8],
+    now: Duration,
+    events: &mut usize,
+) -> (Verdict, Vec<u8>, Vec<u64>) {
+    let mut w = Worker::new([3; 32]);
+    let mut buf = PacketBuf::new();
+    buf.load(pkt);
+    let v = if out {
+        engine::outbound(state, &mut w, &mut buf, now)
+    } else {
+        engine::inbound(state, &mut w, &mut buf, now)
+    };
+    *events += w
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Acquire { .. }))
+        .count();
+    let c = &w.counters;
+    let mut counts = vec![c.out_packets, c.in_packets, c.bypassed];
+    counts.extend_from_slice(&c.drops);
+    (v, buf.data().to_vec(), counts)
+}
+
+fn counts(w: &Worker) -> Vec<u64> {
+    let c = &w.counters;
+    let mut v = vec![c.out_packets, c.in_packets, c.bypassed];
+    v.extend_from_slice(&c.drops);
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(120))]
+
+    #[test]
+    fn batches_decide_as_single_packets_on_fresh_workers(
+        confs in prop::collection::vec((any::<bool>(), peer_conf()), 2 * PEERS),
+        pkts in prop::collection::vec(pkt(), 1..300),
+        sizes in prop::collection::vec(1usize..80, 1..12),
+        changes in prop::collection::vec((0..2 * PEERS, 0u8..6), 0..6),
+    ) {
+        let text = config(&confs);
+        // Two states from the same text: their SAs count sequence numbers
+        // apart, and see the same packets in the same order.
+        let (mut a, _, _) = State::default().apply_text(&text, "a", Duration::ZERO).unwrap();
+        let (mut b, _, _) = State::default().apply_text(&text, "b", Duration::ZERO).unwrap();
+        let (m, _, _) = State::default().apply_text(&mirror(&confs), "m", Duration::ZERO).unwrap();
+        // The packets, in both directions; inbound ones sealed by the peers.
+        let mut mw = Worker::new([5; 32]);
+        let mut list: Vec<(bool, Vec<u8>)> = Vec::new();
+        let mut last_in: Option<Vec<u8>> = None;
+        for (k, p) in pkts.iter().enumerate() {
+            let (v6, _) = confs[p.peer];
+            let (l, r) = (local(v6), peer(v6, p.peer));
+            let proto = if p.tcp { 6 } else { 17 };
+            if k % 2 == 0 {
+                list.push((true, packet(l, r, proto, p.sport, p.dport)));
+                continue;
+            }
+            if p.replay && let Some(prev) = &last_in {
+                list.push((false, prev.clone()));
+                continue;
+            }
+            let plain = packet(r, l, proto, p.sport, p.dport);
+            if p.plain {
+                list.push((false, plain));
+                continue;
+            }
+            let mut buf = PacketBuf::new();
+            buf.load(&plain);
+            if engine::outbound(&m, &mut mw, &mut buf, Duration::ZERO) == Verdict::Forward {
+                last_in = Some(buf.data().to_vec());
+                list.push((false, buf.data().to_vec()));
+            }
+        }
+        let mut w = Worker::new([9; 32]);
+        let mut ref_events = 0;
+        let mut ref_counts = vec![0u64; counts(&w).len()];
+        let mut at = 0;
+        let mut serial = 0;
+        for (round, size) in sizes.iter().cycle().enumerate() {
+            if at == list.len() {
+                break;
+            }
+            if let Some((n, kind)) = changes.get(round % 7) && round % 3 == 1 {
+                serial += 1;
+                let t = change(&confs, *n, *kind, serial);
+                a = a.apply_text(&t, "c", Duration::ZERO).unwrap().0;
+                b = b.apply_text(&t, "c", Duration::ZERO).unwrap().0;
+            }
+            // A run of one direction, as a worker's receive call gives.
+            let out = list[at].0;
+            let mut end = at;
+            while end < list.len() && end - at < *size && list[end].0 == out {
+                end += 1;
+            }
+            let mut bufs: Vec<PacketBuf> = list[at..end]
+                .iter()
+                .map(|(_, p)| {
+                    let mut b = PacketBuf::new();
+                    b.load(p);
+                    b
+                })
+                .collect();
+            let mut v = vec![Verdict::Forward; bufs.len()];
+            // Time goes on (use times are touched once a second per flow).
+            let now = Duration::from_millis(300 * round as u64);
+            if out {
+                engine::outbound_batch(&b, &mut w, &mut bufs, now, &mut v);
+            } else {
+                engine::inbound_batch(&b, &mut w, &mut bufs, now, &mut v);
+            }
+            for (j, (_, p)) in list[at..end].iter().enumerate() {
+                let (rv, rbytes, rc) = alone(&a, out, p, now, &mut ref_events);
+                prop_assert_eq!(v[j], rv, "packet {} ({}bound)", at + j, if out { "out" } else { "in" });
+                if rv == Verdict::Forward {
+                    prop_assert_eq!(bufs[j].data(), &rbytes[..], "packet {}", at + j);
+                }
+                for (x, y) in ref_counts.iter_mut().zip(rc) {
+                    *x += y;
+                }
+            }
+            at = end;
+        }
+        prop_assert_eq!(counts(&w), ref_counts);
+        // The same use times and counters on every policy and SA.
+        let uses = |s: &State| -> Vec<_> { s.spd.iter().map(|p| (p.id, p.used.get())).collect() };
+        prop_assert_eq!(uses(&b), uses(&a));
+        let sas = |s: &State| -> Vec<_> {
+            s.sad
+                .iter()
+                .map(|sa| {
+                    let c = &sa.counters;
+                    (sa.config.spi, c.packets.load(Relaxed), c.bytes.load(Relaxed), sa.used.get())
+                })
+                .collect()
+        };
+        prop_assert_eq!(sas(&b), sas(&a));
+        let events = w.events.iter().filter(|e| matches!(e, Event::Acquire { .. })).count();
+        prop_assert_eq!(events, ref_events);
+    }
+}
