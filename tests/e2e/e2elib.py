@@ -291,13 +291,13 @@ COUNTERS_LINE = re.compile(r"^.*?\b(final )?counters: (.*)$", re.M)
 
 def drop_reasons() -> frozenset[str]:
     """The engine's drop reasons, as it names them (DropReason::name in
-    src/engine.rs), so that a renamed or removed reason fails the tests
+    src/engine/mod.rs), so that a renamed or removed reason fails the tests
     that ask for it instead of reading as 0."""
-    text = (REPO_ROOT / "src" / "engine.rs").read_text()
+    text = (REPO_ROOT / "src" / "engine" / "mod.rs").read_text()
     body = text[text.index("pub fn name(self) -> &'static str"):]
     body = body[:body.index("\n    }\n")]
     names = frozenset(re.findall(r'DropReason::\w+ => "([a-z0-9-]+)"', body))
-    assert len(names) >= 10, f"cannot read the drop reasons from src/engine.rs: {sorted(names)}"
+    assert len(names) >= 10, f"cannot read the drop reasons from src/engine/mod.rs: {sorted(names)}"
     return names
 
 
