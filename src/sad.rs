@@ -241,8 +241,6 @@ pub struct Sa {
     /// Next outbound sequence number minus one.
     seq: AtomicU64,
     pub counters: SaCounters,
-    /// IPComp: RFC 3173's adaptive pauses (unused by ESP and AH).
-    pub ipcomp: crate::ipcomp::Adaptive,
     /// Last packet protected or accepted.
     pub used: UseTime,
     /// The window's highest accepted number, readable without the lock:
@@ -273,6 +271,9 @@ pub struct Sa {
     pub mac: Auth,
     /// Insertion order: among several matching SAs the newest wins.
     pub serial: u64,
+    /// IPComp: RFC 3173's adaptive pauses (unused by ESP and AH, so out
+    /// of their lines).
+    pub ipcomp: crate::ipcomp::Adaptive,
 }
 
 impl fmt::Debug for Sa {
