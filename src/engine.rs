@@ -808,14 +808,20 @@ pub fn inbound_batch<B: AsMut<PacketBuf>>(
         .begin_batch(state.generation, state.spd.len_dir(Dir::In));
     let mut sc = w.scratch.take().unwrap_or_else(Scratch::new);
     for (b, v) in bufs.chunks_mut(CHUNK).zip(verdicts.chunks_mut(CHUNK)) {
-        inbound_chunk(state, w, &mut sc, b, now, v);
+        // The stages' arrays are made (zeroed) per chunk: a packet alone
+        // does not pay for 32.
+        if b.len() == 1 {
+            inbound_chunk::<1, B>(state, w, &mut sc, b, now, v);
+        } else {
+            inbound_chunk::<CHUNK, B>(state, w, &mut sc, b, now, v);
+        }
         w.in_flows.end_batch();
     }
     w.scratch = Some(sc);
 }
 
 #[allow(clippy::needless_range_loop)]
-fn inbound_chunk<B: AsMut<PacketBuf>>(
+fn inbound_chunk<const N: usize, B: AsMut<PacketBuf>>(
     state: &State,
     w: &mut Worker,
     sc: &mut Scratch,
@@ -825,8 +831,8 @@ fn inbound_chunk<B: AsMut<PacketBuf>>(
 ) {
     let n = bufs.len();
     let second = flowcache::second(now);
-    let mut steps = [InStep::Done; CHUNK];
-    let mut spis = [None; CHUNK];
+    let mut steps = [InStep::Done; N];
+    let mut spis = [None; N];
     // Stage 1: parse (and reassemble), take off UDP, find the SPI.
     for i in 0..n {
         let buf = bufs[i].as_mut();
