@@ -5,10 +5,17 @@
 //! worth it and the result is smaller; otherwise it is sent without an
 //! IPComp header, as RFC 3173 section 2.2 requires. A payload that is
 //! already IPComp is never compressed again.
+//!
+//! Adaptive (RFC 3173 section 2.1): per SA, after a run of payloads that
+//! did not shrink, the next ones are sent uncompressed without trying,
+//! for a stretch that doubles while the data stays incompressible
+//! ([`Adaptive`]). Encrypted or already compressed traffic (most bulk
+//! data) then costs no DEFLATE run per packet.
 
 use crate::buf::PacketBuf;
 use crate::packet::{PROTO_IPCOMP, be16, put16, set_next_header};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 pub const HEADER: usize = 4;
 
@@ -26,8 +33,61 @@ pub enum IpCompError {
     TooBig,
 }
 
+/// Consecutive payloads that did not shrink before compression pauses.
+pub const ADAPT_FAILS: u32 = 8;
+/// Payloads sent without trying, the first time and at most.
+pub const ADAPT_MIN_SKIP: u32 = 16;
+pub const ADAPT_MAX_SKIP: u32 = 1024;
+
+/// RFC 3173 section 2.1's adaptive compression, kept per SA (relaxed
+/// atomics: the workers share it, and a lost update only shifts a pause).
+/// After [`ADAPT_FAILS`] payloads in a row that did not shrink, the next
+/// `skip` are sent without trying; `skip` starts at [`ADAPT_MIN_SKIP`] and
+/// doubles up to [`ADAPT_MAX_SKIP`] while tries keep failing. A payload
+/// that shrinks starts over. Compressible traffic never pauses.
+#[derive(Debug, Default)]
+pub struct Adaptive {
+    fails: AtomicU32,
+    skip: AtomicU32,
+    backoff: AtomicU32,
+}
+
+impl Adaptive {
+    /// Whether to try this payload (false: in a pause, one step used).
+    pub fn try_now(&self) -> bool {
+        let s = self.skip.load(Relaxed);
+        if s == 0 {
+            return true;
+        }
+        self.skip.store(s - 1, Relaxed);
+        false
+    }
+
+    /// What a try gave.
+    pub fn record(&self, shrank: bool) {
+        if shrank {
+            if self.fails.load(Relaxed) != 0 || self.backoff.load(Relaxed) != 0 {
+                self.fails.store(0, Relaxed);
+                self.backoff.store(0, Relaxed);
+            }
+            return;
+        }
+        let f = self.fails.load(Relaxed) + 1;
+        if f < ADAPT_FAILS {
+            self.fails.store(f, Relaxed);
+            return;
+        }
+        self.fails.store(0, Relaxed);
+        let b = (self.backoff.load(Relaxed) * 2).clamp(ADAPT_MIN_SKIP, ADAPT_MAX_SKIP);
+        self.backoff.store(b, Relaxed);
+        self.skip.store(b, Relaxed);
+    }
+}
+
 /// Per-worker DEFLATE state and scratch space, reused packet after packet.
 pub struct Codec {
+    /// DEFLATE runs so far (compression tries), for tests and profiles.
+    runs: u64,
     comp: Compress,
     decomp: Decompress,
     scratch: Vec<u8>,
@@ -42,6 +102,7 @@ impl Default for Codec {
 impl Codec {
     pub fn new() -> Self {
         Codec {
+            runs: 0,
             comp: Compress::new(Compression::default(), false),
             decomp: Decompress::new(false),
             scratch: Vec::with_capacity(65536 + 64),
@@ -49,13 +110,38 @@ impl Codec {
     }
 
     /// Compress the payload at `at` under CPI `cpi` if that makes it
-    /// smaller. Returns whether an IPComp header was added.
-    pub fn compress(&mut self, buf: &mut PacketBuf, at: usize, nh_pos: usize, cpi: u16) -> bool {
+    /// smaller. Returns whether an IPComp header was added, or `None` when
+    /// the payload is not worth a try (too short, or IPComp already).
+    pub fn compress(
+        &mut self,
+        buf: &mut PacketBuf,
+        at: usize,
+        nh_pos: usize,
+        cpi: u16,
+    ) -> Option<bool> {
         let next = buf.data()[nh_pos];
         let plen = buf.len() - at;
         if plen < THRESHOLD || next == PROTO_IPCOMP {
-            return false;
+            return None;
         }
+        self.runs += 1;
+        Some(self.deflate(buf, at, nh_pos, cpi, next, plen))
+    }
+
+    /// Compression tries so far.
+    pub fn runs(&self) -> u64 {
+        self.runs
+    }
+
+    fn deflate(
+        &mut self,
+        buf: &mut PacketBuf,
+        at: usize,
+        nh_pos: usize,
+        cpi: u16,
+        next: u8,
+        plen: usize,
+    ) -> bool {
         // The result must be smaller than the payload, header included.
         let limit = plen - HEADER - 1;
         self.comp.reset();

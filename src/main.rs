@@ -85,9 +85,10 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A one-shot command piped into `head` should end quietly, as Unix
-    // tools do, not panic on a closed stdout.
+    // tools do, not panic on a closed stdout (`run --dry-run` is one; the
+    // daemon ignores SIGPIPE).
     // SAFETY: setting a signal disposition before any thread starts.
-    if !matches!(cli.cmd, Cmd::Run(_)) {
+    if !matches!(&cli.cmd, Cmd::Run(a) if !a.dry_run) {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }

@@ -196,6 +196,117 @@ pub fn wanted(pkt: &[u8], info: &IpInfo) -> bool {
     }
 }
 
+/// Why [`fragment`] refused a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragmentError {
+    /// Not a whole IPv4 or IPv6 packet ([`packet::parse`] refuses it).
+    Malformed,
+    /// Already a fragment (IPv4 MF or an offset, an IPv6 fragment header).
+    Fragment,
+    /// IPv4 with DF set: neither its sender nor a router fragments it.
+    DontFragment,
+}
+
+impl std::fmt::Display for FragmentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FragmentError::Malformed => "not a whole IPv4 or IPv6 packet",
+            FragmentError::Fragment => "already a fragment",
+            FragmentError::DontFragment => "IPv4 with DF set",
+        })
+    }
+}
+
+impl std::error::Error for FragmentError {}
+
+/// IPv4 option types with the copied flag go into every fragment (RFC
+/// 791); the others only into the first.
+const IPOPT_COPIED: u8 = 0x80;
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+
+/// Split `pkt` as its sender's kernel (or, IPv4 without DF, a router)
+/// would: pieces of its fragmentable part of at most `size` bytes
+/// (rounded down to a multiple of 8, at least 8), each after a copy of
+/// the headers every fragment carries. [`Reassembler`] puts them back
+/// together into `pkt`, in any order.
+///
+/// - **IPv4**: every fragment keeps the datagram's identification: its
+///   sender chose it when it built the packet, AH's ICV covers it, and
+///   all fragments of one datagram must share it (`v6_id` is not used).
+///   The first fragment carries all options; in the later ones the
+///   options without the copied flag (Record Route, Timestamp...) are
+///   overwritten with NOPs, so that every header keeps its length, as
+///   Linux's `ip_options_fragment` does. Total length, flags, offset and
+///   checksum are set per fragment.
+/// - **IPv6**: the unfragmentable part (the header and the extension
+///   headers up to hop-by-hop or the last routing header, destination
+///   options before it included: RFC 8200 section 4.5) starts every
+///   fragment, then a Fragment header with identification `v6_id` naming
+///   what followed the unfragmentable part.
+///
+/// A packet whose fragmentable part fits in one piece comes back as one:
+/// IPv4 unchanged, IPv6 as an atomic fragment (RFC 6946). A packet with
+/// nothing after its headers comes back unchanged.
+pub fn fragment(pkt: &[u8], size: usize, v6_id: u32) -> Result<Vec<Vec<u8>>, FragmentError> {
+    let info = packet::parse(pkt).map_err(|_| FragmentError::Malformed)?;
+    if info.fragment {
+        return Err(FragmentError::Fragment);
+    }
+    let v6 = info.is_v6();
+    let hl = info.insert_at;
+    let data = &pkt[hl..];
+    let size = (size / 8).max(1) * 8;
+    if data.is_empty() || (!v6 && data.len() <= size) {
+        return Ok(vec![pkt.to_vec()]);
+    }
+    if !v6 && packet::be16(pkt, 6) & 0x4000 != 0 {
+        return Err(FragmentError::DontFragment);
+    }
+    // The headers of the later IPv4 fragments: options not to be copied
+    // become NOPs.
+    let mut later_head = pkt[..hl].to_vec();
+    if !v6 {
+        let mut i = 20;
+        while i < hl {
+            match later_head[i] {
+                IPOPT_END => break,
+                IPOPT_NOOP => i += 1,
+                ty => {
+                    let len = later_head.get(i + 1).map_or(0, |l| *l as usize);
+                    if len < 2 || i + len > hl {
+                        break; // malformed options: left as they are
+                    }
+                    if ty & IPOPT_COPIED == 0 {
+                        later_head[i..i + len].fill(IPOPT_NOOP);
+                    }
+                    i += len;
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(data.len().div_ceil(size));
+    for (i, chunk) in data.chunks(size).enumerate() {
+        let off = i * size;
+        let more = off + chunk.len() < data.len();
+        let mut f = Vec::with_capacity(hl + 8 + chunk.len());
+        f.extend_from_slice(if i == 0 { &pkt[..hl] } else { &later_head });
+        if v6 {
+            f[info.next_hdr_pos] = packet::PROTO_FRAGMENT;
+            f.extend_from_slice(&[info.next_hdr, 0]);
+            f.extend_from_slice(&(off as u16 | more as u16).to_be_bytes());
+            f.extend_from_slice(&v6_id.to_be_bytes());
+        } else {
+            let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+            f[6..8].copy_from_slice(&fo.to_be_bytes());
+        }
+        f.extend_from_slice(chunk);
+        packet::fix_lengths(&mut f);
+        out.push(f);
+    }
+    Ok(out)
+}
+
 /// The IPv6 fragment header: (position of the next-header byte naming
 /// it, its offset).
 fn v6_fragment_header(pkt: &[u8]) -> Option<(usize, usize)> {
@@ -548,25 +659,7 @@ mod tests {
         };
         p.extend_from_slice(&body);
         fix_lengths(&mut p);
-        let hl = if v6 { 40 } else { 20 };
-        let mut frags = Vec::new();
-        for (i, c) in body.chunks(size).enumerate() {
-            let off = i * size;
-            let more = off + c.len() < n;
-            let mut f = p[..hl].to_vec();
-            if v6 {
-                f[6] = packet::PROTO_FRAGMENT;
-                f.extend_from_slice(&[packet::PROTO_ESP, 0]);
-                f.extend_from_slice(&(off as u16 | more as u16).to_be_bytes());
-                f.extend_from_slice(&id.to_be_bytes());
-            } else {
-                let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
-                f[6..8].copy_from_slice(&fo.to_be_bytes());
-            }
-            f.extend_from_slice(c);
-            fix_lengths(&mut f);
-            frags.push(f);
-        }
+        let frags = fragment(&p, size, id).unwrap();
         (p, frags)
     }
 
@@ -868,5 +961,159 @@ mod tests {
         t.r.flush(&mut t.c);
         assert_eq!(t.drops(DropReason::FragIncomplete), 2);
         assert_eq!((t.r.in_progress(), t.r.bytes()), (0, 0));
+    }
+
+    /// Reassemble `frags` pushed in reverse order (the last one first):
+    /// the datagram.
+    fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+        let mut t = T::new(Limits::default());
+        for (k, f) in frags.iter().rev().enumerate() {
+            let want = if k + 1 == frags.len() {
+                Outcome::Complete
+            } else {
+                Outcome::Held
+            };
+            assert_eq!(t.push(f, 0), want, "fragment {k} from the end");
+        }
+        t.buf.data().to_vec()
+    }
+
+    #[test]
+    fn ipv4_fragments_copy_only_the_options_marked_copied() {
+        // Router alert (copied), record route and timestamp (not copied),
+        // a NOP and EOL: 20 + 4 + 7 + 1 + 12 = 44 bytes of header.
+        let mut p = vec![
+            0x40 | 11,
+            0,
+            0,
+            0,
+            0xbe,
+            0xef,
+            0,
+            0,
+            64,
+            packet::PROTO_ESP,
+            0,
+            0,
+        ];
+        p.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        p.extend_from_slice(&[0x94, 4, 0, 0]);
+        p.extend_from_slice(&[7, 7, 4, 0, 0, 0, 0]);
+        p.push(IPOPT_NOOP);
+        p.extend_from_slice(&[0x44, 12, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(p.len(), 44);
+        p.extend((0..2500u32).map(|i| (i * 7) as u8));
+        fix_lengths(&mut p);
+        let frags = fragment(&p, 1000, 0x1234_5678).unwrap();
+        assert_eq!(frags.len(), 3);
+        let mut later = p[..44].to_vec();
+        later[24..31].fill(IPOPT_NOOP);
+        later[32..44].fill(IPOPT_NOOP);
+        for (i, f) in frags.iter().enumerate() {
+            let info = packet::parse(f).unwrap();
+            assert!(info.fragment);
+            assert_eq!(info.insert_at, 44, "every header keeps its length");
+            assert_eq!(&f[4..6], &[0xbe, 0xef], "the datagram's identification");
+            let fo = packet::be16(f, 6);
+            assert_eq!(fo & 0x1fff, (i * 1000 / 8) as u16);
+            assert_eq!(fo & 0x2000 != 0, i < 2, "MF");
+            let head = if i == 0 { &p[..44] } else { &later[..] };
+            assert_eq!(&f[8..10], &head[8..10], "TTL and protocol");
+            assert_eq!(
+                &f[12..44],
+                &head[12..44],
+                "addresses and options of fragment {i}"
+            );
+            assert_eq!(
+                packet::checksum(&f[..44]),
+                0,
+                "header checksum of fragment {i}"
+            );
+        }
+        assert_eq!(frags[2].len(), 44 + 500);
+        assert_eq!(reassemble(&frags), p);
+    }
+
+    #[test]
+    fn ipv6_fragments_repeat_the_unfragmentable_part() {
+        // Hop-by-hop, destination options, a routing header (type 2, one
+        // address), then destination options again (fragmentable: after
+        // the routing header), then ESP.
+        let mut p = vec![0x60, 0, 0, 0, 0, 0, packet::PROTO_HOPOPTS, 64];
+        p.extend_from_slice(&[0xfd; 16]);
+        p.extend_from_slice(&[0xfe; 16]);
+        p.extend_from_slice(&[packet::PROTO_DSTOPTS, 0, 1, 4, 0, 0, 0, 0]);
+        p.extend_from_slice(&[packet::PROTO_ROUTING, 0, 1, 4, 0, 0, 0, 0]);
+        p.extend_from_slice(&[packet::PROTO_DSTOPTS, 2, 2, 1, 0, 0, 0, 0]);
+        p.extend_from_slice(&[0x20; 16]);
+        let unfrag = p.len();
+        p.extend_from_slice(&[packet::PROTO_ESP, 0, 1, 4, 0, 0, 0, 0]);
+        p.extend((0..3000u32).map(|i| (i * 3) as u8));
+        fix_lengths(&mut p);
+        let frags = fragment(&p, 1027, 0xfeed).unwrap();
+        assert_eq!(frags.len(), 3, "1027 rounds down to 1024");
+        for (i, f) in frags.iter().enumerate() {
+            assert_eq!(&f[..4], &p[..4]);
+            assert_eq!(packet::be16(f, 4) as usize, f.len() - 40, "payload length");
+            assert_eq!(&f[6..unfrag - 24], &p[6..unfrag - 24]);
+            assert_eq!(
+                f[unfrag - 24],
+                packet::PROTO_FRAGMENT,
+                "the routing header names it"
+            );
+            assert_eq!(&f[unfrag - 23..unfrag], &p[unfrag - 23..unfrag]);
+            let fh = &f[unfrag..unfrag + 8];
+            assert_eq!(
+                fh[0],
+                packet::PROTO_DSTOPTS,
+                "what followed the routing header"
+            );
+            assert_eq!(packet::be16(fh, 2), (i * 1024) as u16 | (i < 2) as u16);
+            assert_eq!(packet::be32(fh, 4), 0xfeed);
+        }
+        assert_eq!(reassemble(&frags), p);
+    }
+
+    #[test]
+    fn what_fragment_refuses_or_leaves_whole() {
+        let (whole4, _) = esp(false, 100, 1024, 1);
+        let (whole6, _) = esp(true, 100, 1024, 1);
+        assert_eq!(
+            fragment(&whole4, 1024, 0).unwrap(),
+            vec![whole4.clone()],
+            "fits"
+        );
+        let atomic = fragment(&whole6, 1024, 0x77).unwrap();
+        assert_eq!(atomic.len(), 1);
+        let info = packet::parse(&atomic[0]).unwrap();
+        assert!(
+            info.fragment && !info.later_fragment,
+            "IPv6: an atomic fragment"
+        );
+        let mut t = T::new(Limits::default());
+        assert_eq!(t.push(&atomic[0], 0), Outcome::Complete);
+        assert_eq!(t.buf.data(), &whole6[..]);
+
+        let mut df = whole4.clone();
+        df[6] = 0x40;
+        fix_lengths(&mut df);
+        assert_eq!(fragment(&df, 16, 0), Err(FragmentError::DontFragment));
+        assert_eq!(
+            fragment(&df, 1024, 0).unwrap(),
+            vec![df.clone()],
+            "DF, but it fits"
+        );
+        let (_, frags) = esp(true, 100, 16, 1);
+        assert_eq!(fragment(&frags[0], 8, 0), Err(FragmentError::Fragment));
+        let (_, frags) = esp(false, 100, 16, 1);
+        assert_eq!(fragment(&frags[1], 8, 0), Err(FragmentError::Fragment));
+        assert_eq!(fragment(&whole4[..50], 8, 0), Err(FragmentError::Malformed));
+        assert_eq!(fragment(&[], 8, 0), Err(FragmentError::Malformed));
+        // Headers alone: nothing to cut.
+        let mut bare = whole6[..40].to_vec();
+        fix_lengths(&mut bare);
+        assert_eq!(fragment(&bare, 8, 0).unwrap(), vec![bare.clone()]);
+        // A size under 8 is 8.
+        assert_eq!(fragment(&whole4, 3, 0).unwrap().len(), 100 / 8 + 1);
     }
 }

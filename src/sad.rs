@@ -271,6 +271,9 @@ pub struct Sa {
     pub mac: Auth,
     /// Insertion order: among several matching SAs the newest wins.
     pub serial: u64,
+    /// IPComp: RFC 3173's adaptive pauses (unused by ESP and AH, so out
+    /// of their lines).
+    pub ipcomp: crate::ipcomp::Adaptive,
 }
 
 impl fmt::Debug for Sa {
@@ -359,6 +362,7 @@ impl Sa {
             serial,
             seq: AtomicU64::new(0),
             counters: SaCounters::default(),
+            ipcomp: Default::default(),
             used: UseTime::default(),
             soft_fired: AtomicBool::new(false),
             hard_fired: AtomicBool::new(false),
@@ -758,6 +762,15 @@ impl Sad {
                     && reqid.is_none_or(|r| sa.config.reqid == r)
                     && sa.config.selector.is_none_or(|s| s.matches(flow))
             })
+    }
+
+    /// SAs in `self` that `old` does not have (added, or replaced by an
+    /// update): at the cost of the change.
+    pub fn added_since<'a>(&'a self, old: &'a Sad) -> impl Iterator<Item = &'a Arc<Sa>> {
+        self.by_spi
+            .changes_since(&old.by_spi, Arc::ptr_eq)
+            .into_iter()
+            .filter_map(|(_, new)| new)
     }
 
     /// All SAs in no particular order (no sort: for scans of every SA).

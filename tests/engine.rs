@@ -6,6 +6,7 @@ use std::time::Duration;
 use tunsec::buf::PacketBuf;
 use tunsec::engine::{self, DropReason, Event, Verdict, Worker};
 use tunsec::packet::{self, fix_lengths};
+use tunsec::reassembly::fragment;
 use tunsec::sad::Proto;
 use tunsec::state::State;
 
@@ -468,6 +469,88 @@ fn ipcomp_compresses_only_when_it_pays() {
 }
 
 #[test]
+fn ipcomp_pauses_on_incompressible_data_and_resumes_on_text() {
+    // RFC 3173 section 2.1: after ADAPT_FAILS payloads that do not shrink,
+    // the next ADAPT_MIN_SKIP go without a try (then twice as many), and
+    // every packet still opens on the peer; the first shrinking payload
+    // after a pause ends the backoff.
+    use tunsec::ipcomp::{ADAPT_FAILS, ADAPT_MIN_SKIP};
+    let text = format!(
+        "add {A4} {B4} ipcomp 0x4000 -C deflate;\n\
+         spdadd {A4} {B4} any -P out ipsec ipcomp/transport//use;\n\
+         spdadd {A4} {B4} any -P in ipsec ipcomp/transport//use;\n"
+    );
+    let (a, b) = (state(&text), state(&text));
+    let (mut wa, mut wb) = (Worker::new([0; 32]), Worker::new([0; 32]));
+    let mut buf = PacketBuf::new();
+    let mut x = 7u32;
+    let mut noise = || -> Vec<u8> {
+        (0..1200)
+            .map(|_| {
+                x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+                (x >> 24) as u8
+            })
+            .collect()
+    };
+    let words: Vec<u8> = b"all work and no play makes jack a dull boy. "
+        .iter()
+        .cycle()
+        .take(1200)
+        .cloned()
+        .collect();
+    let deflate_runs = |w: &Worker| w.compression_tries();
+    let mut send = |payload: &[u8], wa: &mut Worker| -> bool {
+        let p = tcp(A4, B4, payload);
+        buf.load(&p);
+        assert_eq!(
+            engine::outbound(&a, wa, &mut buf, Duration::ZERO),
+            Verdict::Forward
+        );
+        let compressed = buf.data()[9] == 108;
+        assert_eq!(
+            engine::inbound(&b, &mut wb, &mut buf, Duration::ZERO),
+            Verdict::Forward
+        );
+        assert_eq!(buf.data(), &p[..]);
+        compressed
+    };
+    for _ in 0..ADAPT_FAILS {
+        assert!(!send(&noise(), &mut wa));
+    }
+    let runs = deflate_runs(&wa);
+    // The pause: text too goes uncompressed, and DEFLATE does not run.
+    for _ in 0..ADAPT_MIN_SKIP {
+        assert!(!send(&words, &mut wa));
+    }
+    assert_eq!(deflate_runs(&wa), runs);
+    // Tries again: text shrinks, and the backoff starts over.
+    assert!(send(&words, &mut wa));
+    for _ in 0..ADAPT_FAILS {
+        assert!(!send(&noise(), &mut wa));
+    }
+    let runs = deflate_runs(&wa);
+    for _ in 0..ADAPT_MIN_SKIP {
+        send(&noise(), &mut wa);
+    }
+    assert_eq!(
+        deflate_runs(&wa),
+        runs,
+        "a second pause after a success is again the shortest"
+    );
+    // Still incompressible: the next pause is twice as long.
+    for _ in 0..ADAPT_FAILS {
+        send(&noise(), &mut wa);
+    }
+    let runs = deflate_runs(&wa);
+    for _ in 0..2 * ADAPT_MIN_SKIP {
+        send(&noise(), &mut wa);
+    }
+    assert_eq!(deflate_runs(&wa), runs);
+    send(&noise(), &mut wa);
+    assert_eq!(deflate_runs(&wa), runs + 1);
+}
+
+#[test]
 fn ipcomp_rejects_corrupt_data_and_bombs() {
     let text = format!(
         "add {A4} {B4} ipcomp 0x4000 -C deflate;\n\
@@ -674,35 +757,14 @@ fn a_fragment_without_an_sa_is_dropped_as_a_fragment_not_held() {
     assert!(matches!(w.events[..], [Event::Acquire { .. }]));
 }
 
-/// `p` (a whole IPv4 or IPv6 packet without extension headers) as the
-/// sender's kernel fragments it: data pieces of `size` bytes (a multiple
-/// of 8), IPv4 offsets and MF, or an IPv6 fragment header with `id`.
-fn fragments(p: &[u8], size: usize, id: u32) -> Vec<Vec<u8>> {
-    let v6 = p[0] >> 4 == 6;
-    let hl = if v6 { 40 } else { 20 };
-    let data = &p[hl..];
-    let mut out = Vec::new();
-    for (i, chunk) in data.chunks(size).enumerate() {
-        let off = i * size;
-        let more = off + chunk.len() < data.len();
-        let mut f = p[..hl].to_vec();
-        if v6 {
-            let nh = f[6];
-            f[6] = packet::PROTO_FRAGMENT;
-            f.extend_from_slice(&[nh, 0]);
-            f.extend_from_slice(&((off as u16) | more as u16).to_be_bytes());
-            f.extend_from_slice(&id.to_be_bytes());
-        } else {
-            let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
-            // (the identification stays: AH covers it)
-            let _ = id;
-            f[6..8].copy_from_slice(&fo.to_be_bytes());
-        }
-        f.extend_from_slice(chunk);
-        fix_lengths(&mut f);
-        out.push(f);
+/// The same packet without DF (IPv4), so that its sender, or a router,
+/// may fragment it. (DF is not covered by AH or ESP.)
+fn may_fragment(mut p: Vec<u8>) -> Vec<u8> {
+    if p[0] >> 4 == 4 {
+        p[6] &= !0x40;
+        fix_lengths(&mut p);
     }
-    out
+    p
 }
 
 #[test]
@@ -711,13 +773,9 @@ fn fragmented_ah_and_esp_are_reassembled_then_opened_in_any_order() {
         for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
             let mut p = Pair::seed(64);
             let data: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
-            let mut plain = tcp(src, dst, &data);
-            if src == A4 {
-                plain[6] = 0; // no DF: a router or the sender may fragment it
-                fix_lengths(&mut plain);
-            }
+            let plain = may_fragment(tcp(src, dst, &data));
             let sealed = p.out(&plain).unwrap();
-            let frags = fragments(&sealed, 1448, 0xabcd);
+            let frags = fragment(&sealed, 1448, 0xabcd).unwrap();
             assert_eq!(frags.len(), 3);
             for (k, &i) in order.iter().enumerate() {
                 assert!(p.buf.load(&frags[i]));
@@ -738,11 +796,61 @@ fn fragmented_ah_and_esp_are_reassembled_then_opened_in_any_order() {
 }
 
 #[test]
+fn ah_over_ipv4_options_survives_fragmentation() {
+    // Router Alert (copied into every fragment) and a Timestamp (only in
+    // the first; later fragments carry NOPs in its place, as Linux
+    // sends them): the datagram reassembled from the first fragment's
+    // header is what AH signed.
+    let text = format!(
+        "add {A4} {B4} ah 0x900 -r 64 -A hmac-sha256 0x{k};\n\
+         spdadd {A4} {B4} any -P out ipsec ah/transport//require;\n\
+         spdadd {A4} {B4} any -P in ipsec ah/transport//require;\n",
+        k = "ef".repeat(32)
+    );
+    let a = state(&text);
+    let mut w = Worker::new([0; 32]);
+    let mut buf = PacketBuf::new();
+    let mut p = vec![0x48, 0, 0, 0, 0x0b, 0xad, 0, 0, 64, 17, 0, 0];
+    for a in [A4, B4] {
+        p.extend_from_slice(&a.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    }
+    p.extend_from_slice(&[148, 4, 0, 0, 68, 8, 5, 0, 0, 0, 0, 0]);
+    let mut udp = vec![0x12, 0x34, 0, 53, 0, 0, 0, 0];
+    udp.extend((0..3000u32).map(|i| (i * 11) as u8));
+    let ulen = udp.len() as u16;
+    udp[4..6].copy_from_slice(&ulen.to_be_bytes());
+    p.extend_from_slice(&udp);
+    fix_lengths(&mut p);
+    assert!(buf.load(&p));
+    assert_eq!(
+        engine::outbound(&a, &mut w, &mut buf, Duration::ZERO),
+        Verdict::Forward
+    );
+    let sealed = buf.data().to_vec();
+    let frags = fragment(&sealed, 1200, 0).unwrap();
+    assert_eq!(frags.len(), 3);
+    assert_eq!(&frags[1][24..32], &[1; 8], "the timestamp is not copied");
+    assert_eq!(&frags[1][20..24], &[148, 4, 0, 0], "the router alert is");
+    let mut wb = Worker::new([1; 32]);
+    for (k, f) in frags.iter().rev().enumerate() {
+        assert!(buf.load(f));
+        let v = engine::inbound(&a, &mut wb, &mut buf, Duration::ZERO);
+        if k < 2 {
+            assert_eq!(v, Verdict::Held);
+        } else {
+            assert_eq!(v, Verdict::Forward);
+            assert_eq!(buf.data(), &p[..]);
+        }
+    }
+    assert_eq!(wb.counters.total_drops(), 0);
+}
+
+#[test]
 fn overlapping_fragments_drop_the_datagram_and_its_stragglers() {
     for (src, dst) in [(A4, B4), (A6, B6)] {
         let mut p = Pair::seed(64);
-        let sealed = p.out(&tcp(src, dst, &[9u8; 2000])).unwrap();
-        let frags = fragments(&sealed, 1000, 7);
+        let sealed = p.out(&may_fragment(tcp(src, dst, &[9u8; 2000]))).unwrap();
+        let frags = fragment(&sealed, 1000, 7).unwrap();
         // A fragment that overlaps the first one by 8 bytes.
         let mut evil = frags[1].clone();
         let at = if src == A4 { 6 } else { 42 };
@@ -774,8 +882,8 @@ fn overlapping_fragments_drop_the_datagram_and_its_stragglers() {
 fn a_lone_fragment_expires_and_is_counted() {
     for (src, dst, secs) in [(A4, B4, 30), (A6, B6, 60)] {
         let mut p = Pair::seed(64);
-        let sealed = p.out(&tcp(src, dst, &[1u8; 2000])).unwrap();
-        let frags = fragments(&sealed, 1000, 9);
+        let sealed = p.out(&may_fragment(tcp(src, dst, &[1u8; 2000]))).unwrap();
+        let frags = fragment(&sealed, 1000, 9).unwrap();
         assert!(p.buf.load(&frags[0]));
         assert_eq!(
             engine::inbound(&p.b, &mut p.wb, &mut p.buf, Duration::ZERO),

@@ -6,22 +6,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 use std::time::Duration;
 use tunsec::control::{self, Request};
 use tunsec::engine::Counters;
-use tunsec::state::State;
-
-fn all() -> &'static State {
-    static S: OnceLock<State> = OnceLock::new();
-    S.get_or_init(|| tunsec_fuzz::state(None))
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let state = all();
+    let state = tunsec_fuzz::all();
     let now = Duration::from_secs(10);
     let reply = match control::parse_request(text) {
         Err(e) => control::error(&e),

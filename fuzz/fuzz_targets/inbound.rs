@@ -14,12 +14,12 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 use std::time::Duration;
 use tunsec::buf::PacketBuf;
 use tunsec::engine::{self, Verdict, Worker};
+use tunsec::reassembly::fragment;
 use tunsec::state::State;
-use tunsec_fuzz::{addresses, fragment, plaintext, scenarios, state};
+use tunsec_fuzz::{addresses, plaintext, scenarios, state};
 
 #[derive(Arbitrary, Debug)]
 enum Mutation {
@@ -48,11 +48,6 @@ enum Mutation {
     Wait {
         millis: u32,
     },
-}
-
-fn all() -> &'static State {
-    static S: OnceLock<State> = OnceLock::new();
-    S.get_or_init(|| state(None))
 }
 
 fn deliver(
@@ -118,9 +113,9 @@ fn structured(data: &[u8]) -> arbitrary::Result<()> {
                     }
                 }
                 Mutation::Fragment { size, order } => {
-                    // (mutations may have left it no IP packet to split)
-                    if tunsec::packet::parse(&pkt).is_ok() {
-                        let mut frags = fragment(&pkt, size as usize, order as u32);
+                    // (Mutations may have left it no whole IP packet, a
+                    // fragment, or DF set: nothing to split then.)
+                    if let Ok(mut frags) = fragment(&pkt, size as usize, order as u32) {
                         let n = frags.len();
                         if n > 1 {
                             frags.rotate_left(order as usize % n);
@@ -149,7 +144,7 @@ fuzz_target!(|data: &[u8]| {
         Some((mode, rest)) if mode & 1 == 0 => {
             let mut w = Worker::new([3; 32]);
             let mut buf = PacketBuf::new();
-            deliver(all(), &mut w, &mut buf, rest, Duration::ZERO);
+            deliver(tunsec_fuzz::all(), &mut w, &mut buf, rest, Duration::ZERO);
         }
         Some((_, rest)) => {
             let _ = structured(rest);

@@ -5,19 +5,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 use std::time::Duration;
 use tunsec::buf::PacketBuf;
 use tunsec::engine::{self, Verdict, Worker};
-use tunsec::state::State;
-
-fn all() -> &'static State {
-    static S: OnceLock<State> = OnceLock::new();
-    S.get_or_init(|| tunsec_fuzz::state(None))
-}
 
 fuzz_target!(|data: &[u8]| {
-    let state = all();
+    let state = tunsec_fuzz::all();
     let mut w = Worker::new([4; 32]);
     let mut buf = PacketBuf::new();
     if !buf.load(data) {

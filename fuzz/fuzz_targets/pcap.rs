@@ -5,14 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 use tunsec::pcap::{Direction, run_bytes};
-use tunsec::state::State;
-
-fn all() -> &'static State {
-    static S: OnceLock<State> = OnceLock::new();
-    S.get_or_init(|| tunsec_fuzz::state(None))
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((dir, file)) = data.split_first() else {
@@ -23,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Direction::Out
     };
-    if let Ok((summary, out)) = run_bytes(all(), dir, file, [6; 32]) {
+    if let Ok((summary, out)) = run_bytes(tunsec_fuzz::all(), dir, file, [6; 32]) {
         assert!(summary.written <= summary.read);
         assert!(out.len() >= 24 || summary.read == 0);
     }

@@ -5,14 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 use std::time::Duration;
 use tunsec::state::State;
-
-fn all() -> &'static State {
-    static S: OnceLock<State> = OnceLock::new();
-    S.get_or_init(|| tunsec_fuzz::state(None))
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -29,5 +23,5 @@ fuzz_target!(|data: &[u8]| {
             let _ = p.to_string();
         }
     }
-    let _ = all().apply_text(text, "fuzz.conf", now);
+    let _ = tunsec_fuzz::all().apply_text(text, "fuzz.conf", now);
 });

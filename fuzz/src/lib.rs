@@ -1,9 +1,11 @@
 //! What the fuzz targets share: a state with every transform, keyed with
 //! fixed keys, and plaintext packets built from fuzzer input. Everything
-//! that is tested is tunsec's public API; nothing here re-implements it.
+//! that is tested is tunsec's public API; nothing here re-implements it
+//! (fragments are cut by `tunsec::reassembly::fragment`).
 
 use arbitrary::{Result, Unstructured};
 use std::net::IpAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 use tunsec::packet;
 use tunsec::state::State;
@@ -138,6 +140,14 @@ pub fn setkey_text(i: usize) -> String {
     t
 }
 
+/// The state with every scenario, built once per process: what most
+/// targets run their inputs against. (Its SAs' counters, sequence numbers
+/// and replay windows move as inputs use them, as in a daemon.)
+pub fn all() -> &'static State {
+    static S: OnceLock<State> = OnceLock::new();
+    S.get_or_init(|| state(None))
+}
+
 /// The state of scenario `i`, or of all of them (`None`).
 pub fn state(i: Option<usize>) -> State {
     let text = match i {
@@ -216,35 +226,4 @@ pub fn plaintext(u: &mut Unstructured, src: IpAddr, dst: IpAddr, max: usize) -> 
     p.extend_from_slice(&l4);
     packet::fix_lengths(&mut p);
     Ok(p)
-}
-
-/// Split a whole IP packet (no IPv6 extension headers) into fragments of
-/// `size` data bytes (rounded to a multiple of 8), as a sender's kernel
-/// would. IPv4 keeps its identification (AH covers it) and loses DF.
-/// `p` must parse (`tunsec::packet::parse`).
-pub fn fragment(p: &[u8], size: usize, id: u32) -> Vec<Vec<u8>> {
-    let v6 = p[0] >> 4 == 6;
-    let hl = if v6 { 40 } else { (p[0] & 0x0f) as usize * 4 };
-    let size = (size.max(8) / 8) * 8;
-    let data = &p[hl..];
-    let mut out = Vec::new();
-    for (i, chunk) in data.chunks(size).enumerate() {
-        let off = i * size;
-        let more = off + chunk.len() < data.len();
-        let mut f = p[..hl].to_vec();
-        if v6 {
-            let nh = f[6];
-            f[6] = packet::PROTO_FRAGMENT;
-            f.extend_from_slice(&[nh, 0]);
-            f.extend_from_slice(&((off as u16) | more as u16).to_be_bytes());
-            f.extend_from_slice(&id.to_be_bytes());
-        } else {
-            let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
-            f[6..8].copy_from_slice(&fo.to_be_bytes());
-        }
-        f.extend_from_slice(chunk);
-        packet::fix_lengths(&mut f);
-        out.push(f);
-    }
-    out
 }

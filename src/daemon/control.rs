@@ -478,6 +478,9 @@ impl Control {
         cur: &Arc<State>,
         next: State,
     ) -> Result<(), String> {
+        if let Some(e) = super::net::unreceivable(&cur.sad, &next.sad) {
+            return Err(e);
+        }
         let spd_changed = cur.spd.version() != next.spd.version();
         if spd_changed && let Err(e) = plumbing.update(cur, &next) {
             return Err(format!("policies not applied: {e:#}"));

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod gso;
+pub mod journal;
 pub mod lock;
 pub mod net;
 pub mod nfset;
@@ -90,7 +91,17 @@ pub const MAX_OVERHEAD: u16 = 128;
 fn log_init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: under systemd stdout is the journal.
+    if journal::stdout_is_journal() {
+        // The journal stamps each line itself and takes its priority from
+        // a `<N>` prefix (sd-daemon(3)): `journalctl -p err` finds errors.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .event_format(journal::format())
+            .try_init();
+        return;
+    }
+    // Colours only on a terminal.
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -225,6 +236,9 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let file = path.display().to_string();
             let (state, _, warnings) = base.apply_text(&text, &file, Duration::ZERO)?;
+            if let Some(e) = net::unreceivable(&base.sad, &state.sad) {
+                bail!("{file}: {e}");
+            }
             for w in &warnings {
                 tracing::warn!("{file}:{}: {}", w.line, w.message);
             }
@@ -334,16 +348,33 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
 
     let _claims = net::protocol_claims().context("cannot open raw sockets for ESP/AH/IPComp")?;
     let group = (Instance::hash(&inst.tun) ^ std::process::id()) as u16;
+    let (mut rx, why) = net::Rx::choose(&inst.tun);
     let mut ios = Vec::new();
     for q in tun.queues {
-        ios.push(workers::Io {
-            tun: q,
-            packets: [
+        if matches!(rx, net::Rx::Tap { .. }) && ios.is_empty() {
+            // The first tap tells whether the kernel has the fanout flag.
+            if let Err(e) = net::packet_socket(group, libc::ETH_P_ALL as u16) {
+                tracing::info!(
+                    "receiving with a socket per family: the kernel refused a tap that skips outgoing frames ({e})"
+                );
+                rx = net::Rx::PerFamily;
+            }
+        }
+        let packets = match rx {
+            net::Rx::Tap { .. } => vec![
+                net::packet_socket(group, libc::ETH_P_ALL as u16)
+                    .context("cannot open the packet socket")?,
+            ],
+            net::Rx::PerFamily => vec![
                 net::packet_socket(group, libc::ETH_P_IP as u16)
                     .context("cannot open the IPv4 packet socket")?,
                 net::packet_socket(group.wrapping_add(1), libc::ETH_P_IPV6 as u16)
                     .context("cannot open the IPv6 packet socket")?,
             ],
+        };
+        ios.push(workers::Io {
+            tun: q,
+            packets,
             sender: net::Sender::new(inst.mark).context("cannot open raw sending sockets")?,
             gso: match gso::Gso::new(inst.mark) {
                 Ok(g) => Some(g),
@@ -354,7 +385,28 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
             },
         });
     }
-    let plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
+    let mut plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
+    match &rx {
+        net::Rx::Tap { .. } if !nftables::early_drop() => {
+            tracing::info!("receiving by tap; TUNSEC_EARLY_DROP=0: the kernel's copy goes on")
+        }
+        net::Rx::Tap { links } => match plumbing.set_ingress(Some(links)) {
+            Ok(()) => tracing::info!(
+                "receiving by tap; received IPsec dropped at ingress on {}",
+                links.join(", ")
+            ),
+            Err(e) => tracing::warn!(
+                "receiving by tap; received IPsec dropped at prerouting (no ingress chain: {e:#})"
+            ),
+        },
+        net::Rx::PerFamily => {
+            plumbing.set_ingress(None)?;
+            tracing::info!(
+                "receiving with a socket per family ({})",
+                why.as_deref().unwrap_or("the tap is not available")
+            );
+        }
+    }
 
     let shared = Arc::new(Shared::new(state, workers));
     let listener = match control::listen(&control_path) {

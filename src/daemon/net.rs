@@ -4,7 +4,10 @@
 //! - Sending: `AF_INET`/`SOCK_RAW`/`IPPROTO_RAW` (header included) and the
 //!   IPv6 equivalent with `IPV6_HDRINCL`, both carrying tunsec's firewall
 //!   mark so that policy routing sends them out of the real interface,
-//!   never back into the TUN device.
+//!   never back into the TUN device. With `IP_RECVERR`/`IPV6_RECVERR`, so
+//!   that a packet the qdisc drops fails its send (`ENOBUFS`; without it
+//!   the kernel reports success, net/ipv4/raw.c); what the kernel then
+//!   queues on the socket's error queue is drained after failed sends.
 //! - Receiving: `AF_PACKET`/`SOCK_DGRAM` sockets, one per worker, joined in
 //!   a fanout group that hashes by flow and defragments IPv4 first. They
 //!   see the whole IP packet, IPv6 extension headers included (an IPv6 raw
@@ -16,10 +19,12 @@
 //!   answer "protocol unreachable"; a raw socket bound to each protocol
 //!   (with a drop-everything filter) tells it the protocol is taken.
 
+use std::cell::Cell;
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -176,13 +181,19 @@ fn ipsec_filter() -> Vec<libc::sock_filter> {
     ])
 }
 
-/// A receiving packet socket for one ethertype (`libc::ETH_P_IP` or
-/// `libc::ETH_P_IPV6`), member of fanout group `group`.
+/// A receiving packet socket for one ethertype (`libc::ETH_P_IP`,
+/// `libc::ETH_P_IPV6`, or `libc::ETH_P_ALL` for [`Rx::Tap`]), member of
+/// fanout group `group`.
 ///
-/// Bound to one ethertype, not ETH_P_ALL: an ETH_P_ALL socket is a tap that
-/// the kernel also hands every *outgoing* packet (the fanout's hook ignores
-/// PACKET_IGNORE_OUTGOING), which cost 7% of the CPU at full rate.
+/// An ETH_P_ALL socket is a tap that the kernel also hands every
+/// *outgoing* frame: in a fanout group only the group's flag
+/// PACKET_FANOUT_FLAG_IGNORE_OUTGOING (Linux 6.10) spares that (the
+/// socket option PACKET_IGNORE_OUTGOING does not reach the group's hook);
+/// without it the copies cost 7% of the CPU at full rate, so a kernel
+/// without the flag refuses the tap here (EINVAL) and the caller falls
+/// back to one socket per family.
 pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
+    let tap = ethertype == libc::ETH_P_ALL as u16;
     let proto = ethertype.to_be() as libc::c_int;
     let fd = socket(
         libc::AF_PACKET,
@@ -209,10 +220,160 @@ pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
     // Hash by flow, and reassemble IPv4 fragments before choosing a
     // member. IPv6 fragments hash alike (addresses, flow label, protocol
     // 44: see crate::reassembly) and the worker reassembles them.
-    let fanout: libc::c_int = (group as libc::c_int)
-        | ((libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG) << 16) as libc::c_int;
+    let flags = libc::PACKET_FANOUT_HASH
+        | libc::PACKET_FANOUT_FLAG_DEFRAG
+        | if tap {
+            PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+        } else {
+            0
+        };
+    let fanout: libc::c_int = (group as libc::c_int) | (flags << 16) as libc::c_int;
     setsockopt(raw, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout)?;
     Ok(fd)
+}
+
+/// The fanout flag that makes the group's tap skip outgoing frames.
+const PACKET_FANOUT_FLAG_IGNORE_OUTGOING: libc::c_uint = 0x4000;
+
+/// How the workers receive IPsec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rx {
+    /// One ETH_P_ALL socket per worker: it sees each frame before
+    /// ingress, where an nftables ingress chain on `links` drops the
+    /// kernel's own copy before the IP layer
+    /// ([`super::nftables::ingress_ruleset`]).
+    Tap { links: Vec<String> },
+    /// One socket per family (ETH_P_IP, ETH_P_IPV6): each frame reaches
+    /// them beside the IP layer, which drops its copy at prerouting.
+    PerFamily,
+}
+
+impl Rx {
+    /// The tap where it is safe, unless `TUNSEC_RX=family` asks for the
+    /// other (`TUNSEC_RX=tap` insists), with the reason when not.
+    pub fn choose(tun: &str) -> (Rx, Option<String>) {
+        let want = std::env::var("TUNSEC_RX").unwrap_or_default();
+        if want == "family" {
+            return (Rx::PerFamily, Some("TUNSEC_RX=family".into()));
+        }
+        match tap_links(std::path::Path::new("/sys/class/net"), tun) {
+            Ok(links) => (Rx::Tap { links }, None),
+            Err(why) if want == "tap" => {
+                tracing::warn!("TUNSEC_RX=tap although {why}");
+                let links = tap_links_unchecked(std::path::Path::new("/sys/class/net"), tun);
+                (Rx::Tap { links }, None)
+            }
+            Err(why) => (Rx::PerFamily, Some(why)),
+        }
+    }
+}
+
+/// The links a tap's ingress chain covers: all but `lo` and tunsec's own
+/// TUN device, as listed under `sys` (/sys/class/net). Refused when a
+/// link is stacked (a bridge or bond port, a VLAN, macvlan or other upper
+/// device): a tap sees such a frame once on the lower link and again on
+/// the upper one, where the per-family sockets see it once.
+pub fn tap_links(sys: &std::path::Path, tun: &str) -> Result<Vec<String>, String> {
+    let links = tap_links_unchecked(sys, tun);
+    for l in &links {
+        let dir = sys.join(l);
+        if dir.join("master").exists() {
+            return Err(format!("link {l} has a master (bridge or bond port)"));
+        }
+        let stacked = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("lower_"))
+            })
+            .unwrap_or(false);
+        if stacked {
+            return Err(format!(
+                "link {l} is stacked on another (VLAN, bridge, bond, macvlan)"
+            ));
+        }
+    }
+    if links.is_empty() {
+        return Err("there is no link but lo and the TUN device".into());
+    }
+    Ok(links)
+}
+
+fn tap_links_unchecked(sys: &std::path::Path, tun: &str) -> Vec<String> {
+    let mut links: Vec<String> = std::fs::read_dir(sys)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo" && n != tun)
+                .collect()
+        })
+        .unwrap_or_default();
+    links.sort();
+    links
+}
+
+/// Why an ESP-in-UDP SA that `next` has and `cur` does not cannot work
+/// here, if so: the packet filter takes ESP in UDP to port 4500 only
+/// ([`ipsec_filter`]), so this host's end of the encapsulation must be
+/// 4500. That is the destination port of an SA to a local address; an SA
+/// with 4500 at neither end cannot have it at this host's end either way.
+/// (The peer's port may be anything a NAT chose.)
+pub fn unreceivable(cur: &crate::sad::Sad, next: &crate::sad::Sad) -> Option<String> {
+    use crate::udp_encap::NAT_T_PORT;
+    let mut local = None;
+    for sa in next.added_since(cur) {
+        let c = &sa.config;
+        let Some(e) = c.encap else { continue };
+        if e.dport == NAT_T_PORT {
+            continue;
+        }
+        let ours = e.sport != NAT_T_PORT
+            || local
+                .get_or_insert_with(|| local_addrs().unwrap_or_default())
+                .contains(&c.dst);
+        if ours {
+            return Some(format!(
+                "esp-udp SA {}[{}] -> {}[{}] spi {:#x}: tunsec receives ESP in UDP on port {NAT_T_PORT} only, \
+                 and this host's end of it is not {NAT_T_PORT}",
+                c.src, e.sport, c.dst, e.dport, c.spi
+            ));
+        }
+    }
+    None
+}
+
+/// This host's addresses (getifaddrs), in this network namespace.
+pub fn local_addrs() -> io::Result<std::collections::HashSet<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    cvt(unsafe { libc::getifaddrs(&mut head) })?;
+    let mut out = std::collections::HashSet::new();
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs made; ifa_addr may be null,
+        // and its family says which sockaddr it is.
+        unsafe {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match (*a).sa_family as libc::c_int {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.insert(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.insert(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 /// Raw sockets that claim ESP, AH and IPComp for IPv4 and IPv6 so that the
@@ -234,9 +395,150 @@ pub fn protocol_claims() -> io::Result<Vec<OwnedFd>> {
 pub struct Sender {
     v4: OwnedFd,
     v6: OwnedFd,
+    /// What the error queues held since it was last said ([v4, v6]).
+    errq: [Cell<ErrqLog>; 2],
 }
 
 const IPV6_HDRINCL: libc::c_int = 36;
+
+/// Error queue entries taken per socket after a batch with failed sends.
+/// The kernel bounds the queue itself (it is charged to the receive
+/// buffer), and an entry is only queued by a send that fails: this many
+/// keeps it empty.
+const ERRQ_DRAIN: usize = 64;
+/// The error queue is said in the log at most this often.
+const ERRQ_SAY_EVERY: Duration = Duration::from_secs(10);
+
+/// One entry of a socket's error queue (`MSG_ERRQUEUE`): what the kernel
+/// reported about a packet it could not send (`ip_local_error`, e.g.
+/// `EMSGSIZE` beyond the device's MTU) or about an ICMP error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedError {
+    pub errno: i32,
+    /// `SO_EE_ORIGIN_LOCAL`, `_ICMP` or `_ICMP6`.
+    pub origin: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The MTU for `EMSGSIZE`.
+    pub info: u32,
+    /// The packet's destination.
+    pub dst: Option<IpAddr>,
+}
+
+impl std::fmt::Display for QueuedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", io::Error::from_raw_os_error(self.errno))?;
+        if let Some(d) = self.dst {
+            write!(f, " to {d}")?;
+        }
+        match self.origin {
+            libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6 => write!(
+                f,
+                ", ICMP{} type {} code {}",
+                if self.origin == libc::SO_EE_ORIGIN_ICMP6 {
+                    "v6"
+                } else {
+                    ""
+                },
+                self.icmp_type,
+                self.icmp_code
+            )?,
+            _ => {}
+        }
+        if self.errno == libc::EMSGSIZE && self.info != 0 {
+            write!(f, ", mtu {}", self.info)?;
+        }
+        Ok(())
+    }
+}
+
+/// Take up to `max` entries from the error queue of `fd` without
+/// blocking, handing each to `each`. Returns how many were taken.
+pub fn drain_errqueue(fd: RawFd, max: usize, mut each: impl FnMut(QueuedError)) -> usize {
+    let mut n = 0;
+    while n < max {
+        // The packet that caused the error (its start; truncation is fine).
+        let mut data = [0u8; 64];
+        // Control messages: a sock_extended_err and its offender address.
+        let mut control = [0u64; 64];
+        // SAFETY: zeroed sockaddr_storage/msghdr are valid; every pointer
+        // set below refers to a local that outlives the call.
+        let mut name: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = size_of::<[u64; 64]>();
+        // SAFETY: msg describes valid buffers (above).
+        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if r < 0 {
+            // EAGAIN: the queue is empty; anything else: nothing to take.
+            break;
+        }
+        n += 1;
+        let mut e = QueuedError {
+            errno: 0,
+            origin: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+            info: 0,
+            dst: sockaddr_ip(&name, msg.msg_namelen),
+        };
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel
+        // filled within msg_controllen; the payload is read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
+                if (level == libc::SOL_IP && ty == libc::IP_RECVERR)
+                    || (level == libc::SOL_IPV6 && ty == libc::IPV6_RECVERR)
+                {
+                    let ee: libc::sock_extended_err =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const _);
+                    e.errno = ee.ee_errno as i32;
+                    e.origin = ee.ee_origin;
+                    e.icmp_type = ee.ee_type;
+                    e.icmp_code = ee.ee_code;
+                    e.info = ee.ee_info;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        each(e);
+    }
+    n
+}
+
+/// The address of a `sockaddr_in` or `sockaddr_in6`.
+fn sockaddr_ip(sa: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<IpAddr> {
+    match sa.ss_family as libc::c_int {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says it is a sockaddr_in, within len.
+            let sin = unsafe { &*(sa as *const _ as *const libc::sockaddr_in) };
+            Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, a sockaddr_in6.
+            let sin6 = unsafe { &*(sa as *const _ as *const libc::sockaddr_in6) };
+            Some(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+        }
+        _ => None,
+    }
+}
+
+/// Error queue entries not yet said, and when it was last said.
+#[derive(Clone, Copy, Default)]
+struct ErrqLog {
+    unsaid: u64,
+    last: Option<QueuedError>,
+    said: Option<Instant>,
+}
 
 impl Sender {
     pub fn new(mark: u32) -> io::Result<Sender> {
@@ -244,6 +546,10 @@ impl Sender {
         let v6 = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
         let one: libc::c_int = 1;
         setsockopt(v6.as_raw_fd(), libc::IPPROTO_IPV6, IPV6_HDRINCL, &one)?;
+        // A qdisc drop (NET_XMIT_DROP) becomes ENOBUFS from sendmsg only
+        // with these; without them a raw socket reports the packet sent.
+        setsockopt(v4.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVERR, &one)?;
+        setsockopt(v6.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVERR, &one)?;
         let sndbuf: libc::c_int = 8 << 20;
         for fd in [&v4, &v6] {
             setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, &mark)?;
@@ -254,7 +560,42 @@ impl Sender {
                 &sndbuf,
             );
         }
-        Ok(Sender { v4, v6 })
+        Ok(Sender {
+            v4,
+            v6,
+            errq: Default::default(),
+        })
+    }
+
+    /// Empty the error queue of one family's socket (after a failed send:
+    /// only a failed send queues anything there) and say what it held, at
+    /// most every [`ERRQ_SAY_EVERY`].
+    fn drain_errors(&self, v4: bool) {
+        let (fd, slot) = if v4 {
+            (&self.v4, &self.errq[0])
+        } else {
+            (&self.v6, &self.errq[1])
+        };
+        let mut log = slot.get();
+        let n = drain_errqueue(fd.as_raw_fd(), ERRQ_DRAIN, |e| log.last = Some(e));
+        if n == 0 {
+            return;
+        }
+        log.unsaid += n as u64;
+        if log.said.is_none_or(|t| t.elapsed() >= ERRQ_SAY_EVERY) {
+            let last = log.last.map(|e| e.to_string()).unwrap_or_default();
+            tracing::warn!(
+                "raw IPv{} socket: {} error{} reported by the kernel (last: {last}); \
+                 the packets are counted as failed sends; said at most every {} s",
+                if v4 { 4 } else { 6 },
+                log.unsaid,
+                if log.unsaid == 1 { "" } else { "s" },
+                ERRQ_SAY_EVERY.as_secs()
+            );
+            log.unsaid = 0;
+            log.said = Some(Instant::now());
+        }
+        slot.set(log);
     }
 
     /// Send one IP packet to its destination address.
@@ -273,7 +614,9 @@ impl Sender {
             )
         };
         if r < 0 {
-            Err(io::Error::last_os_error())
+            let e = io::Error::last_os_error();
+            self.drain_errors(dst.is_ipv4());
+            Err(e)
         } else {
             Ok(())
         }
@@ -327,6 +670,7 @@ impl Sender {
                 }
             }
             let fd = if v4 { &self.v4 } else { &self.v6 };
+            let failed_before = failed;
             let mut off = 0;
             while off < n {
                 // SAFETY: msgs[off..n] are initialised above.
@@ -346,6 +690,9 @@ impl Sender {
                     sent += r as usize;
                     off += r as usize;
                 }
+            }
+            if failed > failed_before {
+                self.drain_errors(v4);
             }
         }
         (sent, failed)
@@ -406,6 +753,91 @@ pub fn recv_batch<B: AsMut<[u8]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error queue as a raw socket with IP_RECVERR gets it, made
+    /// without privileges: a UDP socket with IP_RECVERR sending to a
+    /// closed port on the loopback gets an ICMP port unreachable queued.
+    #[test]
+    fn error_queue_drains_and_says_what_it_held() {
+        use std::net::UdpSocket;
+        for (any, lo) in [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "::1")] {
+            let Ok(s) = UdpSocket::bind(any) else {
+                continue; // no IPv6 loopback here
+            };
+            let closed = UdpSocket::bind(any).unwrap().local_addr().unwrap();
+            let fd = s.as_raw_fd();
+            let one: libc::c_int = 1;
+            if lo.contains(':') {
+                setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, &one).unwrap();
+            } else {
+                setsockopt(fd, libc::IPPROTO_IP, libc::IP_RECVERR, &one).unwrap();
+            }
+            assert_eq!(drain_errqueue(fd, 8, |_| panic!("empty")), 0);
+            // A queued ICMP error also fails the next send (sk_err), as
+            // it would on a raw socket: count the sends that went.
+            let mut went = 0;
+            while went < 3 {
+                if s.send_to(b"x", closed).is_ok() {
+                    went += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut got = Vec::new();
+            let n = drain_errqueue(fd, 2, |e| got.push(e));
+            assert_eq!(n, 2, "bounded by max");
+            drain_errqueue(fd, 8, |e| got.push(e));
+            assert_eq!(got.len(), 3, "{got:?}");
+            for e in &got {
+                assert_eq!(e.errno, libc::ECONNREFUSED, "{e:?}");
+                assert!(
+                    matches!(e.origin, libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6),
+                    "{e:?}"
+                );
+                assert_eq!(e.dst, Some(lo.parse().unwrap()), "{e:?}");
+            }
+            let said = got[0].to_string();
+            assert!(said.contains("refused") && said.contains(lo), "{said}");
+            assert_eq!(drain_errqueue(fd, 8, |_| panic!("drained")), 0);
+        }
+    }
+
+    #[test]
+    fn emsgsize_says_the_mtu() {
+        let e = QueuedError {
+            errno: libc::EMSGSIZE,
+            origin: libc::SO_EE_ORIGIN_LOCAL,
+            icmp_type: 0,
+            icmp_code: 0,
+            info: 1300,
+            dst: Some("10.77.0.2".parse().unwrap()),
+        };
+        let s = e.to_string();
+        assert!(s.starts_with("Message too long"), "{s}");
+        assert!(s.ends_with(" to 10.77.0.2, mtu 1300"), "{s}");
+    }
+
+    #[test]
+    fn tap_links_are_the_unstacked_links_but_lo_and_the_tun() {
+        let dir = std::env::temp_dir().join(format!("tunsec-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for l in ["lo", "tsec0", "veth1", "eth0"] {
+            std::fs::create_dir_all(dir.join(l)).unwrap();
+        }
+        assert_eq!(tap_links(&dir, "tsec0").unwrap(), ["eth0", "veth1"]);
+        // A bridge port (master) and a bridge (lower_*) each refuse the tap.
+        std::fs::create_dir_all(dir.join("br0/lower_eth0")).unwrap();
+        let e = tap_links(&dir, "tsec0").unwrap_err();
+        assert!(e.contains("br0 is stacked"), "{e}");
+        std::fs::remove_dir_all(dir.join("br0")).unwrap();
+        std::fs::write(dir.join("eth0/master"), "").unwrap();
+        let e = tap_links(&dir, "tsec0").unwrap_err();
+        assert!(e.contains("eth0 has a master"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let empty = std::env::temp_dir().join(format!("tunsec-sys-empty-{}", std::process::id()));
+        std::fs::create_dir_all(empty.join("lo")).unwrap();
+        assert!(tap_links(&empty, "tsec0").is_err());
+        std::fs::remove_dir_all(&empty).unwrap();
+    }
 
     #[test]
     fn filter_jumps_stay_inside_the_program() {

@@ -184,11 +184,20 @@ pub fn ruleset(state: &State, inst: &Instance) -> String {
     // find an IKE daemon's encapsulation socket and no SA; so it dies here,
     // as early as the IP layer allows. IKE (a zero non-ESP marker) and NAT
     // keepalives (too short to load the word) go on. Forwarded IPsec
-    // (not to a local address) is left alone.
+    // (not to a local address) is left alone. So is what comes in by a
+    // bridge: with br_netfilter the bridge runs this hook (the bridge as
+    // iif) before it hands the frame up to the bridge device, where
+    // tunsec's per-family sockets would have taken their copy; it dies
+    // at input instead.
     if early_drop() {
         writeln!(
             r,
             "  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;"
+        )
+        .unwrap();
+        writeln!(
+            r,
+            "    meta iifkind \"bridge\" accept comment \"bridged: seen here before tunsec sees it\""
         )
         .unwrap();
         writeln!(
@@ -275,6 +284,30 @@ pub fn ruleset(state: &State, inst: &Instance) -> String {
     r
 }
 
+/// The early drop one step earlier, for tunsec's tap receive mode
+/// ([`super::net::Rx::Tap`]): an ingress chain on each link in `devices`
+/// drops ESP, AH, IPComp and ESP in UDP to this host before the IP layer
+/// sees them (no `ip_rcv`, no prerouting hook, no route lookup but the
+/// `fib` match). The tap took its copy before ingress
+/// (`__netif_receive_skb_core` runs the taps, then ingress, then the
+/// protocol handlers). Forwarded IPsec goes on, as at prerouting, which
+/// still catches what arrives on links that came later.
+pub fn ingress_ruleset(inst: &Instance, devices: &[String]) -> String {
+    let t = inst.nft_table();
+    let devs = devices
+        .iter()
+        .map(|d| format!("\"{d}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "table netdev {t}\ndelete table netdev {t}\ntable netdev {t} {{\n  chain ingress {{\n    \
+         type filter hook ingress devices = {{ {devs} }} priority -500; policy accept;\n    \
+         meta l4proto {{ 50, 51, 108 }} fib daddr type local counter drop comment \"tunsec has ESP, AH, IPComp\"\n    \
+         udp dport {} @th,64,32 != 0 fib daddr type local counter drop comment \"tunsec has ESP in UDP\"\n  }}\n}}\n",
+        crate::udp_encap::NAT_T_PORT
+    )
+}
+
 /// Whether received IPsec is dropped at prerouting (TUNSEC_EARLY_DROP=0
 /// keeps the old input-hook handling: for comparison).
 pub fn early_drop() -> bool {
@@ -306,6 +339,28 @@ pub fn refused(listing: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ingress_chain_hooks_every_link_and_drops_only_local_ipsec() {
+        let inst = Instance::new("tsec0");
+        let r = ingress_ruleset(&inst, &["eth0".into(), "veth1".into()]);
+        assert!(
+            r.starts_with("table netdev tunsec_tsec0\ndelete table netdev tunsec_tsec0\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("hook ingress devices = { \"eth0\", \"veth1\" } priority -500;"),
+            "{r}"
+        );
+        assert!(
+            r.contains("meta l4proto { 50, 51, 108 } fib daddr type local counter drop"),
+            "{r}"
+        );
+        assert!(
+            r.contains("udp dport 4500 @th,64,32 != 0 fib daddr type local counter drop"),
+            "{r}"
+        );
+    }
     use std::time::Duration;
 
     fn state(text: &str) -> State {

@@ -307,6 +307,8 @@ pub struct Plumbing {
     /// The policy-routing rule, per family (IPv4, IPv6).
     rules: [bool; 2],
     nft: Option<Step>,
+    /// The ingress chain of the tap receive mode, when loaded.
+    ingress: Option<Step>,
     /// The verdict maps of the table in force, and the socket that
     /// changes their elements.
     maps: HashSet<MapKey>,
@@ -326,6 +328,7 @@ impl Plumbing {
             routes: routed_peers(state).into_iter().collect(),
             rules: [false; 2],
             nft: None,
+            ingress: None,
             maps: nftables::maps(state),
             nfnl: Nfnl::open().context("cannot open a NETLINK_NETFILTER socket")?,
         };
@@ -381,7 +384,27 @@ impl Plumbing {
             v.extend(self.route_steps(*dst, *src));
         }
         v.extend(self.nft.iter().cloned());
+        v.extend(self.ingress.iter().cloned());
         v
+    }
+
+    /// Drop received IPsec at ingress on `links` (the tap receive mode),
+    /// or, with `None`, make sure no such chain is left by an instance
+    /// that died (it would starve the per-family sockets).
+    pub fn set_ingress(&mut self, links: Option<&[String]>) -> Result<()> {
+        let t = self.inst.nft_table();
+        let step = Step::Cmd {
+            apply: argv("nft -f -"),
+            undo: argv(&format!("nft delete table netdev {t}")),
+            stdin: links.map(|l| nftables::ingress_ruleset(&self.inst, l)),
+        };
+        if links.is_none() {
+            let _ = exec(&mut self.rtnl, &step, false);
+            return Ok(());
+        }
+        exec(&mut self.rtnl, &step, true)?;
+        self.ingress = Some(step);
+        Ok(())
     }
 
     /// Move from `cur`'s plumbing to `next`'s, applying only what the
@@ -507,6 +530,7 @@ impl Plumbing {
         self.routes.clear();
         self.rules = [false; 2];
         self.nft = None;
+        self.ingress = None;
         self.closed = true;
     }
 
@@ -516,6 +540,7 @@ impl Plumbing {
         self.routes.clear();
         self.rules = [false; 2];
         self.nft = None;
+        self.ingress = None;
         undo(&mut self.rtnl, &applied);
         self.closed = true;
     }

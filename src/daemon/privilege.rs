@@ -81,6 +81,12 @@ fn has(set: u64, cap: u32) -> bool {
     set & (1u64 << cap) != 0
 }
 
+/// Whether `cap` is in this thread's bounding set.
+fn in_bounding_set(cap: u32) -> bool {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) == 1 }
+}
+
 fn prctl(op: libc::c_int, arg: libc::c_ulong) -> io::Result<()> {
     prctl2(op, arg, 0)
 }
@@ -148,14 +154,21 @@ pub fn restrict() -> Result<()> {
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(40);
+    // What the bounding set holds beyond the two (nothing when systemd's
+    // CapabilityBoundingSet= already cut it).
+    let extra: Vec<u32> = (0..=last)
+        .filter(|c| !KEPT.contains(c) && in_bounding_set(*c))
+        .collect();
     if has(eff, CAP_SETPCAP) {
-        for cap in (0..=last).filter(|c| !KEPT.contains(c)) {
-            prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong)
+        for cap in &extra {
+            prctl(libc::PR_CAPBSET_DROP, *cap as libc::c_ulong)
                 .with_context(|| format!("cannot drop capability {cap} from the bounding set"))?;
         }
-    } else {
+    } else if !extra.is_empty() {
         tracing::warn!(
-            "no CAP_SETPCAP: the bounding set stays as it is (no-new-privs still bounds what `nft` gets)"
+            "no CAP_SETPCAP: {} capabilities beyond cap_net_admin and cap_net_raw stay in the bounding set \
+             (no-new-privs still bounds what `nft` gets)",
+            extra.len()
         );
     }
     // Ambient capabilities: whatever a parent set goes; the two kept are

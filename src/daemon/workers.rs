@@ -100,7 +100,7 @@ impl Shared {
 pub struct Io {
     pub tun: SyncDevice,
     /// Packet sockets for IPv4 and IPv6.
-    pub packets: [OwnedFd; 2],
+    pub packets: Vec<OwnedFd>,
     pub sender: Sender,
     /// UDP segmentation offload for ESP in UDP (None: unavailable).
     pub gso: Option<Gso>,
@@ -608,27 +608,20 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
     };
     let mut last_publish = Instant::now();
     let tun_fd = io.tun.as_raw_fd();
-    let pkt_fds = [io.packets[0].as_raw_fd(), io.packets[1].as_raw_fd()];
+    let pkt_fds: Vec<_> = io.packets.iter().map(|f| f.as_raw_fd()).collect();
+    let nfds = 1 + pkt_fds.len();
     while !shared.stop.load(Relaxed) {
-        let mut fds = [
-            libc::pollfd {
-                fd: tun_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: pkt_fds[0],
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: pkt_fds[1],
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array for the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, 100) };
+        let pollfd = |fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut fds = [pollfd(tun_fd), pollfd(-1), pollfd(-1)];
+        for (i, fd) in pkt_fds.iter().enumerate() {
+            fds[1 + i] = pollfd(*fd);
+        }
+        // SAFETY: fds is a valid array of at least nfds entries.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), nfds as libc::nfds_t, 100) };
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             tracing::error!("worker {id}: poll: {}", io::Error::last_os_error());
             break;

@@ -213,11 +213,11 @@ class Topology:
         return self.run(ns, "cat", f"/sys/class/net/{iface}/address").stdout.strip()
 
     def daemon(self, ns: str, config: Path | None, tun: str = TUN, control: Path | None = None,
-               xfrm: bool = False) -> "Daemon":
+               xfrm: bool = False, env: dict | None = None) -> "Daemon":
         """A tunsec daemon; with `xfrm`, serving XFRM netlink at
-        WORKDIR/NS-TUN.xfrm (Daemon.xfrm)."""
+        WORKDIR/NS-TUN.xfrm (Daemon.xfrm); `env` adds to its environment."""
         d = Daemon(self, ns, config, tun, control or self.workdir / f"{ns}-{tun}.sock",
-                   self.workdir / f"{ns}-{tun}.xfrm" if xfrm else None)
+                   self.workdir / f"{ns}-{tun}.xfrm" if xfrm else None, env)
         self.daemons.append(d)
         return d
 
@@ -291,13 +291,13 @@ COUNTERS_LINE = re.compile(r"^.*?\b(final )?counters: (.*)$", re.M)
 
 def drop_reasons() -> frozenset[str]:
     """The engine's drop reasons, as it names them (DropReason::name in
-    src/engine.rs), so that a renamed or removed reason fails the tests
+    src/engine/mod.rs), so that a renamed or removed reason fails the tests
     that ask for it instead of reading as 0."""
-    text = (REPO_ROOT / "src" / "engine.rs").read_text()
+    text = (REPO_ROOT / "src" / "engine" / "mod.rs").read_text()
     body = text[text.index("pub fn name(self) -> &'static str"):]
     body = body[:body.index("\n    }\n")]
     names = frozenset(re.findall(r'DropReason::\w+ => "([a-z0-9-]+)"', body))
-    assert len(names) >= 10, f"cannot read the drop reasons from src/engine.rs: {sorted(names)}"
+    assert len(names) >= 10, f"cannot read the drop reasons from src/engine/mod.rs: {sorted(names)}"
     return names
 
 
@@ -342,9 +342,10 @@ class Daemon:
     to a file (RUST_LOG=info, no colours)."""
 
     def __init__(self, topo: Topology, ns: str, config: Path | None, tun: str, control: Path,
-                 xfrm: Path | None = None):
+                 xfrm: Path | None = None, env: dict | None = None):
         self.topo, self.ns, self.config, self.tun, self.control = topo, ns, config, tun, control
         self.xfrm = xfrm
+        self.env = env or {}
         self.p: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.starts = 0
@@ -360,7 +361,7 @@ class Daemon:
         self.starts += 1
         self.log_path = self.topo.workdir / f"tunsec-{self.ns}-{self.tun}-{self.starts}.log"
         log = open(self.log_path, "wb")
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"}
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1", **self.env}
         self.p = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv()], stdout=log, stderr=subprocess.STDOUT,
                                   env=env)
         log.close()
@@ -390,6 +391,29 @@ class Daemon:
         m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{self.pid}/status").read_text(), re.M)
         assert m
         return int(m.group(1))
+
+    def memory_kib(self) -> dict[str, int]:
+        """`rss`, and `heap`: the size of the private writable anonymous
+        mappings but thread stacks (a writable mapping right above a
+        guard page: the control socket starts a thread per client, and
+        glibc keeps the stacks of finished threads for the next ones) and
+        the key arena's 16 GiB reservation (MAP_NORESERVE); that is the
+        allocator's arenas and large blocks and the key arena's locked
+        part. What malloc took from the kernel grows only with what it
+        holds or cannot reuse: a leak shows here, while RSS also grows as
+        pages of blocks allocated long ago are first written (the
+        workers' packet buffers)."""
+        heap = 0
+        prev = None  # (end, perms, size) of the mapping before
+        for line in Path(f"/proc/{self.pid}/maps").read_text().splitlines():
+            f = line.split()
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            anon = f[4] == "0" and (len(f) < 6 or f[5] == "[heap]")
+            stack = prev is not None and prev[0] == lo and prev[1] == "---p" and prev[2] <= 64 << 10
+            if f[1] == "rw-p" and anon and not stack and hi - lo < 1 << 30:
+                heap += (hi - lo) >> 10
+            prev = (hi, f[1], hi - lo)
+        return {"rss": self.rss_kib(), "heap": heap}
 
     def _counter_lines(self, final: bool) -> list[str]:
         return [m.group(2) for m in COUNTERS_LINE.finditer(self.log()) if bool(m.group(1)) == final]

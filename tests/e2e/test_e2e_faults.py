@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2elib import A4, A6, B4, IFACE_A, PY, Capture, ip_packets, make_topology, mkconf, snapshot, snapshot_diff, \
+from e2elib import A4, A6, B4, B6, IFACE_A, PY, Capture, ip_packets, make_topology, mkconf, snapshot, snapshot_diff, \
     tcp_transfer_check, tcp_transfer_start
 
 ECHO = """
@@ -139,8 +139,7 @@ def test_send_buffers_full(net):
     queued packets fill the raw sockets' send buffers (EAGAIN); tunsec
     counts what it cannot send, does not spin or block, and a TCP transfer
     started in the middle completes once the qdisc goes. (A short queue
-    only drops: the kernel reports ENOBUFS to a raw socket only with
-    IP_RECVERR, so those drops look sent.)"""
+    only drops: test_raw_socket_send_errors_are_counted.)"""
     before = net.da.counters()
     net.run(net.a, "tc", "qdisc", "add", "dev", IFACE_A, "root", "tbf", "rate", "4mbit", "burst", "4kb",
             "limit", "4mb")
@@ -159,11 +158,114 @@ def test_send_buffers_full(net):
     during = net.da.counters()
     net.run(net.a, "tc", "qdisc", "del", "dev", IFACE_A, "root")
     tcp_transfer_check(tx, rx, 2_000_000)
-    print("flood:", flood.lines, "before:", before.line, "during:", during.line)
-    # The flood itself costs CPU (every datagram is sealed); a spin would
-    # use the whole 3 s or more.
-    assert used < 2.5, f"{used:.2f} CPU seconds in 3 s of flood"
+    sealed = during["tun_rx"] - before["tun_rx"]
+    print("flood:", flood.lines, "before:", before.line, "during:", during.line,
+          f"CPU {used:.2f} s, {used / max(sealed, 1) * 1e6:.1f} us a packet")
+    # The flood itself costs CPU: every datagram is sealed, and how many
+    # the flood sends in 3 s depends on the machine (530,000 to 750,000
+    # here, 2.1 to 2.7 CPU seconds, 3.4 to 4.4 us each). A spin would burn
+    # CPU without packets to show for it.
+    assert used / max(sealed, 1) < 8e-6, \
+        f"{used:.2f} CPU seconds in 3 s of flood for {sealed} packets"
     assert net.da.alive()
+
+
+def restart_both(net, confdir: str, env_a: dict | None = None):
+    """Both daemons again with fresh keys (B has seen A's sequence
+    numbers: a restarted A alone would be refused as replays), A with
+    `env_a` added to its environment."""
+    net.da.stop()
+    net.db.stop()
+    net.da.config, net.db.config = mkconf("gcm", net.workdir / confdir)
+    net.da.env = dict(env_a or {})
+    net.db.start()
+    net.da.start()
+
+
+def qdisc_dropped(net, ns, iface) -> int:
+    out = net.run(ns, "tc", "-s", "qdisc", "show", "dev", iface).stdout
+    return sum(int(n) for n in re.findall(r"\(dropped (\d+),", out))
+
+
+def raw_queues(net, ns) -> list[int]:
+    """rx_queue (receive and error queue bytes) of each IPPROTO_RAW socket
+    in the namespace: tunsec's sending sockets."""
+    out = []
+    for f in ("raw", "raw6"):
+        for line in net.run(ns, "cat", f"/proc/net/{f}").stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields[1].upper().endswith(":00FF"):
+                out.append(int(fields[4].split(":")[1], 16))
+    return out
+
+
+UDP_BURST = """
+import socket, sys, time
+dst, port, size, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + secs; n = 0
+while time.monotonic() < end:
+    try: s.sendto(bytes(size), (dst, port)); n += 1
+    except OSError: pass
+    if n % 64 == 0: time.sleep(0.001)
+print(n)
+"""
+
+
+def test_raw_socket_send_errors_are_counted(net):
+    """Singles on the raw sockets (TUNSEC_TX=raw). A qdisc that drops
+    (tbf with a queue of a few packets): the kernel hides such a drop from
+    a raw socket unless IP_RECVERR is set (net/ipv4/raw.c), so without it
+    tunsec counted the dropped packets as sent. Every drop must show as a
+    failed send (`net tx errors`), as many as the qdisc says it dropped.
+    Then packets larger than the interface's MTU (lowered under a running
+    tunsec): each fails with EMSGSIZE, which with IP_RECVERR also queues
+    an error on the socket; tunsec drains that queue (it holds nothing
+    afterwards) and says what the kernel reported."""
+    restart_both(net, "conf-raw", {"TUNSEC_TX": "raw"})
+    try:
+        before = net.da.counters()
+        net.run(net.a, "tc", "qdisc", "add", "dev", IFACE_A, "root", "tbf", "rate", "2mbit", "burst", "4kb",
+                "limit", "6kb")
+        for dst in (B4, B6):
+            flood = net.spawn(net.a, [PY, "-c", UDP_BURST, dst, "9498", "1000", "1"], "udp-burst")
+            flood.p.wait(timeout=30)
+        during = net.da.counters()
+        dropped = qdisc_dropped(net, net.a, IFACE_A)
+        net.run(net.a, "tc", "qdisc", "del", "dev", IFACE_A, "root")
+        errors = during["net_tx_errors"] - before["net_tx_errors"]
+        print(f"qdisc dropped {dropped}; tunsec: {errors} failed sends, "
+              f"{during['net_tx'] - before['net_tx']} sent; {during.line}")
+        assert dropped > 100, f"the qdisc dropped only {dropped} packets: no test"
+        # The qdisc's drops of other packets (ARP) are a handful at most.
+        assert dropped - 10 <= errors <= dropped, \
+            f"the qdisc dropped {dropped} packets, tunsec counted {errors} failed sends"
+
+        net.run(net.a, "ip", "link", "set", IFACE_A, "mtu", "1300")
+        before = net.da.counters()
+        burst = net.spawn(net.a, [PY, "-c", (
+            "import socket\n"
+            "for fam, dst in ((socket.AF_INET, '%s'), (socket.AF_INET6, '%s')):\n"
+            "    s = socket.socket(fam, socket.SOCK_DGRAM)\n"
+            "    for i in range(100): s.sendto(bytes(1300), (dst, 9497))\n") % (B4, B6)], "big-datagrams")
+        burst.p.wait(timeout=30)
+        after = net.da.counters()
+        queued = raw_queues(net, net.a)
+        net.run(net.a, "ip", "link", "set", IFACE_A, "mtu", "1500")
+        errors = after["net_tx_errors"] - before["net_tx_errors"]
+        assert errors == 200, f"200 datagrams over the MTU, {errors} failed sends: {after.line}"
+        assert queued and not any(queued), f"error queue bytes left on the raw sockets: {queued}"
+        log = net.da.log()
+        for v in (4, 6):
+            assert re.search(rf"raw IPv{v} socket: \d+ errors? reported by the kernel .*Message too long.*mtu 1300",
+                             log), log[-3000:]
+        assert net.da.alive()
+    finally:
+        net.run(net.a, "tc", "qdisc", "del", "dev", IFACE_A, "root", check=False)
+        net.run(net.a, "ip", "link", "set", IFACE_A, "mtu", "1500")
+        restart_both(net, "conf-raw2")
+    tx, rx = tcp_transfer_start(net, net.a, net.b, B4, 9406, nbytes=1_000_000)
+    tcp_transfer_check(tx, rx, 1_000_000)
 
 
 def ctl_socket(path, sndbuf: int = 0) -> socket.socket:

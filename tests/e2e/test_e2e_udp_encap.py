@@ -153,3 +153,37 @@ def test_ike_on_the_nat_t_port_reaches_its_listener_and_esp_does_not(net, tmp_pa
     unreach = [p for p in ip_packets(pcap)
                if (p.proto, p.payload[0]) in ((PROTO_ICMP, 3), (PROTO_ICMPV6, 1))]
     assert unreach == [], f"{len(unreach)} ICMP unreachables: the kernel answered ESP in UDP"
+
+
+def test_an_sa_this_host_cannot_receive_is_refused(net, tmp_path):
+    """tunsec takes ESP in UDP in on port 4500 only: an SA whose end at
+    this host is another port would never see a packet, so it is refused
+    (with the SA named) and nothing changes; the peer's port may be
+    anything (a NAT picks it)."""
+    from e2elib import tunsec_bin
+
+    def setkey(text):
+        return subprocess.run([str(tunsec_bin()), "setkey", "--control", str(net.db.control), "-c"], input=text,
+                              capture_output=True, text=True, timeout=30)
+
+    key = "0x" + "ab" * 20
+    before = setkey("dump;\n").stdout
+    # To B (local) on 4501: B would never receive it.
+    r = setkey(f"add {A4}[4500] {B4}[4501] esp-udp 0x7001 -E aes-gcm-16 {key};\n")
+    assert r.returncode != 0, r.stdout
+    err = r.stdout + r.stderr
+    assert f"esp-udp SA {A4}[4500] -> {B4}[4501] spi 0x7001" in err and "port 4500 only" in err, err
+    # 4500 at neither end: B's end is not 4500 whichever it is.
+    r = setkey(f"add {B4}[4600] {A4}[4601] esp-udp 0x7002 -E aes-gcm-16 {key};\n")
+    assert r.returncode != 0 and "port 4500 only" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert setkey("dump;\n").stdout == before
+    # From B to a NATed peer's port 31337: fine (B's end is 4500).
+    r = setkey(f"add {B4}[4500] {A4}[31337] esp-udp 0x7003 -E aes-gcm-16 {key};\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert setkey(f"delete {B4} {A4} esp-udp 0x7003;\n").returncode == 0
+    # And a file with such an SA does not start.
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"add {A4}[4500] {B4}[4501] esp-udp 0x7004 -E aes-gcm-16 {key};\n")
+    r = net.run(net.b, str(tunsec_bin()), "run", "--config", str(conf), "--tun", "tsbad0", "--control",
+                str(tmp_path / "bad.sock"), check=False, timeout=30)
+    assert r.returncode != 0 and f"{conf}: esp-udp SA {A4}[4500] -> {B4}[4501]" in r.stderr, r.stderr
