@@ -4,13 +4,14 @@
 //! every packet as a fresh worker (empty caches) deciding it alone: the
 //! same verdict, the same bytes, the same counters and events.
 
+mod common;
+
 use proptest::prelude::*;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tunsec::buf::PacketBuf;
 use tunsec::engine::{self, Event, Verdict, Worker};
-use tunsec::packet::fix_lengths;
 use tunsec::state::State;
 
 const PEERS: usize = 4;
@@ -148,26 +149,11 @@ fn mirror(peers: &[(bool, PeerConf)]) -> String {
 
 /// A packet from `src` to `dst`: UDP or TCP with small ports.
 fn packet(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
-    let mut p = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut h = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
-        }
-        _ => unreachable!(),
-    };
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0u8; 28]);
-    fix_lengths(&mut p);
-    p
+    let mut l4 = Vec::with_capacity(32);
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&[0u8; 28]);
+    common::ip_packet(src, dst, proto, &l4)
 }
 
 /// A packet to send: to (or from) peer `n`, its protocol and ports; a

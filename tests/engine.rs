@@ -1,6 +1,8 @@
 //! The engine end to end through its public API: setkey text in, packets
 //! through `outbound` on one host and `inbound` on its peer.
 
+mod common;
+
 use std::net::IpAddr;
 use std::time::Duration;
 use tunsec::buf::PacketBuf;
@@ -106,24 +108,7 @@ fn ip(s: &str) -> IpAddr {
 
 /// An IPv4 or IPv6 packet with the given protocol and payload.
 fn pkt(src: &str, dst: &str, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = match (ip(src), ip(dst)) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut h = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
-        }
-        _ => panic!("mixed families"),
-    };
-    p.extend_from_slice(payload);
-    fix_lengths(&mut p);
-    p
+    common::ip_packet(ip(src), ip(dst), proto, payload)
 }
 
 fn tcp(src: &str, dst: &str, data: &[u8]) -> Vec<u8> {
