@@ -546,11 +546,12 @@ fn render_stats(v: &Value, prev: Option<&Value>) -> String {
     let io = &v["io"];
     writeln!(
         s,
-        "io: tun rx {} tx {} (errors {})   net rx {} tx {} (errors {})",
+        "io: tun rx {} tx {} (errors {})   net rx {} (dropped {}) tx {} (errors {})",
         io["tun_rx"],
         io["tun_tx"],
         io["tun_tx_errors"],
         io["net_rx"],
+        io.get("net_rx_dropped").unwrap_or(&Value::from(0)),
         io["net_tx"],
         io["net_tx_errors"]
     )
@@ -764,6 +765,12 @@ pub fn render_prometheus(v: &Value) -> String {
         "Received packets whose link-layer padding was trimmed.",
         &one(n(&io["net_rx_trimmed"])),
     );
+    family(
+        "tunsec_io_net_rx_dropped_total",
+        "counter",
+        "Packets the kernel dropped before tunsec read them (receive ring or socket queue full).",
+        &one(n(&io["net_rx_dropped"])),
+    );
     let sas: Vec<&Value> = v["sas"].as_array().into_iter().flatten().collect();
     let per_sa = |key: &str| {
         sas.iter()
@@ -950,7 +957,8 @@ mod tests {
             "uptime_secs": 12.5,
             "counters": crate::control::counters_json(&c),
             "io": {"tun_rx": 121, "tun_tx": 111, "tun_tx_errors": 0,
-                   "net_rx": 114, "net_tx": 120, "net_tx_errors": 1, "net_rx_trimmed": 2},
+                   "net_rx": 114, "net_tx": 120, "net_tx_errors": 1, "net_rx_trimmed": 2,
+                   "net_rx_dropped": 5},
             "plaintext_refused": 4,
             "workers": [
                 {"worker": 0, "out_packets": 70, "in_packets": 60, "dropped": 2},
@@ -1002,6 +1010,7 @@ mod tests {
         assert_eq!(get("tunsec_io_errors_total", &io("net", "tx")), 1.0);
         assert_eq!(get("tunsec_io_errors_total", &io("tun", "tx")), 0.0);
         assert_eq!(get("tunsec_io_net_rx_trimmed_total", &[]), 2.0);
+        assert_eq!(get("tunsec_io_net_rx_dropped_total", &[]), 5.0);
         let esp = [
             ("spi", "0x00001000"),
             ("proto", "esp"),
@@ -1023,9 +1032,9 @@ mod tests {
         assert_eq!(get("tunsec_worker_packets_total", &w("1", "in")), 50.0);
         assert_eq!(get("tunsec_worker_drops_total", &[("worker", "0")]), 2.0);
         // Nothing else: 1 + 2 + 2 + 1 + one per drop reason + 4 + 2 (per
-        // worker) + 1 + 4 + 2 + 1 + 2 * 4 series.
+        // worker) + 1 + 4 + 2 + 1 + 1 + 2 * 4 series.
         let reasons = crate::engine::DropReason::ALL.len();
-        assert_eq!(m.len(), 28 + reasons, "{text}");
+        assert_eq!(m.len(), 29 + reasons, "{text}");
     }
 
     #[test]

@@ -396,7 +396,7 @@ impl Control {
                     "io": {
                         "tun_rx": io.tun_rx, "tun_tx": io.tun_tx, "tun_tx_errors": io.tun_tx_errors,
                         "net_rx": io.net_rx, "net_tx": io.net_tx, "net_tx_errors": io.net_tx_errors,
-                        "net_rx_trimmed": io.net_rx_trimmed,
+                        "net_rx_trimmed": io.net_rx_trimmed, "net_rx_dropped": io.net_rx_dropped,
                     },
                     "plaintext_refused": self.plaintext_refused(),
                     "workers": self.shared.per_worker().iter().enumerate().map(|(i, (c, io))| json!({

@@ -14,6 +14,7 @@ pub mod plumbing;
 pub mod privilege;
 pub mod reload;
 pub mod rtnl;
+pub mod rxring;
 pub mod seccomp;
 pub mod tun;
 pub mod workers;
@@ -24,6 +25,7 @@ use crate::sad::Expiry;
 use crate::state::State;
 use anyhow::{Context, Result, bail};
 use plumbing::Instance;
+use rxring::RxSocket;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -350,10 +352,18 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
     let group = (Instance::hash(&inst.tun) ^ std::process::id()) as u16;
     let (mut rx, why) = net::Rx::choose(&inst.tun);
     let mut ios = Vec::new();
+    // Receive rings with frames for the links' largest MTU (a larger
+    // packet is read from the socket's queue: rxring).
+    let frame = rxring::wanted().then(|| {
+        rxring::frame_size(rxring::links_mtu(
+            std::path::Path::new("/sys/class/net"),
+            &inst.tun,
+        ))
+    });
     for q in tun.queues {
         if matches!(rx, net::Rx::Tap { .. }) && ios.is_empty() {
             // The first tap tells whether the kernel has the fanout flag.
-            if let Err(e) = net::packet_socket(group, libc::ETH_P_ALL as u16) {
+            if let Err(e) = net::packet_socket(group, libc::ETH_P_ALL as u16, |_| {}) {
                 tracing::info!(
                     "receiving with a socket per family: the kernel refused a tap that skips outgoing frames ({e})"
                 );
@@ -362,13 +372,13 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
         }
         let packets = match rx {
             net::Rx::Tap { .. } => vec![
-                net::packet_socket(group, libc::ETH_P_ALL as u16)
+                RxSocket::open(group, libc::ETH_P_ALL as u16, frame)
                     .context("cannot open the packet socket")?,
             ],
             net::Rx::PerFamily => vec![
-                net::packet_socket(group, libc::ETH_P_IP as u16)
+                RxSocket::open(group, libc::ETH_P_IP as u16, frame)
                     .context("cannot open the IPv4 packet socket")?,
-                net::packet_socket(group.wrapping_add(1), libc::ETH_P_IPV6 as u16)
+                RxSocket::open(group.wrapping_add(1), libc::ETH_P_IPV6 as u16, frame)
                     .context("cannot open the IPv6 packet socket")?,
             ],
         };
@@ -384,6 +394,12 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
                 }
             },
         });
+    }
+    let rings = ios.iter().flat_map(|io| &io.packets).all(|p| p.has_ring());
+    match frame {
+        Some(f) if rings => tracing::info!("receive rings: frames of {f} bytes"),
+        Some(_) => tracing::info!("receiving with recvmmsg where a ring was refused"),
+        None => tracing::info!("receiving with recvmmsg (TUNSEC_RXRING=0)"),
     }
     let mut plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
     match &rx {
@@ -553,6 +569,12 @@ pub fn describe_counters(c: &crate::engine::Counters, io: &workers::IoCounters) 
     s.push_str(&format!(", dropped {}", c.total_drops()));
     if !drops.is_empty() {
         s.push_str(&format!(" ({})", drops.join(", ")));
+    }
+    if io.net_rx_dropped > 0 {
+        s.push_str(&format!(
+            "; {} received packets dropped by the kernel (receive ring or queue full)",
+            io.net_rx_dropped
+        ));
     }
     s
 }

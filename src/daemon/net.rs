@@ -34,7 +34,12 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
+pub(super) fn setsockopt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: &T,
+) -> io::Result<()> {
     // SAFETY: `val` points to a live T of the size given.
     cvt(unsafe {
         libc::setsockopt(
@@ -192,7 +197,10 @@ fn ipsec_filter() -> Vec<libc::sock_filter> {
 /// without it the copies cost 7% of the CPU at full rate, so a kernel
 /// without the flag refuses the tap here (EINVAL) and the caller falls
 /// back to one socket per family.
-pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
+///
+/// `setup` runs before the socket is bound (where a receive ring goes:
+/// [`super::rxring`]).
+pub fn packet_socket(group: u16, ethertype: u16, setup: impl FnOnce(RawFd)) -> io::Result<OwnedFd> {
     let tap = ethertype == libc::ETH_P_ALL as u16;
     let proto = ethertype.to_be() as libc::c_int;
     let fd = socket(
@@ -205,6 +213,7 @@ pub fn packet_socket(group: u16, ethertype: u16) -> io::Result<OwnedFd> {
     let rcvbuf: libc::c_int = 8 << 20;
     let _ = setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &rcvbuf)
         .or_else(|_| setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf));
+    setup(raw);
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.
     let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;

@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 
 /// What a worker's loop calls: polling and batched socket I/O, TUN reads
 /// and writes, the rtnetlink lookups of `gso`, the allocator and the key
-/// arena, locks, time, logging, and leaving the thread.
+/// arena, locks, time, logging, the packet sockets' drop counts, and
+/// leaving the thread.
 const WORKER_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,
@@ -30,6 +31,7 @@ const WORKER_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_recvmsg,
+    libc::SYS_getsockopt,
     libc::SYS_sendmsg,
     // The TUN MTU for a log line (an ioctl on a short-lived socket).
     libc::SYS_socket,

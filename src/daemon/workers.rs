@@ -5,7 +5,8 @@
 //! writes the results; it re-reads the state snapshot once per batch.
 
 use super::gso::{self, Gso};
-use super::net::{self, Sender};
+use super::net::Sender;
+use super::rxring::RxSocket;
 use crate::buf::{HEADROOM, PacketBuf};
 use crate::engine::{self, Counters, DropReason, Event, Verdict, Worker};
 use crate::packet;
@@ -13,7 +14,7 @@ use crate::state::State;
 use arc_swap::ArcSwap;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +35,9 @@ pub struct IoCounters {
     pub net_tx_errors: u64,
     /// Packets from the wire with bytes beyond their IP length (trimmed).
     pub net_rx_trimmed: u64,
+    /// Packets the kernel dropped before tunsec could read them: its
+    /// receive ring or socket queue was full.
+    pub net_rx_dropped: u64,
 }
 
 impl IoCounters {
@@ -45,6 +49,7 @@ impl IoCounters {
         self.net_tx += o.net_tx;
         self.net_tx_errors += o.net_tx_errors;
         self.net_rx_trimmed += o.net_rx_trimmed;
+        self.net_rx_dropped += o.net_rx_dropped;
     }
 }
 
@@ -100,7 +105,7 @@ impl Shared {
 pub struct Io {
     pub tun: SyncDevice,
     /// Packet sockets for IPv4 and IPv6.
-    pub packets: Vec<OwnedFd>,
+    pub packets: Vec<RxSocket>,
     pub sender: Sender,
     /// UDP segmentation offload for ESP in UDP (None: unavailable).
     pub gso: Option<Gso>,
@@ -344,9 +349,9 @@ impl Loop {
     }
 
     /// packet socket -> engine inbound -> TUN, in batches.
-    fn inbound(&mut self, io: &Io, fd: std::os::fd::RawFd, state: &State, now: Duration) {
+    fn inbound(&mut self, io: &Io, rx: &RxSocket, state: &State, now: Duration) {
         for _ in 0..ROUNDS {
-            let n = match net::recv_batch(fd, &mut self.slots, HEADROOM, &mut self.sizes) {
+            let n = match rx.recv_batch(&mut self.slots, HEADROOM, &mut self.sizes) {
                 Ok(0) => return,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -608,7 +613,7 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
     };
     let mut last_publish = Instant::now();
     let tun_fd = io.tun.as_raw_fd();
-    let pkt_fds: Vec<_> = io.packets.iter().map(|f| f.as_raw_fd()).collect();
+    let pkt_fds: Vec<_> = io.packets.iter().map(|p| p.fd()).collect();
     let nfds = 1 + pkt_fds.len();
     while !shared.stop.load(Relaxed) {
         let pollfd = |fd| libc::pollfd {
@@ -639,9 +644,9 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
         if fds[0].revents & libc::POLLIN != 0 {
             l.outbound(&io, &state, now);
         }
-        for (i, fd) in pkt_fds.iter().enumerate() {
+        for (i, rx) in io.packets.iter().enumerate() {
             if fds[1 + i].revents & libc::POLLIN != 0 {
-                l.inbound(&io, *fd, &state, now);
+                l.inbound(&io, rx, &state, now);
             }
         }
         if l.hold.n > 0 {
@@ -662,6 +667,7 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
                 .append(&mut l.w.events);
         }
         if last_publish.elapsed() >= Duration::from_millis(500) {
+            l.ioc.net_rx_dropped += io.packets.iter().map(RxSocket::take_drops).sum::<u64>();
             shared.counters.lock().unwrap_or_else(|e| e.into_inner())[id] =
                 (l.w.counters.clone(), l.ioc.clone());
             last_publish = Instant::now();
@@ -671,5 +677,6 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
     for _ in 0..l.hold.n {
         l.w.give_up();
     }
+    l.ioc.net_rx_dropped += io.packets.iter().map(RxSocket::take_drops).sum::<u64>();
     shared.counters.lock().unwrap_or_else(|e| e.into_inner())[id] = (l.w.counters.clone(), l.ioc);
 }
