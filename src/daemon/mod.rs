@@ -352,8 +352,8 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
     let group = (Instance::hash(&inst.tun) ^ std::process::id()) as u16;
     let (mut rx, why) = net::Rx::choose(&inst.tun);
     let mut ios = Vec::new();
-    // Receive rings with frames for the links' largest MTU (a larger
-    // packet is read from the socket's queue: rxring).
+    // Receive rings if asked, with frames for the links' largest MTU (a
+    // larger packet is read from the socket's queue: rxring).
     let frame = rxring::wanted().then(|| {
         rxring::frame_size(rxring::links_mtu(
             std::path::Path::new("/sys/class/net"),
@@ -399,7 +399,7 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
     match frame {
         Some(f) if rings => tracing::info!("receive rings: frames of {f} bytes"),
         Some(_) => tracing::info!("receiving with recvmmsg where a ring was refused"),
-        None => tracing::info!("receiving with recvmmsg (TUNSEC_RXRING=0)"),
+        None => tracing::debug!("receiving with recvmmsg (TUNSEC_RXRING=1 for rings)"),
     }
     let mut plumbing = plumbing::Plumbing::start(&state, inst.clone())?;
     match &rx {
