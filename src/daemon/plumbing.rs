@@ -484,9 +484,27 @@ impl Plumbing {
                         done.push((rule, false));
                         self.rules[v6 as usize] = true;
                     }
-                    for step in self.route_steps(*dst, src) {
-                        exec(&mut self.rtnl, &step, true)?;
-                        done.push((step, false));
+                    // Both routes in one send, the blackhole first. Should
+                    // it be refused, the TUN route the kernel still makes
+                    // is taken back with the rest; the policy was never
+                    // in force. (Removals stay one at a time: the
+                    // blackhole never goes before the TUN route.)
+                    let steps = self.route_steps(*dst, src);
+                    let changes = steps.each_ref().map(|s| match s {
+                        Step::Net(c) => c,
+                        Step::Cmd { .. } => unreachable!("routes are rtnetlink steps"),
+                    });
+                    let mut failed = None;
+                    for (step, r) in steps.iter().zip(self.rtnl.apply_all(&changes, true)) {
+                        match r {
+                            Ok(()) => done.push((step.clone(), false)),
+                            Err(e) => {
+                                failed.get_or_insert(e);
+                            }
+                        }
+                    }
+                    if let Some(e) = failed {
+                        return Err(e);
                     }
                     was.push((*dst, self.set_route(*dst, Some(src))));
                 }
