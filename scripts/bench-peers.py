@@ -14,7 +14,8 @@ request at a time over the control socket, as an IKE daemon makes them
 socket, wake-ups, parsing, reply), 200 SAs added, updated and deleted, 50 outbound policies (routes over rtnetlink) and 20 inbound
 ones (elements of nftables maps); the same changes over the XFRM netlink
 socket (`--xfrm`, the messages charon sends), timed from message to ack;
-and the worst gap in a 1 ms stream of
+the same with a listener of the SA and policy groups connected (as `ip
+xfrm monitor`); and the worst gap in a 1 ms stream of
 packets through tunsec while a burst of 10,000 changes (5,000 SAs added,
 then deleted) arrives. `tunsec bench --peers` measures the
 engine's share of the same changes and the per-packet cost, without the
@@ -126,6 +127,18 @@ print(json.dumps({"quiet": gap([t for t in seen if t < 1.0]), "burst": gap([t fo
                   "packets": len(seen)}))
 """
 
+# A listener of the XFRM socket's SA and policy groups (XFRMGRP_SA |
+# XFRMGRP_POLICY, told as the preload shim tells it), reading everything.
+MONITOR = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.send(struct.pack("=IHHII", 24, 0x7453, 1, 0, 4242) + struct.pack("=II", 4242, 0x4 | 0x8))
+print("listening", flush=True)
+while s.recv(1 << 16):
+    pass
+"""
+
 
 def sh(*argv, check=True):
     return subprocess.run(argv, check=check, capture_output=True, text=True)
@@ -162,6 +175,12 @@ def measure(n: int, d: Path) -> str:
                 raise SystemExit(f"tunsec exited at start:\n{(d / 'log').read_text()[-2000:]}")
             time.sleep(0.01)
         start = time.monotonic() - t0
+        # After "up" the daemon logs every policy and SA (40,000 lines at
+        # 10,000 peers, 0.1-0.2 s): measure once that is written.
+        size = -1
+        while size != (d / "log").stat().st_size:
+            size = (d / "log").stat().st_size
+            time.sleep(0.05)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(str(d / "c.sock"))
 
@@ -228,6 +247,16 @@ def measure(n: int, d: Path) -> str:
         x_del = xtimed([xfrm_delsa(p, 0xb00000 + i, i) for i, p in enumerate(xpeers)])
         x_out = xtimed([xfrm_policy("10.77.0.1", f"10.205.{i // 250}.{i % 250 + 1}", True, i) for i in range(50)])
         x_in = xtimed([xfrm_policy(f"10.206.{i // 250}.{i % 250 + 1}", "10.77.0.1", False, i) for i in range(20)])
+        # Again with a listener of the SA and policy groups (as `ip xfrm
+        # monitor`), in a process of its own, which hears of every change.
+        mon = subprocess.Popen([sys.executable, "-c", MONITOR, str(d / "x.sock")], stdout=subprocess.PIPE, text=True)
+        mon.stdout.readline()
+        xpeers = [f"10.207.{i // 250}.{i % 250 + 1}" for i in range(200)]
+        m_add = xtimed([xfrm_sa(XFRM_NEWSA, "10.77.0.1", p, 0xc00000 + i, i) for i, p in enumerate(xpeers)])
+        m_del = xtimed([xfrm_delsa(p, 0xc00000 + i, i) for i, p in enumerate(xpeers)])
+        m_out = xtimed([xfrm_policy("10.77.0.1", f"10.208.{i // 250}.{i % 250 + 1}", True, i) for i in range(50)])
+        mon.terminate()
+        mon.wait()
         x.close()
         # Workers never wait for the control plane: a 1 ms stream of UDP to
         # the first peer, sealed by tunsec, watched on the far end of the
@@ -253,7 +282,8 @@ def measure(n: int, d: Path) -> str:
         return (f"peers {n:>6}: start {start:.2f} s, stop {stop:.2f} s; get (the floor) {floor[100]:.0f} µs; "
                 f"SA add {sa}, update {sa_upd}, delete {sa_del}; "
                 f"outbound policy {out}; inbound policy {inp}; XFRM: SA add {x_add}, update {x_upd}, "
-                f"delete {x_del}, outbound policy {x_out}, inbound policy {x_in}; 10,000 changes in {t_burst:.2f} s: "
+                f"delete {x_del}, outbound policy {x_out}, inbound policy {x_in}; XFRM with a listener: "
+                f"SA add {m_add}, delete {m_del}, outbound policy {m_out}; 10,000 changes in {t_burst:.2f} s: "
                 f"worst gap of a 1 ms stream {gaps['burst']:.1f} ms (before {gaps['quiet']:.1f} ms, "
                 f"{gaps['packets']} packets)")
     finally:
