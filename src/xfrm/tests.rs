@@ -725,3 +725,44 @@ fn notifications_of_a_change_are_those_of_a_full_scan() {
     assert!(seen > 300, "only {seen} notifications");
     assert!(s.sad.len() > 10 && s.spd.len() > 10);
 }
+
+/// GETPOLICY and DELPOLICY by index (`ip xfrm policy get|delete index N`)
+/// find the policy with that index, whatever the selector says.
+#[test]
+fn policies_are_found_by_index() {
+    let mut s = State::seeded(5);
+    let text = "spdadd 10.1.0.1 10.1.0.2 any -P out ipsec esp/transport//require;\n\
+                spdadd 10.1.0.2 10.1.0.1 any -P in ipsec esp/transport//require;\n\
+                spdadd 10.1.0.1 10.1.0.3 any -P out priority 7 none;\n";
+    s = s.apply_text(text, "t", CLOCK.now).unwrap().0;
+    let by_index = |ty: u16, p: &Policy| {
+        // xfrm_userpolicy_id: a selector of zeroes, the index, the direction.
+        let mut body = vec![0u8; USERPOLICY_ID];
+        body[56..60].copy_from_slice(&convert::index_of(p).to_ne_bytes());
+        body[60] = if p.dir == Dir::Out { 1 } else { 0 };
+        netlink::message(
+            ty,
+            netlink::NLM_F_REQUEST | netlink::NLM_F_ACK,
+            9,
+            PID,
+            &body,
+        )
+    };
+    let want = s
+        .spd
+        .iter()
+        .find(|p| p.selector.dst.addr == ip("10.1.0.3"))
+        .unwrap()
+        .clone();
+    let (msgs, refused) = send(&mut s, &by_index(XFRM_MSG_GETPOLICY, &want));
+    assert!(refused.is_none(), "{refused:?}");
+    let got = netlink_packet_xfrm::policy::ModifyMessage::parse(&msgs[0][16..]).unwrap();
+    assert_eq!(got.user_policy_info.index, convert::index_of(&want));
+    assert_eq!(got.user_policy_info.priority, 7);
+    let (msgs, _) = send(&mut s, &by_index(XFRM_MSG_DELPOLICY, &want));
+    assert_eq!(errno_of(&msgs), Some(0));
+    assert_eq!(s.spd.len(), 2);
+    assert!(s.spd.iter().all(|p| p.id != want.id));
+    let (msgs, _) = send(&mut s, &by_index(XFRM_MSG_DELPOLICY, &want));
+    assert_eq!(errno_of(&msgs), Some(ENOENT));
+}
