@@ -572,6 +572,9 @@ impl std::hash::Hash for SpiKey {
     }
 }
 
+/// An SA as it was and as it is (`None`: absent), for [`Sad::changes_since`].
+pub type SaChange<'a> = (Option<&'a Arc<Sa>>, Option<&'a Arc<Sa>>);
+
 /// The SAD: an immutable snapshot, cheap to clone (its maps are
 /// copy-on-write, SAs are shared), changed at the cost of the change.
 #[derive(Debug, Clone, Default)]
@@ -771,6 +774,13 @@ impl Sad {
             .changes_since(&old.by_spi, Arc::ptr_eq)
             .into_iter()
             .filter_map(|(_, new)| new)
+    }
+
+    /// SAs that differ from `old`, an earlier version of this SAD: `(old,
+    /// new)` for each SA added, removed or replaced (an update), at the
+    /// cost of the change (see [`CowMap::changes_since`]).
+    pub fn changes_since<'a>(&'a self, old: &'a Sad) -> Vec<SaChange<'a>> {
+        self.by_spi.changes_since(&old.by_spi, Arc::ptr_eq)
     }
 
     /// All SAs in no particular order (no sort: for scans of every SA).

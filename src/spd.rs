@@ -503,6 +503,12 @@ impl Spd {
             .changes_since(&old.by_selector, Arc::ptr_eq)
     }
 
+    /// All policies in no particular order (no sort: to find one by id,
+    /// or count).
+    pub fn iter_unordered(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.by_selector.values()
+    }
+
     /// All policies in evaluation order (sorted on each call: for dumps
     /// and plumbing, not packets).
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {

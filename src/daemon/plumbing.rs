@@ -304,6 +304,9 @@ pub struct Plumbing {
     /// Routed destinations and their source: a blackhole route and a
     /// route into the TUN device each.
     routes: HashMap<Prefix, Option<IpAddr>>,
+    /// How many of `routes` are IPv4 and IPv6 (a family's rule goes with
+    /// its last route, known without a scan).
+    per_family: [usize; 2],
     /// The policy-routing rule, per family (IPv4, IPv6).
     rules: [bool; 2],
     nft: Option<Step>,
@@ -325,13 +328,17 @@ impl Plumbing {
             rtnl,
             closed: false,
             out: out_index(state),
-            routes: routed_peers(state).into_iter().collect(),
+            routes: HashMap::new(),
+            per_family: [0; 2],
             rules: [false; 2],
             nft: None,
             ingress: None,
             maps: nftables::maps(state),
             nfnl: Nfnl::open().context("cannot open a NETLINK_NETFILTER socket")?,
         };
+        for (dst, src) in routed_peers(state) {
+            p.set_route(dst, Some(src));
+        }
         for step in applied {
             match step {
                 Step::Net(Change::Rule { v6, .. }) => p.rules[v6 as usize] = true,
@@ -340,6 +347,22 @@ impl Plumbing {
             }
         }
         Ok(p)
+    }
+
+    /// Record `dst`'s route (`Some(src)`) or its absence (`None`), keeping
+    /// the per-family counts; returns what was recorded before.
+    fn set_route(&mut self, dst: Prefix, src: Option<Option<IpAddr>>) -> Option<Option<IpAddr>> {
+        let old = match src {
+            Some(src) => self.routes.insert(dst, src),
+            None => self.routes.remove(&dst),
+        };
+        let fam = &mut self.per_family[dst.addr.is_ipv6() as usize];
+        match (old.is_some(), src.is_some()) {
+            (false, true) => *fam += 1,
+            (true, false) => *fam -= 1,
+            _ => {}
+        }
+        old
     }
 
     fn rule(&self, v6: bool) -> Step {
@@ -415,15 +438,21 @@ impl Plumbing {
             bail!("tunsec is shutting down");
         }
         let (touched, inbound) = update_index(&mut self.out, cur, next);
-        let (routes, rules, maps) = (self.routes.clone(), self.rules, self.maps.clone());
-        // What this call did, with the step that takes each back.
+        // Not a copy of `routes` (10,000 entries: it was most of a policy
+        // change's time), but what this call changed in it.
+        let (rules, maps) = (self.rules, self.maps.clone());
+        // What this call did, with the step that takes each back, and the
+        // routes it recorded with what they were before.
         let mut done: Vec<(Step, bool)> = Vec::new();
-        let r = self.apply_changes(&touched, inbound, next, &mut done);
+        let mut was = Vec::new();
+        let r = self.apply_changes(&touched, inbound, next, &mut done, &mut was);
         if let Err(e) = r {
             for (step, add) in done.iter().rev() {
                 let _ = exec(&mut self.rtnl, step, *add);
             }
-            self.routes = routes;
+            for (dst, old) in was.into_iter().rev() {
+                self.set_route(dst, old);
+            }
             self.rules = rules;
             self.maps = maps;
             self.out = out_index(cur);
@@ -438,6 +467,7 @@ impl Plumbing {
         inbound: InChanges,
         next: &State,
         done: &mut Vec<(Step, bool)>,
+        was: &mut Vec<(Prefix, Option<Option<IpAddr>>)>,
     ) -> Result<()> {
         for dst in touched {
             let want = wanted_route(self.out.get(dst));
@@ -454,11 +484,29 @@ impl Plumbing {
                         done.push((rule, false));
                         self.rules[v6 as usize] = true;
                     }
-                    for step in self.route_steps(*dst, src) {
-                        exec(&mut self.rtnl, &step, true)?;
-                        done.push((step, false));
+                    // Both routes in one send, the blackhole first. Should
+                    // it be refused, the TUN route the kernel still makes
+                    // is taken back with the rest; the policy was never
+                    // in force. (Removals stay one at a time: the
+                    // blackhole never goes before the TUN route.)
+                    let steps = self.route_steps(*dst, src);
+                    let changes = steps.each_ref().map(|s| match s {
+                        Step::Net(c) => c,
+                        Step::Cmd { .. } => unreachable!("routes are rtnetlink steps"),
+                    });
+                    let mut failed = None;
+                    for (step, r) in steps.iter().zip(self.rtnl.apply_all(&changes, true)) {
+                        match r {
+                            Ok(()) => done.push((step.clone(), false)),
+                            Err(e) => {
+                                failed.get_or_insert(e);
+                            }
+                        }
                     }
-                    self.routes.insert(*dst, src);
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    was.push((*dst, self.set_route(*dst, Some(src))));
                 }
                 (Some(old), Some(src)) => {
                     // Another source: the TUN route is replaced in place.
@@ -466,20 +514,20 @@ impl Plumbing {
                     exec(&mut self.rtnl, &new, true)?;
                     let [_, back] = self.route_steps(*dst, old);
                     done.push((back, true));
-                    self.routes.insert(*dst, src);
+                    was.push((*dst, self.set_route(*dst, Some(src))));
                 }
                 (Some(old), None) => {
                     for step in self.route_steps(*dst, old).into_iter().rev() {
                         exec(&mut self.rtnl, &step, false)?;
                         done.push((step, true));
                     }
-                    self.routes.remove(dst);
+                    was.push((*dst, self.set_route(*dst, None)));
                 }
                 (None, None) => {}
             }
         }
         for v6 in [false, true] {
-            if self.rules[v6 as usize] && !self.routes.keys().any(|d| d.addr.is_ipv6() == v6) {
+            if self.rules[v6 as usize] && self.per_family[v6 as usize] == 0 {
                 let rule = self.rule(v6);
                 exec(&mut self.rtnl, &rule, false)?;
                 done.push((rule, true));
@@ -528,6 +576,7 @@ impl Plumbing {
     /// clear (as after `kill -9`) until a new instance takes over.
     pub fn abandon(&mut self) {
         self.routes.clear();
+        self.per_family = [0; 2];
         self.rules = [false; 2];
         self.nft = None;
         self.ingress = None;
@@ -538,6 +587,7 @@ impl Plumbing {
     pub fn stop(&mut self) {
         let applied = self.steps();
         self.routes.clear();
+        self.per_family = [0; 2];
         self.rules = [false; 2];
         self.nft = None;
         self.ingress = None;

@@ -378,7 +378,13 @@ fn handle_inner(state: &State, req: &Request, clock: Clock) -> Result<Outcome, R
             }
             let dir = convert::dir_of(id.direction)?;
             let found: Option<&Arc<Policy>> = if id.index != 0 {
-                state.spd.iter().find(|p| convert::index_of(p) == id.index)
+                // The first in evaluation order, should two share an
+                // index (ids past 2^29 wrap), without sorting them all.
+                state
+                    .spd
+                    .iter_unordered()
+                    .filter(|p| convert::index_of(p) == id.index)
+                    .min_by_key(|p| crate::spd::rank(p))
             } else {
                 let sel = convert::selector(&id.selector)?;
                 state.spd.get(dir, &sel)
@@ -608,7 +614,7 @@ pub fn policy_message(
 fn spd_info(state: &State, seq: u32, pid: u32) -> Vec<u8> {
     use crate::spd::Dir;
     use netlink_packet_xfrm::policy::{NewSpdInfoMessage, SpdHInfo, SpdInfo, SpdInfoAttrs};
-    let count = |d: Dir| state.spd.iter().filter(|p| p.dir == d).count() as u32;
+    let count = |d: Dir| state.spd.len_dir(d) as u32;
     let msg = NewSpdInfoMessage {
         flags: 0xffff_ffff,
         nlas: vec![
@@ -664,12 +670,25 @@ fn ae_message(sa: &crate::sad::Sa, id: AsyncEventId, seq: u32, pid: u32, clock: 
 /// What a listener of multicast group `group` hears about a change from
 /// `old` to `new` (made through either front end): `NEWSA`/`DELSA` and
 /// `NEWPOLICY`/`DELPOLICY` for `ip xfrm monitor`. Keys are not sent.
+///
+/// At the cost of the change: only the shards the change copied are
+/// compared (a scan of both states, sorting 10,000 SAs and policies each
+/// time, made every change take 26 ms while anyone listened). SAs are told
+/// apart by serial and policies by id, as a scan would; removals come
+/// first, then additions, SAs oldest first and policies in evaluation
+/// order.
 pub fn notifications(old: &State, new: &State, clock: Clock) -> Vec<(u32, Vec<u8>)> {
-    use std::collections::HashSet;
     let mut out = Vec::new();
-    let old_sas: HashSet<u64> = old.sad.iter().map(|sa| sa.serial).collect();
-    let new_sas: HashSet<u64> = new.sad.iter().map(|sa| sa.serial).collect();
-    for sa in old.sad.iter().filter(|sa| !new_sas.contains(&sa.serial)) {
+    let (mut gone, mut added) = (Vec::new(), Vec::new());
+    for (o, n) in new.sad.changes_since(&old.sad) {
+        if o.map(|o| o.serial) != n.map(|n| n.serial) {
+            gone.extend(o);
+            added.extend(n);
+        }
+    }
+    gone.sort_by_key(|sa| sa.serial);
+    added.sort_by_key(|sa| sa.serial);
+    for sa in gone {
         let (info, _) = convert::sa_info(sa, clock, false);
         let msg = netlink_packet_xfrm::state::DelGetMessage {
             user_sa_id: UserSaId {
@@ -682,15 +701,22 @@ pub fn notifications(old: &State, new: &State, clock: Clock) -> Vec<(u32, Vec<u8
         };
         out.push((XFRMNLGRP_SA, netlink::emit(XFRM_MSG_DELSA, 0, 0, 0, &msg)));
     }
-    for sa in new.sad.iter().filter(|sa| !old_sas.contains(&sa.serial)) {
+    for sa in added {
         out.push((
             XFRMNLGRP_SA,
             sa_message(sa, XFRM_MSG_NEWSA, 0, 0, 0, clock, false),
         ));
     }
-    let old_ps: HashSet<u64> = old.spd.iter().map(|p| p.id).collect();
-    let new_ps: HashSet<u64> = new.spd.iter().map(|p| p.id).collect();
-    for p in old.spd.iter().filter(|p| !new_ps.contains(&p.id)) {
+    let (mut gone, mut added) = (Vec::new(), Vec::new());
+    for (o, n) in new.spd.changes_since(&old.spd) {
+        if o.map(|o| o.id) != n.map(|n| n.id) {
+            gone.extend(o);
+            added.extend(n);
+        }
+    }
+    gone.sort_by_key(|p| crate::spd::rank(p));
+    added.sort_by_key(|p| crate::spd::rank(p));
+    for p in gone {
         let (info, _) = convert::policy_info(p, clock);
         let msg = netlink_packet_xfrm::policy::DelGetMessage {
             user_policy_id: UserPolicyId {
@@ -705,7 +731,7 @@ pub fn notifications(old: &State, new: &State, clock: Clock) -> Vec<(u32, Vec<u8
             netlink::emit(XFRM_MSG_DELPOLICY, 0, 0, 0, &msg),
         ));
     }
-    for p in new.spd.iter().filter(|p| !old_ps.contains(&p.id)) {
+    for p in added {
         out.push((
             XFRMNLGRP_POLICY,
             policy_message(p, XFRM_MSG_NEWPOLICY, 0, 0, 0, clock),
@@ -728,7 +754,8 @@ pub fn event(state: &State, e: &Event, seq: u32, clock: Clock) -> Option<(u32, V
             ports,
             ..
         } => {
-            let p = state.spd.iter().find(|p| p.id == policy)?;
+            // Ids are unique: no need to sort 10,000 policies per ACQUIRE.
+            let p = state.spd.iter_unordered().find(|p| p.id == policy)?;
             let (pinfo, _) = convert::policy_info(p, clock);
             let msg = netlink_packet_xfrm::AcquireMessage {
                 acquire: UserAcquire {

@@ -613,3 +613,156 @@ fn a_replay_window_beyond_tunsecs_is_refused_and_dumps_stay_small() {
     let m = sa_message(sa, XFRM_MSG_NEWSA, 0, 1, PID, CLOCK, false);
     assert!(m.len() < 65536 && info.replay_window > 0 && !attrs.is_empty());
 }
+
+/// What [`notifications`] said when it scanned both states whole: the
+/// reference the change-sized version must agree with.
+fn notifications_by_scan(old: &State, new: &State, clock: Clock) -> Vec<(u32, Vec<u8>)> {
+    use std::collections::HashSet;
+    let mut out = Vec::new();
+    let old_sas: HashSet<u64> = old.sad.iter().map(|sa| sa.serial).collect();
+    let new_sas: HashSet<u64> = new.sad.iter().map(|sa| sa.serial).collect();
+    for sa in old.sad.iter().filter(|sa| !new_sas.contains(&sa.serial)) {
+        let (info, _) = convert::sa_info(sa, clock, false);
+        let msg = netlink_packet_xfrm::state::DelGetMessage {
+            user_sa_id: UserSaId {
+                daddr: info.id.daddr,
+                spi: info.id.spi,
+                family: info.family,
+                proto: info.id.proto,
+            },
+            nlas: vec![XfrmAttrs::SaInfo(info)],
+        };
+        out.push((XFRMNLGRP_SA, netlink::emit(XFRM_MSG_DELSA, 0, 0, 0, &msg)));
+    }
+    for sa in new.sad.iter().filter(|sa| !old_sas.contains(&sa.serial)) {
+        out.push((
+            XFRMNLGRP_SA,
+            sa_message(sa, XFRM_MSG_NEWSA, 0, 0, 0, clock, false),
+        ));
+    }
+    let old_ps: HashSet<u64> = old.spd.iter().map(|p| p.id).collect();
+    let new_ps: HashSet<u64> = new.spd.iter().map(|p| p.id).collect();
+    for p in old.spd.iter().filter(|p| !new_ps.contains(&p.id)) {
+        let (info, _) = convert::policy_info(p, clock);
+        let msg = netlink_packet_xfrm::policy::DelGetMessage {
+            user_policy_id: UserPolicyId {
+                selector: info.selector,
+                index: info.index,
+                direction: info.direction,
+            },
+            nlas: vec![XfrmAttrs::PolicyInfo(info)],
+        };
+        out.push((
+            XFRMNLGRP_POLICY,
+            netlink::emit(XFRM_MSG_DELPOLICY, 0, 0, 0, &msg),
+        ));
+    }
+    for p in new.spd.iter().filter(|p| !old_ps.contains(&p.id)) {
+        out.push((
+            XFRMNLGRP_POLICY,
+            policy_message(p, XFRM_MSG_NEWPOLICY, 0, 0, 0, clock),
+        ));
+    }
+    out
+}
+
+/// Notifications cost the change, and say what a scan of both states
+/// says: after each of many random batches (adds, updates, deletes,
+/// flushes of SAs and policies, several changes a batch).
+#[test]
+fn notifications_of_a_change_are_those_of_a_full_scan() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let key = "-E aes-gcm-16 0x000102030405060708090a0b0c0d0e0f10111213";
+    let mut s = State::seeded(3);
+    let mut seen = 0;
+    for step in 0..400 {
+        let mut text = String::new();
+        for _ in 0..1 + next() % 3 {
+            let n = next();
+            let peer = format!("10.9.{}.{}", n % 4, (n >> 8) % 50);
+            let spi = 0x1000 + (n >> 16) % 64;
+            let line = match (n >> 24) % 10 {
+                0..=2 => format!("add 10.8.0.1 {peer} esp {spi:#x} {key};"),
+                3 => format!("update 10.8.0.1 {peer} esp {spi:#x} {key};"),
+                4 => format!("delete 10.8.0.1 {peer} esp {spi:#x};"),
+                5 | 6 => format!(
+                    "spdupdate 10.8.0.1 {peer} any -P {} priority {} ipsec esp/transport//require;",
+                    if n >> 32 & 1 == 0 { "out" } else { "in" },
+                    (n >> 33) % 3
+                ),
+                7 => format!("spddelete 10.8.0.1 {peer} any -P out;"),
+                8 if step % 97 == 0 => "flush;".to_string(),
+                8 if step % 89 == 0 => "spdflush;".to_string(),
+                _ => format!("get 10.8.0.1 {peer} esp {spi:#x};"),
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+        // Each statement alone, so that failing ones do not void the batch.
+        for line in text.lines() {
+            let Ok((n, _, _)) = s.apply_text(line, "t", Duration::ZERO) else {
+                continue;
+            };
+            let got = notifications(&s, &n, CLOCK);
+            assert_eq!(got, notifications_by_scan(&s, &n, CLOCK), "after {line}");
+            seen += got.len();
+            s = n;
+        }
+        // And the batch as one change.
+        if let Ok((n, _, _)) = s.apply_text(&text, "t", Duration::ZERO) {
+            let got = notifications(&s, &n, CLOCK);
+            assert_eq!(got, notifications_by_scan(&s, &n, CLOCK), "after {text}");
+            seen += got.len();
+            s = n;
+        }
+    }
+    assert!(seen > 300, "only {seen} notifications");
+    assert!(s.sad.len() > 10 && s.spd.len() > 10);
+}
+
+/// GETPOLICY and DELPOLICY by index (`ip xfrm policy get|delete index N`)
+/// find the policy with that index, whatever the selector says.
+#[test]
+fn policies_are_found_by_index() {
+    let mut s = State::seeded(5);
+    let text = "spdadd 10.1.0.1 10.1.0.2 any -P out ipsec esp/transport//require;\n\
+                spdadd 10.1.0.2 10.1.0.1 any -P in ipsec esp/transport//require;\n\
+                spdadd 10.1.0.1 10.1.0.3 any -P out priority 7 none;\n";
+    s = s.apply_text(text, "t", CLOCK.now).unwrap().0;
+    let by_index = |ty: u16, p: &Policy| {
+        // xfrm_userpolicy_id: a selector of zeroes, the index, the direction.
+        let mut body = vec![0u8; USERPOLICY_ID];
+        body[56..60].copy_from_slice(&convert::index_of(p).to_ne_bytes());
+        body[60] = if p.dir == Dir::Out { 1 } else { 0 };
+        netlink::message(
+            ty,
+            netlink::NLM_F_REQUEST | netlink::NLM_F_ACK,
+            9,
+            PID,
+            &body,
+        )
+    };
+    let want = s
+        .spd
+        .iter()
+        .find(|p| p.selector.dst.addr == ip("10.1.0.3"))
+        .unwrap()
+        .clone();
+    let (msgs, refused) = send(&mut s, &by_index(XFRM_MSG_GETPOLICY, &want));
+    assert!(refused.is_none(), "{refused:?}");
+    let got = netlink_packet_xfrm::policy::ModifyMessage::parse(&msgs[0][16..]).unwrap();
+    assert_eq!(got.user_policy_info.index, convert::index_of(&want));
+    assert_eq!(got.user_policy_info.priority, 7);
+    let (msgs, _) = send(&mut s, &by_index(XFRM_MSG_DELPOLICY, &want));
+    assert_eq!(errno_of(&msgs), Some(0));
+    assert_eq!(s.spd.len(), 2);
+    assert!(s.spd.iter().all(|p| p.id != want.id));
+    let (msgs, _) = send(&mut s, &by_index(XFRM_MSG_DELPOLICY, &want));
+    assert_eq!(errno_of(&msgs), Some(ENOENT));
+}

@@ -280,6 +280,35 @@ def test_policy_changes_reach_routes_and_nftables(net):
     assert "10.77.0.99" not in net.run(net.b, "ip", "route", "show", "table", "all").stdout
 
 
+def test_a_route_the_kernel_refuses_takes_the_batch_back(net):
+    """A batch of outbound policies whose routes the kernel accepts but
+    one (a source address that is not this host's: EINVAL) changes
+    nothing: the routes made are removed, and tunsec's record of the routes
+    in force is what it was (the same policies then go in, each with its
+    routes, and come out)."""
+    c = net.db.control
+
+    def routes():
+        return net.run(net.b, "ip", "route", "show", "table", "all").stdout
+
+    before = routes()
+    good = [f"10.77.0.{90 + i}" for i in range(5)]
+    batch = [f"spdadd 10.77.0.2 {d} any -P out ipsec esp/transport//require;" for d in good]
+    batch.append("spdadd 10.77.0.55 10.77.0.96 any -P out ipsec esp/transport//require;")
+    r = ctl(c, "\n".join(batch))
+    assert not r["ok"] and "policies not applied" in r["error"] and "src 10.77.0.55" in r["error"], r
+    assert routes() == before
+    assert "10.77.0.90" not in json.dumps(ctl(c, "spddump;"))
+    r = ctl(c, "\n".join(batch[:-1]))
+    assert r["ok"], r
+    now = routes()
+    for d in good:
+        assert f"{d} dev tsec0" in now and f"blackhole {d} " in now, now
+    r = ctl(c, "\n".join(f"spddelete 10.77.0.2 {d} any -P out;" for d in good))
+    assert r["ok"], r
+    assert routes() == before
+
+
 def test_dead_and_silent_clients_stall_nothing(net):
     """Clients that connect and never speak, and a monitor that never reads
     its events, neither delay other clients nor the data plane."""
