@@ -112,7 +112,16 @@ fn with_huge_pages() {
     } else {
         format!("{tunables}:{HUGE_PAGES}")
     };
-    let e = std::process::Command::new("/proc/self/exe")
+    // The binary's own path, not /proc/self/exe: the process's name
+    // (`comm`, what ps, pgrep and systemd show) comes from it.
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tunsec: going on without huge pages: cannot find this program: {e}");
+            return;
+        }
+    };
+    let e = std::process::Command::new(exe)
         .arg0(arg0)
         .args(args)
         .env("GLIBC_TUNABLES", tunables)

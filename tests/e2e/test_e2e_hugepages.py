@@ -37,6 +37,9 @@ def test_the_daemon_starts_again_with_huge_pages_or_not_if_asked(net):
     db = net.daemon(net.b, net.conf[1], env={"TUNSEC_HUGEPAGES": "0"}).start()
     # The PID the harness started is the daemon (exec, not a child).
     assert da.alive() and "/tunsec" in Path(f"/proc/{da.pid}/exe").resolve().as_posix()
+    # Its name is still tunsec (ps, pgrep, systemd), not that of the path
+    # it started itself again by.
+    assert Path(f"/proc/{da.pid}/comm").read_text().strip() == "tunsec"
     assert environ(da.pid).get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1"
     assert SAID in da.log(), da.log()
     assert "GLIBC_TUNABLES" not in environ(db.pid) and SAID not in db.log(), db.log()
