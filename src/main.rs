@@ -84,6 +84,9 @@ fn run(cli: Cli) -> Result<()> {
 
 /// The glibc tunable that puts malloc's arenas in transparent huge pages.
 const HUGE_PAGES: &str = "glibc.malloc.hugetlb=1";
+/// `TUNSEC_HUGEPAGES` once tunsec has started itself again with it (a
+/// value of its own: a user's `TUNSEC_HUGEPAGES=1` must not pass for it).
+const HUGE_PAGES_SET: &str = "set";
 
 /// Start `run` and `bench` again with their heap in transparent huge pages
 /// (glibc reads `GLIBC_TUNABLES` once, at start; same PID, arguments and
@@ -96,7 +99,7 @@ fn with_huge_pages() {
     use std::os::unix::process::CommandExt;
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
     if tunables.contains("glibc.malloc.hugetlb")
-        || std::env::var("TUNSEC_HUGEPAGES").is_ok_and(|v| v == "0" || v == "1")
+        || std::env::var("TUNSEC_HUGEPAGES").is_ok_and(|v| v == "0" || v == HUGE_PAGES_SET)
     {
         return;
     }
@@ -127,7 +130,7 @@ fn with_huge_pages() {
         .env("GLIBC_TUNABLES", tunables)
         // Says so to the daemon's log: glibc may rewrite GLIBC_TUNABLES
         // in place as it reads it (Debian 12's shows the first tunable).
-        .env("TUNSEC_HUGEPAGES", "1")
+        .env("TUNSEC_HUGEPAGES", HUGE_PAGES_SET)
         .exec();
     eprintln!("tunsec: going on without huge pages: cannot start again: {e}");
 }
