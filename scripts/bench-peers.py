@@ -175,8 +175,8 @@ def measure(n: int, d: Path) -> str:
                 raise SystemExit(f"tunsec exited at start:\n{(d / 'log').read_text()[-2000:]}")
             time.sleep(0.01)
         start = time.monotonic() - t0
-        # After "up" the daemon logs every policy and SA (40,000 lines at
-        # 10,000 peers, 0.1-0.2 s): measure once that is written.
+        # After "up" the daemon may go on logging (each policy and SA, when
+        # there are few): measure once the log is still.
         size = -1
         while size != (d / "log").stat().st_size:
             size = (d / "log").stat().st_size

@@ -483,32 +483,35 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
             "tunsec {} up: {npol} policies, {nsa} SAs, TUN {} (mtu {mtu}, {workers} queues), peers {}, control {}{}",
             env!("CARGO_PKG_VERSION"),
             inst.tun,
-            peers
-                .iter()
-                .map(|(d, _)| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            listed(peers.iter().map(|(d, _)| d.to_string()), peers.len()),
             control_path.display(),
             args.xfrm
                 .as_ref()
                 .map(|p| format!(", xfrm {}", p.display()))
                 .unwrap_or_default()
         );
-        for p in shared.state.load().spd.iter() {
-            tracing::info!("policy {}: {p}", p.id);
-        }
-        for sa in shared.state.load().sad.iter() {
-            let c = &sa.config;
+        // Each policy and SA; when there are many (10,000 peers made
+        // 40,000 lines), at debug level.
+        let state = shared.state.load();
+        if npol + nsa <= LISTED {
+            for p in state.spd.iter() {
+                tracing::info!("policy {}: {p}", p.id);
+            }
+            for sa in state.sad.iter() {
+                tracing::info!("{}", sa_line(sa));
+            }
+        } else {
             tracing::info!(
-                "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
-                c.proto,
-                c.src,
-                c.dst,
-                c.spi,
-                c.enc.name(),
-                c.auth.name(),
-                c.replay
+                "the {npol} policies and {nsa} SAs are listed at debug level (RUST_LOG=debug)"
             );
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                for p in state.spd.iter() {
+                    tracing::debug!("policy {}: {p}", p.id);
+                }
+                for sa in state.sad.iter() {
+                    tracing::debug!("{}", sa_line(sa));
+                }
+            }
         }
         notifier.tell(&[
             "READY=1",
@@ -582,6 +585,49 @@ pub fn describe_counters(c: &crate::engine::Counters, io: &workers::IoCounters) 
         ));
     }
     s
+}
+
+/// At most this many policies and SAs are listed one by one at start
+/// (at info level; beyond, at debug level).
+const LISTED: usize = 64;
+/// At most this many peers are named in the start line.
+const PEERS_NAMED: usize = 8;
+
+/// The first [`PEERS_NAMED`] of `n` names, and how many more.
+fn listed(names: impl Iterator<Item = String>, n: usize) -> String {
+    let mut s = names.take(PEERS_NAMED).collect::<Vec<_>>().join(", ");
+    if n > PEERS_NAMED {
+        s.push_str(&format!(" and {} more", n - PEERS_NAMED));
+    }
+    s
+}
+
+#[cfg(test)]
+#[test]
+fn the_start_line_names_a_few_peers_and_counts_the_rest() {
+    let names = |n: usize| (0..n).map(|i| format!("10.0.0.{i}/32"));
+    assert_eq!(listed(names(2), 2), "10.0.0.0/32, 10.0.0.1/32");
+    assert_eq!(listed(names(0), 0), "");
+    let s = listed(names(10_000), 10_000);
+    assert!(
+        s.starts_with("10.0.0.0/32, ") && s.ends_with("10.0.0.7/32 and 9992 more"),
+        "{s}"
+    );
+}
+
+/// An SA as the start-up log lists it (never its keys).
+fn sa_line(sa: &crate::sad::Sa) -> String {
+    let c = &sa.config;
+    format!(
+        "sa: {} {} -> {} spi {:#x} {}/{} replay {}",
+        c.proto,
+        c.src,
+        c.dst,
+        c.spi,
+        c.enc.name(),
+        c.auth.name(),
+        c.replay
+    )
 }
 
 /// Run the workers, call `ready` once they run, and keep time, events,
