@@ -395,9 +395,7 @@ fn run_with(args: &Args, signals: &Signals, notifier: &notify::Notifier) -> Resu
             },
         });
     }
-    if std::env::var("TUNSEC_HUGEPAGES").is_ok_and(|v| v == "set")
-        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb=1"))
-    {
+    if crate::hugepages::in_use() {
         tracing::info!("heap in transparent huge pages (glibc.malloc.hugetlb=1)");
     }
     let rings = ios.iter().flat_map(|io| &io.packets).all(|p| p.has_ring());

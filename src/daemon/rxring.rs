@@ -78,7 +78,6 @@ pub fn links_mtu(sys: &std::path::Path, tun: &str) -> usize {
 /// The mapped ring of one socket.
 struct Ring {
     map: NonNull<u8>,
-    len: usize,
     frame: usize,
     frames: usize,
     /// The next frame to look at.
@@ -119,7 +118,6 @@ impl Ring {
         }
         Ok(Ring {
             map: NonNull::new(p as *mut u8).expect("mmap returned null"),
-            len: RING_BYTES,
             frame,
             frames,
             head: Cell::new(0),
@@ -149,7 +147,7 @@ impl Ring {
 impl Drop for Ring {
     fn drop(&mut self) {
         // SAFETY: the mapping made in attach, not used after this.
-        unsafe { libc::munmap(self.map.as_ptr() as *mut libc::c_void, self.len) };
+        unsafe { libc::munmap(self.map.as_ptr() as *mut libc::c_void, RING_BYTES) };
     }
 }
 
