@@ -16,6 +16,12 @@ pub struct PacketBuf {
     mem: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The engine left the TCP checksum of this decapsulated packet stale
+    /// on purpose ([`crate::engine::Worker::defer_tcp_checksum`]): whoever
+    /// writes it on must not have it verified (Linux's
+    /// `CHECKSUM_UNNECESSARY`; [`crate::gro::Csum::Trusted`]). Cleared
+    /// whenever new contents are loaded.
+    pub csum_stale: bool,
 }
 
 impl Default for PacketBuf {
@@ -54,6 +60,7 @@ impl PacketBuf {
             mem: vec![0u8; HEADROOM + max_packet + TAILROOM].into_boxed_slice(),
             start: HEADROOM,
             end: HEADROOM,
+            csum_stale: false,
         }
     }
 
@@ -62,6 +69,7 @@ impl PacketBuf {
     #[inline]
     pub fn load(&mut self, pkt: &[u8]) -> bool {
         self.start = HEADROOM;
+        self.csum_stale = false;
         if pkt.len() > self.mem.len() - HEADROOM - TAILROOM {
             self.end = HEADROOM;
             return false;
@@ -75,6 +83,7 @@ impl PacketBuf {
     /// [`PacketBuf::set_loaded`] with the number of bytes written.
     pub fn load_area(&mut self) -> &mut [u8] {
         self.start = HEADROOM;
+        self.csum_stale = false;
         let cap = self.mem.len() - TAILROOM;
         &mut self.mem[HEADROOM..cap]
     }
@@ -95,6 +104,7 @@ impl PacketBuf {
     /// After writing `n` bytes into [`PacketBuf::load_area`].
     pub fn set_loaded(&mut self, n: usize) {
         self.start = HEADROOM;
+        self.csum_stale = false;
         self.end = HEADROOM + n.min(self.mem.len() - HEADROOM - TAILROOM);
     }
 

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod engine;
 pub mod esp;
 pub mod flowcache;
+pub mod gro;
 pub mod hugepages;
 
 pub mod ike;

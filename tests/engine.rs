@@ -898,3 +898,83 @@ fn plaintext_fragments_are_left_to_the_policy() {
     assert_eq!(p.inb(&echo), Ok(echo.clone()));
     assert_eq!(p.wb.counters.fragments, 0);
 }
+
+/// ESP in UDP in transport mode (RFC 3948 section 3.1.2): the inner TCP
+/// checksum was computed by the peer for addresses a NAT may have
+/// changed. By default the engine recomputes it; a shell whose writer
+/// tells the kernel not to verify it (`defer_tcp_checksum`, the TUN
+/// offload) gets it untouched and the buffer marked, as Linux marks such
+/// packets CHECKSUM_UNNECESSARY. Plain ESP is never marked.
+#[test]
+fn esp_in_udp_transport_leaves_the_tcp_checksum_to_a_deferring_shell() {
+    let key = "0x0123456789abcdef0123456789abcdef01234567";
+    let sas = format!(
+        "add {A4}[4500] {B4}[4500] esp-udp 0x5001 -E aes-gcm-16 {key};\n\
+         add {B4} {A4} esp 0x5002 -E aes-gcm-16 {key};\n\
+         add {A4} {B4} esp 0x5003 -E aes-gcm-16 {key};\n"
+    );
+    for encap in [true, false] {
+        let spi = if encap { "0x5001" } else { "0x5003" };
+        let a = state(&format!(
+            "{sas}spdadd {A4} {B4} tcp -P out ipsec esp/transport//require;\n"
+        ));
+        // The SA the outbound policy picks: make the other one's SPI vanish.
+        let other = if encap { "0x5003" } else { "0x5001" };
+        let (a, _, _) = a
+            .apply_text(
+                &format!("delete {A4} {B4} esp {other};"),
+                "t",
+                Duration::ZERO,
+            )
+            .unwrap();
+        let b = state(&format!(
+            "{sas}spdadd {A4} {B4} tcp -P in ipsec esp/transport//require;\n"
+        ));
+        // A checksum computed for another source address: stale here.
+        let mut orig = tcp(A4, B4, b"behind a NAT");
+        orig[36..38].copy_from_slice(&[0x12, 0x34]);
+        let mut buf = PacketBuf::new();
+        let mut wa = Worker::new([1; 32]);
+        assert!(buf.load(&orig));
+        assert_eq!(
+            engine::outbound(&a, &mut wa, &mut buf, Duration::ZERO),
+            Verdict::Forward
+        );
+        let wire = buf.data().to_vec();
+        assert_eq!(
+            u32::from_be_bytes(wire[if encap { 28 } else { 20 }..][..4].try_into().unwrap()),
+            u32::from_str_radix(&spi[2..], 16).unwrap()
+        );
+        for defer in [false, true] {
+            let mut wb = Worker::new([2; 32]);
+            wb.defer_tcp_checksum = defer;
+            assert!(buf.load(&wire));
+            assert_eq!(
+                engine::inbound(&b, &mut wb, &mut buf, Duration::ZERO),
+                Verdict::Forward,
+                "encap {encap} defer {defer}"
+            );
+            let got = buf.data();
+            assert_eq!(got[..36], orig[..36]);
+            assert_eq!(got[38..], orig[38..]);
+            let stale = encap && defer;
+            assert_eq!(buf.csum_stale, stale, "encap {encap} defer {defer}");
+            if stale || !encap {
+                assert_eq!(got[36..38], [0x12, 0x34], "untouched");
+            } else {
+                // Recomputed: the TCP segment now sums to zero with its
+                // pseudo-header.
+                let mut sum = (!tunsec::udp_encap::pseudo_checksum(&got[12..20], 6, got.len() - 20))
+                    as u64
+                    + (!packet::checksum(&got[20..])) as u64;
+                while sum >> 16 != 0 {
+                    sum = (sum & 0xffff) + (sum >> 16);
+                }
+                assert_eq!(sum, 0xffff, "a valid checksum");
+            }
+            // A new packet in the buffer clears the mark.
+            assert!(buf.load(&orig));
+            assert!(!buf.csum_stale);
+        }
+    }
+}

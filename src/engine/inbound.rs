@@ -377,7 +377,20 @@ fn decap_all<'s>(
             return Err(DropReason::EncapMismatch);
         }
         let inner = packet::parse(buf.data()).map_err(|_| DropReason::Malformed)?;
-        udp_encap::fix_inner_checksum(buf.data_mut(), &inner);
+        let header = if inner.is_v6() {
+            40
+        } else {
+            (buf.data()[0] & 0xf) as usize * 4
+        };
+        if w.defer_tcp_checksum
+            && inner.upper_proto == packet::PROTO_TCP
+            && inner.upper_off == header
+            && !inner.fragment
+        {
+            buf.csum_stale = true;
+        } else {
+            udp_encap::fix_inner_checksum(buf.data_mut(), &inner);
+        }
     }
     *out_flow = if n == 0 {
         flow_of(&info, buf.data(), info.dst(buf.data()))

@@ -241,6 +241,13 @@ pub struct Worker {
     out_cache: Option<OutCache>,
     pub counters: Counters,
     pub events: Vec<Event>,
+    /// ESP in UDP, transport mode: leave the inner TCP checksum stale and
+    /// mark the buffer ([`PacketBuf::csum_stale`]) instead of recomputing
+    /// it (RFC 3948 section 3.1.2), for a shell whose writer tells the
+    /// kernel not to verify it (the TUN device's offload, [`crate::gro`]),
+    /// as Linux marks such packets `CHECKSUM_UNNECESSARY`. Off by default:
+    /// pcap output and other writers need a correct checksum.
+    pub defer_tcp_checksum: bool,
 }
 
 impl Worker {
@@ -266,6 +273,7 @@ impl Worker {
             out_cache: None,
             counters: Counters::default(),
             events: Vec::with_capacity(16),
+            defer_tcp_checksum: false,
         }
     }
 
