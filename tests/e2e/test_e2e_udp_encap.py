@@ -8,15 +8,21 @@ application listening there (the IKE daemon's place), while no ESP in UDP
 does and the kernel answers none with ICMP.
 """
 
+import socket
 import struct
 import subprocess
+import time
 from collections import Counter
 
 import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.ipsec import ESP, SecurityAssociation
+from scapy.layers.l2 import Ether
 
 from e2elib import (
-    A4, A6, B4, B6, IFACE_A, PROTO_ICMP, Capture, between, ip_packets, make_topology, read_pcap, mkconf, parse_sas,
-    tcp_transfer_check, tcp_transfer_start, tshark_uat, write_pcap,
+    A4, A6, B4, B6, IFACE_A, IFACE_B, PROTO_ICMP, PY, Capture, between, find_sa, ip_packets, make_topology, read_pcap,
+    mkconf, parse_sas, tcp_transfer_check, tcp_transfer_start, tshark_uat, write_pcap,
 )
 
 MB = 1_000_000
@@ -187,3 +193,81 @@ def test_an_sa_this_host_cannot_receive_is_refused(net, tmp_path):
     r = net.run(net.b, str(tunsec_bin()), "run", "--config", str(conf), "--tun", "tsbad0", "--control",
                 str(tmp_path / "bad.sock"), check=False, timeout=30)
     assert r.returncode != 0 and f"{conf}: esp-udp SA {A4}[4500] -> {B4}[4501]" in r.stderr, r.stderr
+
+
+# B's daemon only: what A's namespace sends goes onto the veth as it is.
+@pytest.fixture(scope="module")
+def b_only(request, tmp_path_factory):
+    topo = make_topology(request, tmp_path_factory, "un")
+    a_conf, b_conf = mkconf("gcm-udp", topo.workdir / "conf")
+    topo.sas = parse_sas(a_conf)
+    topo.db = topo.daemon(topo.b, b_conf).start()
+    return topo
+
+
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_a_nated_peers_tcp_checksum_is_not_verified_after_esp_in_udp(b_only, fam):
+    """RFC 3948 3.1.2: behind a NAT, the peer's TCP checksum covers its
+    own (private) address, not the one B sees. Linux marks such packets
+    CHECKSUM_UNNECESSARY; tunsec hands them to its TUN device as
+    NEEDS_CSUM with a fresh pseudo-header sum (src/gro.rs). A SYN sealed
+    by scapy with the A->B SA, its checksum computed for another source,
+    must reach B's listener (a SYN-RECV entry) and count no checksum error
+    in B's kernel."""
+    net = b_only
+    port = 5811 if fam == "v4" else 5812
+    a, b = (A4, B4) if fam == "v4" else (A6, B6)
+    private = "192.168.77.5" if fam == "v4" else "fd00:77::5"
+    sa = find_sa(net.sas, a, b, "esp")
+    assert sa.enc == "aes-gcm-16"
+    # The SYN as the peer built it, then its source rewritten as a NAT
+    # does, the TCP checksum left alone.
+    l3 = IP(src=private, dst=b) if fam == "v4" else IPv6(src=private, dst=b)
+    raw = bytearray(bytes(l3 / TCP(sport=40000, dport=port, flags="S", seq=1000)))
+    if fam == "v4":
+        raw[12:16] = socket.inet_pton(socket.AF_INET, a)
+        syn = IP(bytes(raw))
+        del syn.chksum  # the IP header's, computed again; TCP's stays
+    else:
+        raw[8:24] = socket.inet_pton(socket.AF_INET6, a)
+        syn = IPv6(bytes(raw))
+    syn = syn.__class__(bytes(syn))
+    fresh = syn.copy()
+    del fresh[TCP].chksum
+    assert syn[TCP].chksum != fresh.__class__(bytes(fresh))[TCP].chksum, "stale for A's address"
+    ssa = SecurityAssociation(ESP, spi=sa.spi, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(sa.enc_key[2:]),
+                              seq_num=100 + port, nat_t_header=UDP(sport=4500, dport=4500))
+    wire = bytes(ssa.encrypt(syn))
+
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", net.b, PY, "-c",
+         "import socket,sys,time\n"
+         f"s=socket.socket(socket.AF_INET{'6' if fam == 'v6' else ''})\n"
+         f"s.bind(('{b}',{port}));s.listen(8);print('ready',flush=True);time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+        errors0 = tcp_csum_errors(net)
+        eth = Ether(src=net.mac(net.a, IFACE_A), dst=net.mac(net.b, IFACE_B))
+        l3 = IP(wire) if fam == "v4" else IPv6(wire)
+        pcap = write_pcap(net.workdir / f"nat-syn-{fam}.pcap", [bytes(eth / l3)])
+        assert net.tool(net.a, "inject", "--iface", IFACE_A, str(pcap)).result(30)["sent"] == 1
+        deadline = time.monotonic() + 5
+        seen = ""
+        while time.monotonic() < deadline:
+            seen = net.run(net.b, "ss", "-Htn", "state", "syn-recv").stdout
+            if f":{port}" in seen:
+                break
+            time.sleep(0.1)
+        assert f":{port}" in seen, f"no SYN-RECV on port {port}: {seen!r}\n{net.db.log()[-2000:]}"
+        assert tcp_csum_errors(net) == errors0, "B's kernel counted a TCP checksum error"
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def tcp_csum_errors(net) -> int:
+    """B's kernel's TCP InCsumErrors (IPv4 and IPv6 share the counter)."""
+    snmp = net.run(net.b, "cat", "/proc/net/snmp").stdout.splitlines()
+    heads, values = [l.split() for l in snmp if l.startswith("Tcp:")]
+    return int(values[heads.index("InCsumErrors")])
