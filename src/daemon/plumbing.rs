@@ -252,7 +252,7 @@ fn out_index(state: &State) -> OutIndex {
 }
 
 /// Inbound policies that changed: (before, after).
-type InChanges = Vec<(Option<Arc<Policy>>, Option<Arc<Policy>>)>;
+type InChanges = Vec<nftables::PolicyChange>;
 
 /// Move `idx` from `cur`'s policies to `next`'s, looking only at the
 /// policies that changed. Returns the destinations whose policies
@@ -538,7 +538,7 @@ impl Plumbing {
             return Ok(());
         }
         // Host-to-host policies of maps in force: their elements, in one
-        // transaction. Anything else: the table again, whole.
+        // transaction.
         let in_maps =
             |p: &Arc<Policy>| nftables::in_map(p) && self.maps.contains(&nftables::map_key(p));
         if inbound
@@ -556,18 +556,29 @@ impl Plumbing {
             );
             return self.nfnl.apply(&self.inst.nft_table(), &ops);
         }
+        // The table is in force: its input chain again, and the maps that
+        // come, go or change, in one transaction (nothing else in the
+        // table depends on the SPD). Its undo stays the table's removal.
+        // Should that fail (the table was changed from outside), it is
+        // loaded whole, as at start.
+        if self.nft.is_some() {
+            let text = nftables::input_update(next, &self.inst, &self.maps, &inbound);
+            match run(&argv("nft -f -"), Some(&text)) {
+                Ok(()) => {
+                    self.maps = nftables::maps(next);
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!("nftables: {e:#}: loading the table whole"),
+            }
+        }
         let step = Step::Cmd {
             apply: argv("nft -f -"),
             undo: argv(&format!("nft delete table inet {}", self.inst.nft_table())),
             stdin: Some(nftables::ruleset(next, &self.inst)),
         };
-        // The load replaces the table whole; on a later failure the
-        // old one goes back the same way.
         exec(&mut self.rtnl, &step, true)?;
         self.maps = nftables::maps(next);
-        if let Some(old) = self.nft.replace(step) {
-            done.push((old, true));
-        }
+        self.nft = Some(step);
         Ok(())
     }
 

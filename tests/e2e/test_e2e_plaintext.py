@@ -115,7 +115,10 @@ def test_peer_without_daemon_sends_plaintext_that_is_dropped(net):
 def test_inbound_policy_changes_are_map_elements(net):
     """A host-to-host inbound policy added, changed or deleted at run time
     is an element of the table's verdict map (no reload: the table keeps
-    its handle); any other inbound policy reloads the table."""
+    its handle). Any other inbound policy, or one that needs a new map (a
+    new priority), rewrites the input chain and adds or drops maps in one
+    transaction; the maps in place keep their elements and the table its
+    handle. A table changed from outside is loaded whole again."""
     def setkey(text):
         r = subprocess.run([str(tunsec_bin()), "setkey", "--control", str(net.db.control), "-c"], input=text,
                            capture_output=True, text=True, timeout=30)
@@ -126,6 +129,9 @@ def test_inbound_policy_changes_are_map_elements(net):
 
     def handle(t):
         return re.search(r"table inet tunsec_tsec0 \{ # handle (\d+)", t).group(1)
+
+    def elements(t):
+        return len(re.findall(r" \. \S+ counter packets \d+ bytes \d+ : (?:drop|accept)", t))
 
     t0 = table()
     peer = "10.77.0.99"
@@ -139,10 +145,33 @@ def test_inbound_policy_changes_are_map_elements(net):
     setkey(f"spddelete {peer} {B4} any -P in;\n")
     t3 = table()
     assert handle(t3) == handle(t0) and peer not in t3, t3
-    # Not host to host: a rule, by a reload.
+    # Not host to host: a rule, the chain rewritten, the table kept.
     setkey(f"spdadd {peer} {B4} tcp -P in discard;\n")
     t4 = table()
-    assert handle(t4) != handle(t0) and f"ip saddr {peer} ip daddr {B4} meta l4proto tcp" in t4, t4
+    assert handle(t4) == handle(t0) and f"ip saddr {peer} ip daddr {B4} meta l4proto tcp" in t4, t4
+    assert elements(t4) == elements(t0), "the map elements in place stay"
+    setkey(f"spddelete {peer} {B4} tcp -P in;\n")
+    # A priority no map has yet: a new map, then none again.
+    setkey(f"spdadd {peer} {B4} any -P in priority 77 ipsec esp/transport//require;\n")
+    t5 = table()
+    assert handle(t5) == handle(t0) and "map in4_77" in t5, t5
+    assert re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter packets 0 bytes 0 : drop", t5), t5
+    assert "vmap @in4_77" in t5 and elements(t5) == elements(t0) + 1, t5
+    # Its last element deleted, the map stays (empty) until the chain is
+    # next rewritten, which drops it.
+    setkey(f"spddelete {peer} {B4} any -P in;\n")
+    t6 = table()
+    assert handle(t6) == handle(t0) and peer not in t6 and elements(t6) == elements(t0), t6
+    setkey(f"spdadd {peer} {B4} tcp -P in discard;\n")
+    setkey(f"spddelete {peer} {B4} tcp -P in;\n")
+    assert "in4_77" not in table()
+    # Changed from outside (the input chain gone): the next change loads
+    # the table whole, and it is right again.
+    net.run(net.b, "nft", "delete", "chain", "inet", "tunsec_tsec0", "input")
+    setkey(f"spdadd {peer} {B4} tcp -P in discard;\n")
+    t7 = table()
+    assert handle(t7) != handle(t0) and "chain input" in t7 and f"ip saddr {peer} ip daddr {B4}" in t7, t7
+    assert "loading the table whole" in net.db.log()
     setkey(f"spddelete {peer} {B4} tcp -P in;\n")
     # The peers' own policies still refuse plaintext.
     assert set(nft_drop_counters(net, net.b)) == {V4_RULE, V6_RULE}
