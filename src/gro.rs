@@ -33,7 +33,7 @@
 //! even when alone, so nothing computes a checksum over their payload.
 
 use crate::packet::{PROTO_TCP, PROTO_UDP, be16, be32, checksum, put16};
-use crate::udp_encap::pseudo_checksum;
+use crate::udp_encap::{l4_checksum, pseudo_checksum};
 
 /// `struct virtio_net_hdr` (no `num_buffers`): what precedes each frame.
 pub const VNET_HDR_LEN: usize = 10;
@@ -349,13 +349,7 @@ impl Segment {
     }
 
     fn checksum_ok(&self, pkt: &[u8]) -> bool {
-        let addrs = if self.v6 { &pkt[8..40] } else { &pkt[12..20] };
-        let mut sum = (!pseudo_checksum(addrs, self.proto, pkt.len() - self.iph)) as u64
-            + (!checksum(&pkt[self.iph..])) as u64;
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum == 0xffff
+        l4_checksum(pkt, self.iph, self.proto) == 0
     }
 }
 
@@ -404,17 +398,8 @@ mod tests {
     /// `iph`, checksum field at `field` within it).
     fn fix_l4(p: &mut [u8], iph: usize, proto: u8, field: usize) {
         put16(p, iph + field, 0);
-        let addrs = if p[0] >> 4 == 6 {
-            &p[8..40]
-        } else {
-            &p[12..20]
-        };
-        let mut sum =
-            (!pseudo_checksum(addrs, proto, p.len() - iph)) as u64 + (!checksum(&p[iph..])) as u64;
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        put16(p, iph + field, !(sum as u16));
+        let c = l4_checksum(p, iph, proto);
+        put16(p, iph + field, c);
     }
 
     /// A TCP segment with a correct checksum: IPv4 192.0.2.1:4000 ->

@@ -146,8 +146,10 @@ pub fn pseudo_checksum(addrs: &[u8], proto: u8, len: usize) -> u16 {
 }
 
 /// The TCP/UDP checksum of the segment at `at` to the end of `pkt`, with
-/// the pseudo-header of the packet's addresses, its checksum field as it is.
-fn l4_checksum(pkt: &[u8], at: usize, proto: u8) -> u16 {
+/// the pseudo-header of the packet's addresses, its checksum field as it is:
+/// 0 for a segment whose checksum is right, the value to store in a zeroed
+/// field otherwise.
+pub fn l4_checksum(pkt: &[u8], at: usize, proto: u8) -> u16 {
     let addrs = if pkt[0] >> 4 == 6 {
         &pkt[8..40]
     } else {

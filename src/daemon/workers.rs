@@ -285,7 +285,7 @@ struct Loop {
     ip_id: u16,
     hold: Hold,
     /// A buffer for the datagrams of a received UDP GSO super-packet.
-    segment: Slot,
+    segment: PacketBuf,
 }
 
 impl Loop {
@@ -382,9 +382,9 @@ impl Loop {
                     // at a time, as they would have come from a NIC. (A
                     // batch of 32 through `inbound_batch` was tried: no
                     // difference in CPU per packet.)
-                    while segs.next_into(self.slots[i].0.data(), &mut self.segment.0) {
+                    while segs.next_into(self.slots[i].0.data(), &mut self.segment) {
                         self.received(At::Segment);
-                        let v = engine::inbound(state, &mut self.w, &mut self.segment.0, now);
+                        let v = engine::inbound(state, &mut self.w, &mut self.segment, now);
                         if v == Verdict::Forward {
                             self.queue_tun(io, &mut k, At::Segment);
                         }
@@ -430,7 +430,7 @@ impl Loop {
     fn received(&mut self, at: At) {
         let buf = match at {
             At::Slot(i) => &mut self.slots[i].0,
-            At::Segment => &mut self.segment.0,
+            At::Segment => &mut self.segment,
         };
         self.ioc.net_rx += 1;
         if let Some(len) = packet::ip_len(buf.data())
@@ -445,7 +445,7 @@ impl Loop {
     fn queue_tun(&mut self, io: &Io, k: &mut usize, at: At) {
         let buf = match at {
             At::Slot(i) => &self.slots[i].0,
-            At::Segment => &self.segment.0,
+            At::Segment => &self.segment,
         };
         if self.offload {
             let csum = if buf.csum_stale {
@@ -617,7 +617,7 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
         gro: Gro::new(io.tun.udp_gso()),
         ip_id: (seed[0] as u16) << 8 | seed[1] as u16,
         hold: Hold::new(),
-        segment: Slot(PacketBuf::new()),
+        segment: PacketBuf::new(),
     };
     let mut last_publish = Instant::now();
     let tun_fd = io.tun.as_raw_fd();
