@@ -92,6 +92,23 @@ def main() -> None:
         put("outbound", p)
     for i in range(8):
         put("reassembly", hashlib.sha512(b"re%d" % i).digest() * 2)
+    # gro: runs of in-order TCP segments (two flows interleaved, checked or
+    # trusted), the made packets, and the captures' packets
+    for v6 in (False, True):
+        for trusted in (0, 1):
+            a, b = addrs(1, v6)
+            recs = b""
+            for k in range(6):
+                for port in (40000, 40001):
+                    l4 = bytearray(struct.pack("!HHIIBBHHH", port, 5201, 1 + 1000 * k, 7, 0x50,
+                                               0x18 if k == 5 else 0x10, 512, 0, 0) + bytes([k]) * 1000)
+                    tail = struct.pack("!I3xB", len(l4), 6) if v6 else struct.pack("!xBH", 6, len(l4))
+                    pseudo = ipaddress.ip_address(a).packed + ipaddress.ip_address(b).packed + tail
+                    l4[16:18] = struct.pack("!H", csum(pseudo + bytes(l4)))
+                    seg = ip_packet(a, b, 6, bytes(l4))
+                    recs += struct.pack("!HB", len(seg), trusted) + seg
+            put("gro", bytes([1]) + recs)
+    put("gro", bytes([1]) + b"".join(struct.pack("!HB", len(p), 0) + p for p in made + packets[:32]))
     # pcap: the captures and a pcapng of them, in both directions
     for c in captures:
         for d in (b"\x00", b"\x01"):

@@ -22,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds=${TUNSEC_FUZZ_SECONDS:-15}
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(inbound outbound reassembly setkey control xfrm pcap)
+    targets=(inbound outbound reassembly setkey control xfrm pcap gro)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
