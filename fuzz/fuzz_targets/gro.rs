@@ -23,7 +23,10 @@ fn check(g: &mut Gro, pushed: usize, all_checked: bool) {
         assert!(frame.len() >= VNET_HDR_LEN && frame.len() <= VNET_HDR_LEN + 65535);
         let (hdr, pkt) = frame.split_at(VNET_HDR_LEN);
         if hdr[0] & 1 == 0 {
-            assert_eq!(hdr, [0; VNET_HDR_LEN], "a frame without NEEDS_CSUM is as it came");
+            assert_eq!(
+                hdr, [0; VNET_HDR_LEN],
+                "a frame without NEEDS_CSUM is as it came"
+            );
             assert_eq!(n, 1);
             continue;
         }
@@ -38,7 +41,11 @@ fn check(g: &mut Gro, pushed: usize, all_checked: bool) {
             let c = packet::checksum(&p[start..]);
             put16(&mut p, start + off, c);
             let proto = if p[0] >> 4 == 6 { p[6] } else { p[9] };
-            assert_eq!(l4_checksum(&p, start, proto), 0, "the completed checksum verifies");
+            assert_eq!(
+                l4_checksum(&p, start, proto),
+                0,
+                "the completed checksum verifies"
+            );
         }
     }
     assert_eq!(seen, pushed, "every packet in one frame");
