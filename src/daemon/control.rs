@@ -278,7 +278,7 @@ pub fn recv_datagram(
 }
 
 /// How long [`recv_datagram`] looks for a request before it sleeps.
-pub const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
 pub fn poll_in(fd: RawFd, ms: i32) -> bool {
     let mut p = libc::pollfd {

@@ -562,10 +562,10 @@ impl Plumbing {
         // Should that fail (the table was changed from outside), it is
         // loaded whole, as at start.
         if self.nft.is_some() {
-            let text = nftables::input_update(next, &self.inst, &self.maps, &inbound);
+            let (text, maps) = nftables::input_update(next, &self.inst, &self.maps, &inbound);
             match run(&argv("nft -f -"), Some(&text)) {
                 Ok(()) => {
-                    self.maps = nftables::maps(next);
+                    self.maps = maps;
                     return Ok(());
                 }
                 Err(e) => tracing::warn!("nftables: {e:#}: loading the table whole"),
