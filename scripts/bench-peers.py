@@ -13,7 +13,8 @@ request at a time over the control socket, as an IKE daemon makes them
 (from sending a request to receiving its reply): 200 `get`s (the floor:
 socket, wake-ups, parsing, reply), 200 SAs added, updated and deleted, 50 outbound policies (routes over rtnetlink) and 20 inbound
 ones (elements of nftables maps); the same changes over the XFRM netlink
-socket (`--xfrm`, the messages charon sends), timed from message to ack;
+socket (`--xfrm`, the messages charon sends), timed from message to ack,
+and the first inbound policy of a new priority alone (a new map and its rule);
 the same with a listener of the SA and policy groups connected (as `ip
 xfrm monitor`); and the worst gap in a 1 ms stream of
 packets through tunsec while a burst of 10,000 changes (5,000 SAs added,
@@ -246,6 +247,9 @@ def measure(n: int, d: Path) -> str:
         x_upd = xtimed([xfrm_sa(XFRM_UPDSA, "10.77.0.1", p, 0xb00000 + i, i) for i, p in enumerate(xpeers)])
         x_del = xtimed([xfrm_delsa(p, 0xb00000 + i, i) for i, p in enumerate(xpeers)])
         x_out = xtimed([xfrm_policy("10.77.0.1", f"10.205.{i // 250}.{i % 250 + 1}", True, i) for i in range(50)])
+        # The first inbound policy at priority 0 needs a map and its rule
+        # (the file's policies have the default priority): timed alone.
+        x_map = xtimed([xfrm_policy("10.206.9.1", "10.77.0.1", False, 99)]).split(" ")[0]
         x_in = xtimed([xfrm_policy(f"10.206.{i // 250}.{i % 250 + 1}", "10.77.0.1", False, i) for i in range(20)])
         # Again with a listener of the SA and policy groups (as `ip xfrm
         # monitor`), in a process of its own, which hears of every change.
@@ -282,7 +286,8 @@ def measure(n: int, d: Path) -> str:
         return (f"peers {n:>6}: start {start:.2f} s, stop {stop:.2f} s; get (the floor) {floor[100]:.0f} µs; "
                 f"SA add {sa}, update {sa_upd}, delete {sa_del}; "
                 f"outbound policy {out}; inbound policy {inp}; XFRM: SA add {x_add}, update {x_upd}, "
-                f"delete {x_del}, outbound policy {x_out}, inbound policy {x_in}; XFRM with a listener: "
+                f"delete {x_del}, outbound policy {x_out}, inbound policy {x_in} (the first of a priority, a new map: "
+                f"{x_map} µs); XFRM with a listener: "
                 f"SA add {m_add}, delete {m_del}, outbound policy {m_out}; 10,000 changes in {t_burst:.2f} s: "
                 f"worst gap of a 1 ms stream {gaps['burst']:.1f} ms (before {gaps['quiet']:.1f} ms, "
                 f"{gaps['packets']} packets)")

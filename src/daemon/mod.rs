@@ -7,7 +7,7 @@ pub mod gso;
 pub mod journal;
 pub mod lock;
 pub mod net;
-pub mod nfset;
+pub mod nfnl;
 pub mod nftables;
 pub mod notify;
 pub mod plumbing;

@@ -15,17 +15,16 @@
 //! go with it, and the peer's traffic meets the blackhole instead of
 //! leaving in the clear by the main table. A clean stop removes both.
 
-use super::nfset::Nfnl;
-use super::nftables::{self, MapKey};
+use super::nfnl::{Msg, Nfnl};
+use super::nftables::{self, Known, Route};
 use super::rtnl::{Change, Rtnl};
 use crate::spd::{Action, Dir, Policy, Prefix, Rank, rank};
 use crate::state::State;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 /// One change and how to take it back.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -312,9 +311,9 @@ pub struct Plumbing {
     nft: Option<Step>,
     /// The ingress chain of the tap receive mode, when loaded.
     ingress: Option<Step>,
-    /// The verdict maps of the table in force, and the socket that
-    /// changes their elements.
-    maps: HashSet<MapKey>,
+    /// The table in force as tunsec left it, and the socket that changes
+    /// its maps and their rules.
+    known: Known,
     nfnl: Nfnl,
 }
 
@@ -323,6 +322,7 @@ impl Plumbing {
     pub fn start(state: &State, inst: Instance) -> Result<Plumbing> {
         let mut rtnl = Rtnl::open().context("cannot open a NETLINK_ROUTE socket")?;
         let applied = plan(state, &inst).apply(&mut rtnl)?;
+        let known = Known::of(state, &inst);
         let mut p = Plumbing {
             inst,
             rtnl,
@@ -333,7 +333,7 @@ impl Plumbing {
             rules: [false; 2],
             nft: None,
             ingress: None,
-            maps: nftables::maps(state),
+            known,
             nfnl: Nfnl::open().context("cannot open a NETLINK_NETFILTER socket")?,
         };
         for (dst, src) in routed_peers(state) {
@@ -440,7 +440,7 @@ impl Plumbing {
         let (touched, inbound) = update_index(&mut self.out, cur, next);
         // Not a copy of `routes` (10,000 entries: it was most of a policy
         // change's time), but what this call changed in it.
-        let (rules, maps) = (self.rules, self.maps.clone());
+        let (rules, known) = (self.rules, self.known.clone());
         // What this call did, with the step that takes each back, and the
         // routes it recorded with what they were before.
         let mut done: Vec<(Step, bool)> = Vec::new();
@@ -454,7 +454,7 @@ impl Plumbing {
                 self.set_route(dst, old);
             }
             self.rules = rules;
-            self.maps = maps;
+            self.known = known;
             self.out = out_index(cur);
             return Err(e);
         }
@@ -537,24 +537,32 @@ impl Plumbing {
         if inbound.is_empty() {
             return Ok(());
         }
-        // Host-to-host policies of maps in force: their elements, in one
-        // transaction.
-        let in_maps =
-            |p: &Arc<Policy>| nftables::in_map(p) && self.maps.contains(&nftables::map_key(p));
-        if inbound
-            .iter()
-            .all(|(o, n)| o.iter().chain(n.iter()).all(in_maps))
-        {
-            let mut ops: Vec<_> = inbound
-                .iter()
-                .filter_map(|(o, _)| o.as_ref().map(|p| nftables::element(p, false)))
-                .collect();
-            ops.extend(
-                inbound
-                    .iter()
-                    .filter_map(|(_, n)| n.as_ref().map(|p| nftables::element(p, true))),
-            );
-            return self.nfnl.apply(&self.inst.nft_table(), &ops);
+        // Host-to-host policies: elements of the maps in force, or maps
+        // that come and go with their rules, in one netlink transaction.
+        // Should that fail (the table was changed from outside), the input
+        // chain is rewritten.
+        let table = self.inst.nft_table();
+        match self.known.route(&inbound) {
+            Route::Elements { ops, next } => {
+                let msgs: Vec<_> = ops.into_iter().map(Msg::Element).collect();
+                self.nfnl.apply(&table, &msgs)?;
+                self.known = next;
+                return Ok(());
+            }
+            Route::Maps(mc) if self.nft.is_some() => {
+                let done = self.nfnl.rules(&table, "input").and_then(|chain| {
+                    let msgs = mc.plan(&chain).map_err(|e| anyhow!("nftables: {e}"))?;
+                    self.nfnl.apply(&table, &msgs)
+                });
+                match done {
+                    Ok(()) => {
+                        self.known = mc.next;
+                        return Ok(());
+                    }
+                    Err(e) => tracing::warn!("{e:#}: rewriting the input chain"),
+                }
+            }
+            _ => {}
         }
         // The table is in force: its input chain again, and the maps that
         // come, go or change, in one transaction (nothing else in the
@@ -562,10 +570,10 @@ impl Plumbing {
         // Should that fail (the table was changed from outside), it is
         // loaded whole, as at start.
         if self.nft.is_some() {
-            let (text, maps) = nftables::input_update(next, &self.inst, &self.maps, &inbound);
+            let (text, _) = nftables::input_update(next, &self.inst, &self.known.maps, &inbound);
             match run(&argv("nft -f -"), Some(&text)) {
                 Ok(()) => {
-                    self.maps = maps;
+                    self.known = Known::of(next, &self.inst);
                     return Ok(());
                 }
                 Err(e) => tracing::warn!("nftables: {e:#}: loading the table whole"),
@@ -577,7 +585,7 @@ impl Plumbing {
             stdin: Some(nftables::ruleset(next, &self.inst)),
         };
         exec(&mut self.rtnl, &step, true)?;
-        self.maps = nftables::maps(next);
+        self.known = Known::of(next, &self.inst);
         self.nft = Some(step);
         Ok(())
     }

@@ -51,7 +51,7 @@ def dry_run(net, control):
     # verdict maps the input chain looks up.
     assert f"elements = {{ {B4} . {A4} : drop }}" in lines, out
     assert f"elements = {{ {B6} . {A6} : drop }}" in lines, out
-    assert "ip saddr . ip daddr vmap @in4_2147483648 comment \"policies from host to host at priority 2147483648\"" \
+    assert "ip saddr . ip daddr vmap @in4_2147483648 comment \"IPv4 policies from host to host at priority 2147483648\"" \
         in lines, out
     return out, mark, table, prio
 

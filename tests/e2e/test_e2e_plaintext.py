@@ -115,10 +115,12 @@ def test_peer_without_daemon_sends_plaintext_that_is_dropped(net):
 def test_inbound_policy_changes_are_map_elements(net):
     """A host-to-host inbound policy added, changed or deleted at run time
     is an element of the table's verdict map (no reload: the table keeps
-    its handle). Any other inbound policy, or one that needs a new map (a
-    new priority), rewrites the input chain and adds or drops maps in one
-    transaction; the maps in place keep their elements and the table its
-    handle. A table changed from outside is loaded whole again."""
+    its handle). A map that comes or goes with such policies (the first or
+    last of a priority) goes over netlink with its rule, and nft lists it
+    as it lists its own. Any other inbound policy rewrites the input chain
+    in one transaction; the maps in place keep their elements and the
+    table its handle. A table
+    changed from outside is loaded whole again."""
     def setkey(text):
         r = subprocess.run([str(tunsec_bin()), "setkey", "--control", str(net.db.control), "-c"], input=text,
                            capture_output=True, text=True, timeout=30)
@@ -151,27 +153,59 @@ def test_inbound_policy_changes_are_map_elements(net):
     assert handle(t4) == handle(t0) and f"ip saddr {peer} ip daddr {B4} meta l4proto tcp" in t4, t4
     assert elements(t4) == elements(t0), "the map elements in place stay"
     setkey(f"spddelete {peer} {B4} tcp -P in;\n")
-    # A priority no map has yet: a new map, then none again.
-    setkey(f"spdadd {peer} {B4} any -P in priority 77 ipsec esp/transport//require;\n")
+    # A priority no map has yet, in each family: a new map and its rule,
+    # over netlink (no nft process), before the maps of the peers' policies
+    # (priority 77 comes first).
+    peer6 = "fd77::99"
+    setkey(f"spdadd {peer} {B4} any -P in priority 77 ipsec esp/transport//require;\n"
+           f"spdadd {peer6} {B6} any -P in priority 77 ipsec esp/transport//require;\n")
     t5 = table()
-    assert handle(t5) == handle(t0) and "map in4_77" in t5, t5
+    assert handle(t5) == handle(t0) and "map in4_77" in t5 and "map in6_77" in t5, t5
     assert re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter packets 0 bytes 0 : drop", t5), t5
-    assert "vmap @in4_77" in t5 and elements(t5) == elements(t0) + 1, t5
-    # Its last element deleted, the map stays (empty) until the chain is
-    # next rewritten, which drops it.
-    setkey(f"spddelete {peer} {B4} any -P in;\n")
+    assert re.search(rf"{re.escape(peer6)} \. {re.escape(B6)} counter packets 0 bytes 0 : drop", t5), t5
+    assert elements(t5) == elements(t0) + 2, t5
+    rules = [ln.strip() for ln in t5.split("chain input {")[1].splitlines() if "comment" in ln]
+    at = {m: next(i for i, r in enumerate(rules) if f"vmap @{m} " in r)
+          for m in ("in4_77", "in6_77", "in4_2147483648", "in6_2147483648")}
+    assert max(at["in4_77"], at["in6_77"]) < min(at["in4_2147483648"], at["in6_2147483648"]), t5
+    assert "ip6 saddr . ip6 daddr vmap @in6_77 comment \"IPv6 policies from host to host at priority 77\"" in t5, t5
+    assert "rewriting the input chain" not in net.db.log() and "loading the table whole" not in net.db.log()
+    # Their last elements deleted, the maps and their rules go with them.
+    setkey(f"spddelete {peer} {B4} any -P in;\nspddelete {peer6} {B6} any -P in;\n")
     t6 = table()
     assert handle(t6) == handle(t0) and peer not in t6 and elements(t6) == elements(t0), t6
-    setkey(f"spdadd {peer} {B4} tcp -P in discard;\n")
-    setkey(f"spddelete {peer} {B4} tcp -P in;\n")
-    assert "in4_77" not in table()
-    # Changed from outside (the input chain gone): the next change loads
-    # the table whole, and it is right again.
+    assert "in4_77" not in t6 and "in6_77" not in t6, t6
+    assert "rewriting the input chain" not in net.db.log()
+    # What netlink built is what nft builds from text: the maps and their
+    # rules made again, the table loaded whole (its input chain deleted
+    # from outside first), then the same listing once the policy that
+    # made the load goes.
+    setkey(f"spdadd {peer} {B4} any -P in priority 77 ipsec esp/transport//require;\n"
+           f"spdadd {peer6} {B6} any -P in priority 77 ipsec esp/transport//require;\n")
+    built = table()
     net.run(net.b, "nft", "delete", "chain", "inet", "tunsec_tsec0", "input")
-    setkey(f"spdadd {peer} {B4} tcp -P in discard;\n")
-    t7 = table()
-    assert handle(t7) != handle(t0) and "chain input" in t7 and f"ip saddr {peer} ip daddr {B4}" in t7, t7
+    setkey(f"spdadd {peer} {B4} udp -P in discard;\n")
     assert "loading the table whole" in net.db.log()
-    setkey(f"spddelete {peer} {B4} tcp -P in;\n")
+    setkey(f"spddelete {peer} {B4} udp -P in;\n")
+    loaded = table()
+    assert handle(loaded) != handle(built)
+
+    def norm(t):
+        # The maps and chains by name (a listing gives them in the order
+        # they were made), without handles and counts.
+        t = re.sub(r" # handle \d+", "", t)
+        t = re.sub(r"counter packets \d+ bytes \d+", "counter", t)
+        return dict(re.findall(r"^\t((?:map|chain) \S+) \{\n(.*?)^\t\}", t, re.M | re.S))
+    assert {"map in4_77", "map in6_77", "chain input"} <= set(norm(built)), built
+    assert norm(loaded) == norm(built), f"netlink:\n{built}\nnft:\n{loaded}"
+    setkey(f"spddelete {peer} {B4} any -P in;\nspddelete {peer6} {B6} any -P in;\n")
+    # Changed from outside again: the next change of maps loads the table
+    # whole too, and it is right again.
+    net.run(net.b, "nft", "delete", "chain", "inet", "tunsec_tsec0", "input")
+    setkey(f"spdadd {peer} {B4} any -P in priority 78 discard;\n")
+    t7 = table()
+    assert "chain input" in t7 and "vmap @in4_78" in t7 and f"{peer} . {B4}" in t7, t7
+    assert net.db.log().count("loading the table whole") == 2
+    setkey(f"spddelete {peer} {B4} any -P in;\n")
     # The peers' own policies still refuse plaintext.
     assert set(nft_drop_counters(net, net.b)) == {V4_RULE, V6_RULE}

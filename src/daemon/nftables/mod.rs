@@ -7,18 +7,21 @@
 //! daemon installs per peer) go in verdict maps, one per family and
 //! priority, instead of a rule each: a packet costs one lookup whatever the
 //! number of peers, and a change of such a policy is an element added or
-//! deleted ([`super::nfset`]), not a reload of the table. Any other
+//! deleted ([`super::nfnl`]), not a reload of the table. Any other
 //! inbound change rewrites the input chain and adds or drops whole maps
 //! ([`input_update`]), leaving the elements in place; the table is loaded
 //! whole only at start, or when that fails (changed from outside).
 
-use super::nfset::{Op, Verdict};
+use super::nfnl::{Op, Verdict};
 use super::plumbing::Instance;
-use crate::spd::{Action, Dir, Policy, Prefix};
+use crate::spd::{Action, Dir, Policy, Prefix, Rank, rank};
 use crate::state::State;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
+
+mod known;
+pub use known::{Census, Known, MapsChange, Route};
 
 /// An inbound policy that belongs in a map: host to host, any protocol
 /// and port.
@@ -82,21 +85,7 @@ pub fn element(p: &Policy, add: bool) -> Op {
 /// holds unless another inbound policy of the family has the same priority
 /// and the same specificity (then they stay rules).
 pub fn maps(state: &State) -> HashSet<MapKey> {
-    let spec = |v6: bool| if v6 { 256 } else { 64 };
-    let mut keys = HashSet::new();
-    let mut mixed = HashSet::new();
-    for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
-        if in_map(p) {
-            keys.insert(map_key(p));
-        } else {
-            let v6 = p.selector.dst.addr.is_ipv6();
-            if p.selector.specificity() == spec(v6) {
-                mixed.insert((v6, p.priority));
-            }
-        }
-    }
-    keys.retain(|k| !mixed.contains(k));
-    keys
+    Census::of(state).maps()
 }
 
 fn addr_match(p: &Prefix, dir: &str) -> Option<String> {
@@ -203,7 +192,7 @@ pub fn ruleset(state: &State, inst: &Instance) -> String {
         "  chain input {{\n    type filter hook input priority filter - 10; policy accept;"
     )
     .unwrap();
-    for rule in input_rules(state, inst, &maps) {
+    for (rule, _) in input_rules(state, inst, &maps) {
         writeln!(r, "    {rule}").unwrap();
     }
     // The keying daemon's own packets must leave in the clear whatever the
@@ -265,8 +254,12 @@ fn map_decl(state: &State, k: MapKey, head: &str) -> String {
 
 /// The input chain's rules, in order, for `state` whose verdict maps are
 /// `maps`.
-fn input_rules(state: &State, inst: &Instance, maps: &HashSet<MapKey>) -> Vec<String> {
-    let mut r = vec![
+fn input_rules(
+    state: &State,
+    inst: &Instance,
+    maps: &HashSet<MapKey>,
+) -> Vec<(String, Option<Rank>)> {
+    let base = [
         format!(
             "iifname \"{}\" accept comment \"decapsulated by tunsec\"",
             inst.tun
@@ -280,28 +273,69 @@ fn input_rules(state: &State, inst: &Instance, maps: &HashSet<MapKey>) -> Vec<St
         ),
         format!("udp dport {{ {IKE_PORTS} }} accept comment \"IKE goes to the keying daemon\""),
     ];
-    let mut emitted = HashSet::new();
-    for p in state.spd.iter().filter(|p| p.dir == Dir::In) {
+    let mut r: Vec<(String, Option<Rank>)> = base.into_iter().map(|b| (b, None)).collect();
+    // The rules in evaluation order: the inbound policies that are not map
+    // elements, and each map at its first policy. Found without sorting
+    // the whole SPD (at 10,000 peers the maps' policies are most of it
+    // and the sort took milliseconds): only those are sorted.
+    let mut firsts: HashMap<MapKey, &Arc<Policy>> = HashMap::new();
+    let mut order: Vec<&Arc<Policy>> = Vec::new();
+    for p in state.spd.iter_unordered().filter(|p| p.dir == Dir::In) {
+        if in_map(p) && maps.contains(&map_key(p)) {
+            let first = firsts.entry(map_key(p)).or_insert(p);
+            if rank(p) < rank(first) {
+                *first = p;
+            }
+        } else {
+            order.push(p);
+        }
+    }
+    order.extend(firsts.into_values());
+    order.sort_by_key(|p| rank(p));
+    for p in order {
         if in_map(p) && maps.contains(&map_key(p)) {
             let k = map_key(p);
-            if emitted.insert(k) {
-                let f = if k.0 { "ip6" } else { "ip" };
-                r.push(format!(
-                    "{f} saddr . {f} daddr vmap @{} comment \"policies from host to host at priority {}\"",
-                    map_name(k),
-                    k.1
-                ));
-            }
+            let f = if k.0 { "ip6" } else { "ip" };
+            let rule = format!(
+                "{f} saddr . {f} daddr vmap @{} comment \"{}\"",
+                map_name(k),
+                map_comment(k)
+            );
+            r.push((rule, Some(map_place(k))));
             continue;
         }
         let verdict = if refuses(p) { "counter drop" } else { "accept" };
-        r.push(format!(
-            "{} {verdict} comment \"policy {}\"",
-            nft_match(p),
-            p.id
-        ));
+        let rule = format!("{} {verdict} comment \"policy {}\"", nft_match(p), p.id);
+        r.push((rule, Some(rank(p))));
     }
     r
+}
+
+/// Where the rule of map `k` sits in evaluation order: at its priority
+/// and its policies' specificity, which no other rule shares (such a rule
+/// would keep the policies out of a map), so the age is left out.
+fn map_place((v6, prio): MapKey) -> Rank {
+    (prio, std::cmp::Reverse(full_specificity(v6)), 0)
+}
+
+/// The specificity of a host-to-host policy for any protocol and port.
+fn full_specificity(v6: bool) -> u32 {
+    if v6 { 256 } else { 64 }
+}
+
+/// The comment of the rule that looks map `k` up: what names the rule in
+/// the chain (unique, as every rule's comment there).
+fn map_comment((v6, prio): MapKey) -> String {
+    format!(
+        "IPv{} policies from host to host at priority {prio}",
+        if v6 { 6 } else { 4 }
+    )
+}
+
+/// The comment at the end of a rule's text.
+fn rule_comment(rule: &str) -> Option<&str> {
+    let (_, c) = rule.rsplit_once(" comment \"")?;
+    c.strip_suffix('"')
 }
 
 /// What an inbound change does to the table in force, whose verdict maps
@@ -344,7 +378,7 @@ pub fn input_update(
         )
         .unwrap();
     }
-    for rule in input_rules(state, inst, &after) {
+    for (rule, _) in input_rules(state, inst, &after) {
         writeln!(r, "add rule inet {t} input {rule}").unwrap();
     }
     for k in sorted(before) {

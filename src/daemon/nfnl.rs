@@ -1,0 +1,873 @@
+//! tunsec's nftables changes over `NETLINK_NETFILTER`, from within
+//! tunsec: the elements of its verdict maps, and the maps that come and
+//! go with their input-chain rules. A policy change at 10,000 peers is one
+//! small netlink batch (microseconds), not an `nft` process, which reads
+//! the table with all its elements before it changes anything (tens of
+//! milliseconds at 10,000 peers).
+//!
+//! The table itself is loaded from the ruleset text
+//! (`nftables::ruleset`); here are only changes whose bytes are simple
+//! and checked against what `nft --debug=mnl` sends for the same text
+//! (nftables 1.0.6): map elements, a map, the one kind of rule that looks
+//! a map up, and deletions. The layouts are nf_tables'
+//! (`linux/netfilter/nf_tables.h`), built by hand (no maintained crate
+//! covers nf_tables): a batch is a `NFNL_MSG_BATCH_BEGIN`, the messages,
+//! and a `NFNL_MSG_BATCH_END`, applied by the kernel all or nothing.
+//! Building and parsing bytes is pure; [`Nfnl`] sends them and reads the
+//! answers.
+
+use anyhow::{Result, bail};
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFPROTO_INET: u8 = 1;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLA_F_NESTED: u16 = 0x8000;
+
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+
+/// A verdict of a map element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+}
+
+impl Verdict {
+    fn code(self) -> u32 {
+        match self {
+            Verdict::Drop => 0,
+            Verdict::Accept => 1,
+        }
+    }
+}
+
+/// One element change: in map `set`, the key `src . dst`, added with a
+/// verdict or (`None`) deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub set: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub verdict: Option<Verdict>,
+}
+
+fn align(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// An attribute (padded to 4 bytes); `f` writes its payload.
+fn attr(b: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+    let at = b.len();
+    b.extend_from_slice(&[0; 4]);
+    f(b);
+    let len = b.len() - at;
+    b[at..at + 2].copy_from_slice(&(len as u16).to_ne_bytes());
+    b[at + 2..at + 4].copy_from_slice(&ty.to_ne_bytes());
+    b.resize(at + align(len), 0);
+}
+
+fn nested(b: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+    attr(b, ty | NLA_F_NESTED, f)
+}
+
+fn cstr(b: &mut Vec<u8>, ty: u16, s: &str) {
+    attr(b, ty, |b| {
+        b.extend_from_slice(s.as_bytes());
+        b.push(0);
+    })
+}
+
+/// A netlink message with the `nfgenmsg` header; `f` writes attributes.
+fn message(
+    b: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    f: impl FnOnce(&mut Vec<u8>),
+) {
+    let at = b.len();
+    b.extend_from_slice(&[0; 16]);
+    b[at + 4..at + 6].copy_from_slice(&ty.to_ne_bytes());
+    b[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+    b[at + 8..at + 12].copy_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&[family, 0]);
+    b.extend_from_slice(&res_id.to_be_bytes());
+    f(b);
+    let len = b.len() - at;
+    b[at..at + 4].copy_from_slice(&(len as u32).to_ne_bytes());
+}
+
+fn key(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32);
+    for a in [src, dst] {
+        match a {
+            IpAddr::V4(a) => k.extend_from_slice(&a.octets()),
+            IpAddr::V6(a) => k.extend_from_slice(&a.octets()),
+        }
+    }
+    k
+}
+
+/// One change in an nf_tables transaction on tunsec's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    /// An element added to or deleted from a map.
+    Element(Op),
+    /// A verdict map keyed by `src . dst` of one family, with a counter
+    /// per element, as `nftables::map_decl` declares it; `id` names it to
+    /// the rules of the same batch, as nft does.
+    NewMap {
+        name: String,
+        v6: bool,
+        id: u32,
+    },
+    DelMap {
+        name: String,
+    },
+    /// `ip saddr . ip daddr vmap @MAP comment "COMMENT"` (`ip6` for IPv6)
+    /// in `chain`, before the rule whose handle is `before`, or last.
+    /// `map_id`: the map's id when the batch adds it.
+    NewMapRule {
+        chain: String,
+        map: String,
+        v6: bool,
+        map_id: Option<u32>,
+        comment: String,
+        before: Option<u64>,
+    },
+    DelRule {
+        chain: String,
+        handle: u64,
+    },
+}
+
+impl Msg {
+    /// What this change does, for an error.
+    pub fn describe(&self) -> String {
+        match self {
+            Msg::Element(op) => format!(
+                "{} {} . {} in map {}",
+                if op.verdict.is_some() {
+                    "adding"
+                } else {
+                    "deleting"
+                },
+                op.src,
+                op.dst,
+                op.set
+            ),
+            Msg::NewMap { name, .. } => format!("adding map {name}"),
+            Msg::DelMap { name } => format!("deleting map {name}"),
+            Msg::NewMapRule { chain, map, .. } => {
+                format!("adding the rule of map {map} to chain {chain}")
+            }
+            Msg::DelRule { chain, handle } => {
+                format!("deleting rule handle {handle} of chain {chain}")
+            }
+        }
+    }
+}
+
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_APPEND: u16 = 0x800;
+
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_EXPR: u16 = 17;
+const NFT_SET_MAP: u32 = 0x8;
+/// nftables' data types `ipv4_addr` (7) and `ipv6_addr` (8), concatenated
+/// as nft encodes them (six bits a type): `ipv4_addr . ipv4_addr`.
+const CONCAT_IPV4: u32 = (7 << 6) | 7;
+const CONCAT_IPV6: u32 = (8 << 6) | 8;
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+/// The set's user data nft 1.0.6 writes for such a map (byte orders and
+/// the verdict's type, read back by `nft list`), verbatim.
+const MAP_UDATA: [u8; 28] = [
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0,
+];
+
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_POSITION: u16 = 6;
+const NFTA_RULE_USERDATA: u16 = 7;
+/// A rule's comment in its user data (`NFTNL_UDATA_RULE_COMMENT`).
+const UDATA_COMMENT: u8 = 0;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+const NFT_REG_2: u32 = 2;
+/// The second 32-bit register of `NFT_REG_1` (`NFT_REG32_01`).
+const NFT_REG32_01: u32 = 9;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_META_NFPROTO: u32 = 15;
+const NFT_CMP_EQ: u32 = 0;
+
+fn be32(b: &mut Vec<u8>, ty: u16, v: u32) {
+    attr(b, ty, |b| b.extend_from_slice(&v.to_be_bytes()))
+}
+
+fn expr(b: &mut Vec<u8>, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
+    nested(b, NFTA_LIST_ELEM, |b| {
+        cstr(b, NFTA_EXPR_NAME, name);
+        nested(b, NFTA_EXPR_DATA, f);
+    })
+}
+
+/// The expressions of `ip saddr . ip daddr vmap @map` in an inet table:
+/// the family check nft adds, both addresses loaded next to each other,
+/// the lookup whose result is the verdict.
+fn map_rule_exprs(b: &mut Vec<u8>, map: &str, v6: bool, map_id: Option<u32>) {
+    let (len, src, nfproto, second) = if v6 {
+        (16, 8, libc::NFPROTO_IPV6 as u8, NFT_REG_2)
+    } else {
+        (4, 12, libc::NFPROTO_IPV4 as u8, NFT_REG32_01)
+    };
+    expr(b, "meta", |b| {
+        be32(b, 2, NFT_META_NFPROTO); // NFTA_META_KEY
+        be32(b, 1, NFT_REG_1); // NFTA_META_DREG
+    });
+    expr(b, "cmp", |b| {
+        be32(b, 1, NFT_REG_1); // NFTA_CMP_SREG
+        be32(b, 2, NFT_CMP_EQ); // NFTA_CMP_OP
+        nested(b, 3, |b| attr(b, NFTA_DATA_VALUE, |b| b.push(nfproto)));
+    });
+    for (dreg, off) in [(NFT_REG_1, src), (second, src + len)] {
+        expr(b, "payload", |b| {
+            be32(b, 1, dreg); // NFTA_PAYLOAD_DREG
+            be32(b, 2, NFT_PAYLOAD_NETWORK_HEADER); // NFTA_PAYLOAD_BASE
+            be32(b, 3, off); // NFTA_PAYLOAD_OFFSET
+            be32(b, 4, len); // NFTA_PAYLOAD_LEN
+        });
+    }
+    expr(b, "lookup", |b| {
+        be32(b, 2, NFT_REG_1); // NFTA_LOOKUP_SREG
+        be32(b, 3, NFT_REG_VERDICT); // NFTA_LOOKUP_DREG
+        cstr(b, 1, map); // NFTA_LOOKUP_SET
+        if let Some(id) = map_id {
+            be32(b, 4, id); // NFTA_LOOKUP_SET_ID
+        }
+    });
+}
+
+/// One message of a batch on `table` (family inet).
+fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
+    let subsys = NFNL_SUBSYS_NFTABLES;
+    let req = NLM_F_REQUEST | NLM_F_ACK;
+    let head = |b: &mut Vec<u8>, ty: u16, flags: u16, f: &mut dyn FnMut(&mut Vec<u8>)| {
+        message(b, (subsys << 8) | ty, flags, seq, NFPROTO_INET, 0, |b| f(b))
+    };
+    match m {
+        Msg::Element(op) => {
+            let (ty, flags) = match op.verdict {
+                Some(_) => (NFT_MSG_NEWSETELEM, req | NLM_F_CREATE),
+                None => (NFT_MSG_DELSETELEM, req),
+            };
+            head(b, ty, flags, &mut |b| {
+                cstr(b, NFTA_SET_ELEM_LIST_TABLE, table);
+                cstr(b, NFTA_SET_ELEM_LIST_SET, &op.set);
+                nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                    nested(b, NFTA_LIST_ELEM, |b| {
+                        nested(b, NFTA_SET_ELEM_KEY, |b| {
+                            attr(b, NFTA_DATA_VALUE, |b| {
+                                b.extend_from_slice(&key(op.src, op.dst))
+                            })
+                        });
+                        if let Some(v) = op.verdict {
+                            nested(b, NFTA_SET_ELEM_DATA, |b| {
+                                nested(b, NFTA_DATA_VERDICT, |b| {
+                                    be32(b, NFTA_VERDICT_CODE, v.code())
+                                })
+                            });
+                        }
+                    })
+                })
+            })
+        }
+        Msg::NewMap { name, v6, id } => head(b, NFT_MSG_NEWSET, req | NLM_F_CREATE, &mut |b| {
+            cstr(b, NFTA_SET_TABLE, table);
+            cstr(b, NFTA_SET_NAME, name);
+            be32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
+            let (ty, len) = if *v6 {
+                (CONCAT_IPV6, 32)
+            } else {
+                (CONCAT_IPV4, 8)
+            };
+            be32(b, NFTA_SET_KEY_TYPE, ty);
+            be32(b, NFTA_SET_KEY_LEN, len);
+            be32(b, NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+            be32(b, NFTA_SET_DATA_LEN, 0);
+            be32(b, NFTA_SET_ID, *id);
+            attr(b, NFTA_SET_USERDATA, |b| b.extend_from_slice(&MAP_UDATA));
+            nested(b, NFTA_SET_EXPR, |b| {
+                cstr(b, NFTA_EXPR_NAME, "counter");
+                nested(b, NFTA_EXPR_DATA, |_| {});
+            });
+        }),
+        Msg::DelMap { name } => head(b, NFT_MSG_DELSET, req, &mut |b| {
+            cstr(b, NFTA_SET_TABLE, table);
+            cstr(b, NFTA_SET_NAME, name);
+        }),
+        Msg::NewMapRule {
+            chain,
+            map,
+            v6,
+            map_id,
+            comment,
+            before,
+        } => {
+            // Before a rule: the position, not appended; last: appended.
+            let flags = req | NLM_F_CREATE | if before.is_some() { 0 } else { NLM_F_APPEND };
+            head(b, NFT_MSG_NEWRULE, flags, &mut |b| {
+                cstr(b, NFTA_RULE_TABLE, table);
+                cstr(b, NFTA_RULE_CHAIN, chain);
+                if let Some(h) = before {
+                    attr(b, NFTA_RULE_POSITION, |b| {
+                        b.extend_from_slice(&h.to_be_bytes())
+                    });
+                }
+                nested(b, NFTA_RULE_EXPRESSIONS, |b| {
+                    map_rule_exprs(b, map, *v6, *map_id)
+                });
+                attr(b, NFTA_RULE_USERDATA, |b| {
+                    b.push(UDATA_COMMENT);
+                    b.push((comment.len() + 1).min(255) as u8);
+                    b.extend_from_slice(&comment.as_bytes()[..comment.len().min(254)]);
+                    b.push(0);
+                });
+            })
+        }
+        Msg::DelRule { chain, handle } => head(b, NFT_MSG_DELRULE, req, &mut |b| {
+            cstr(b, NFTA_RULE_TABLE, table);
+            cstr(b, NFTA_RULE_CHAIN, chain);
+            attr(b, NFTA_RULE_HANDLE, |b| {
+                b.extend_from_slice(&handle.to_be_bytes())
+            });
+        }),
+    }
+}
+
+/// The batch for `msgs` on table `table` (family inet), sequence numbers
+/// from `seq`: the begin marker, the messages (each acknowledged), the
+/// end marker. The kernel applies it all or nothing.
+pub fn batch(table: &str, msgs: &[Msg], seq: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    let subsys = NFNL_SUBSYS_NFTABLES;
+    message(
+        &mut b,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        0,
+        subsys,
+        |_| {},
+    );
+    for (i, m) in msgs.iter().enumerate() {
+        msg(&mut b, table, m, seq.wrapping_add(1 + i as u32));
+    }
+    let end = seq.wrapping_add(1 + msgs.len() as u32);
+    message(
+        &mut b,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        end,
+        0,
+        subsys,
+        |_| {},
+    );
+    b
+}
+
+/// The request for the rules of `chain` in `table` (family inet), as
+/// `nft list chain` asks for them.
+pub fn rules_request(table: &str, chain: &str, seq: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    message(
+        &mut b,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        NFPROTO_INET,
+        0,
+        |b| {
+            cstr(b, NFTA_RULE_TABLE, table);
+            cstr(b, NFTA_RULE_CHAIN, chain);
+        },
+    );
+    b
+}
+
+/// A rule of a chain, as a dump lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub handle: u64,
+    pub comment: Option<String>,
+}
+
+/// The netlink attributes in `b`: (type without flags, payload).
+fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let payload = &b[4..len];
+        b = &b[align(len).min(b.len())..];
+        Some((ty, payload))
+    })
+}
+
+/// The comment in a rule's user data.
+fn comment(udata: &[u8]) -> Option<String> {
+    let mut u = udata;
+    while u.len() >= 2 {
+        let (ty, len) = (u[0], u[1] as usize);
+        let v = u.get(2..2 + len)?;
+        if ty == UDATA_COMMENT {
+            let v = v.strip_suffix(&[0]).unwrap_or(v);
+            return Some(String::from_utf8_lossy(v).into_owned());
+        }
+        u = &u[2 + len..];
+    }
+    None
+}
+
+/// Read a part of the answer to [`rules_request`] with sequence number
+/// `seq` into `out`: `Some(Ok)` at its end, `Some(Err(errno))` if the
+/// kernel refused it, `None` if more is to come.
+pub fn parse_rules(reply: &[u8], seq: u32, out: &mut Vec<Rule>) -> Option<Result<(), i32>> {
+    let mut off = 0;
+    while off + 16 <= reply.len() {
+        let len = u32::from_ne_bytes(reply[off..off + 4].try_into().ok()?) as usize;
+        if len < 16 || off + len > reply.len() {
+            break;
+        }
+        let m = &reply[off..off + len];
+        let ty = u16::from_ne_bytes([m[4], m[5]]);
+        let rseq = u32::from_ne_bytes(m[8..12].try_into().ok()?);
+        off += align(len);
+        if rseq != seq {
+            continue;
+        }
+        match ty {
+            // NLMSG_DONE
+            3 => return Some(Ok(())),
+            // NLMSG_ERROR
+            2 if len >= 20 => {
+                let e = -i32::from_ne_bytes(m[16..20].try_into().ok()?);
+                return Some(if e == 0 { Ok(()) } else { Err(e) });
+            }
+            t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE && len >= 20 => {
+                let mut rule = Rule {
+                    handle: 0,
+                    comment: None,
+                };
+                for (ty, v) in attrs(&m[20..]) {
+                    match ty {
+                        NFTA_RULE_HANDLE if v.len() == 8 => {
+                            rule.handle = u64::from_be_bytes(v.try_into().ok()?)
+                        }
+                        NFTA_RULE_USERDATA => rule.comment = comment(v),
+                        _ => {}
+                    }
+                }
+                out.push(rule);
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Read the kernel's answers to a batch of `n` acknowledged messages with
+/// sequence numbers `seq + 1 ..= seq + n` in `reply`: `Some(Ok)` once all
+/// are acknowledged, `Some(Err(errno, index))` at the first error, `None`
+/// if more is to come.
+pub fn acks(
+    reply: &[u8],
+    seq: u32,
+    n: usize,
+    acked: &mut usize,
+) -> Option<Result<(), (i32, usize)>> {
+    let mut off = 0;
+    while off + 16 <= reply.len() {
+        let len = u32::from_ne_bytes(reply[off..off + 4].try_into().ok()?) as usize;
+        if len < 16 || off + len > reply.len() {
+            break;
+        }
+        let ty = u16::from_ne_bytes([reply[off + 4], reply[off + 5]]);
+        let rseq = u32::from_ne_bytes(reply[off + 8..off + 12].try_into().ok()?);
+        let idx = rseq.wrapping_sub(seq).wrapping_sub(1) as usize;
+        if ty == 2 && len >= 20 && idx < n {
+            let e = -i32::from_ne_bytes(reply[off + 16..off + 20].try_into().ok()?);
+            if e != 0 {
+                return Some(Err((e, idx)));
+            }
+            *acked += 1;
+        }
+        off += align(len);
+    }
+    (*acked >= n).then_some(Ok(()))
+}
+
+/// A `NETLINK_NETFILTER` socket for tunsec's table.
+pub struct Nfnl {
+    fd: OwnedFd,
+    seq: u32,
+    /// Answers: a dump's parts are up to a page or two each.
+    buf: Vec<u8>,
+}
+
+impl Nfnl {
+    pub fn open() -> io::Result<Nfnl> {
+        let fd = super::rtnl::netlink_socket(
+            libc::NETLINK_NETFILTER,
+            std::time::Duration::from_secs(5),
+        )?;
+        Ok(Nfnl {
+            fd,
+            seq: 1,
+            buf: vec![0; 65536],
+        })
+    }
+
+    /// Apply `msgs` to `table` as one transaction.
+    pub fn apply(&mut self, table: &str, msgs: &[Msg]) -> Result<()> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(msgs.len() as u32 + 2);
+        self.send(&batch(table, msgs, seq))?;
+        let mut acked = 0;
+        loop {
+            let n = self.recv()?;
+            match acks(&self.buf[..n], seq, msgs.len(), &mut acked) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err((e, i))) => bail!(
+                    "nftables: {}: {}",
+                    msgs[i].describe(),
+                    io::Error::from_raw_os_error(e)
+                ),
+                None => {}
+            }
+        }
+    }
+
+    /// The rules of `chain` in `table`, in order.
+    pub fn rules(&mut self, table: &str, chain: &str) -> Result<Vec<Rule>> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        self.send(&rules_request(table, chain, seq))?;
+        let mut out = Vec::new();
+        loop {
+            let n = self.recv()?;
+            match parse_rules(&self.buf[..n], seq, &mut out) {
+                Some(Ok(())) => return Ok(out),
+                Some(Err(e)) => bail!(
+                    "nftables: listing chain {chain} of table {table}: {}",
+                    io::Error::from_raw_os_error(e)
+                ),
+                None => {}
+            }
+        }
+    }
+
+    fn send(&self, req: &[u8]) -> Result<()> {
+        // SAFETY: the buffer is valid for the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr() as *const _, req.len(), 0) };
+        if n < 0 {
+            bail!(
+                "nftables: cannot send to the kernel: {}",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<usize> {
+        // SAFETY: the buffer is valid for the call.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buf.as_mut_ptr() as *mut _,
+                self.buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            bail!(
+                "nftables: no answer from the kernel: {}",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The element message `nft --debug=mnl add element inet t in4_0 '{
+    /// 10.0.0.8 . 10.0.0.2 : drop }'` sends (nftables 1.0.6), without the
+    /// set id nft adds for sets of its own batch.
+    #[test]
+    fn an_element_is_what_nft_sends() {
+        let ops = [Op {
+            set: "in4_0".into(),
+            src: "10.0.0.8".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            verdict: Some(Verdict::Drop),
+        }];
+        let msgs: Vec<Msg> = ops.into_iter().map(Msg::Element).collect();
+        let b = batch("t", &msgs, 7);
+        // begin (20) + element + end (20)
+        let len = u32::from_ne_bytes(b[20..24].try_into().unwrap()) as usize;
+        assert_eq!(b.len(), 20 + len + 20);
+        let msg = &b[20..20 + len];
+        assert_eq!(u16::from_ne_bytes([msg[4], msg[5]]), 0x0a0c);
+        assert_eq!(&msg[16..20], &[1, 0, 0, 0]);
+        let attrs: Vec<u8> = [
+            &[6, 0, 1, 0][..],
+            b"t\0\0\0",
+            &[10, 0, 2, 0],
+            b"in4_0\0\0\0",
+            &[40, 0, 3, 0x80, 36, 0, 1, 0x80, 16, 0, 1, 0x80, 12, 0, 1, 0],
+            &[10, 0, 0, 8, 10, 0, 0, 2],
+            &[16, 0, 2, 0x80, 12, 0, 2, 0x80, 8, 0, 1, 0, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(&msg[20..], &attrs[..]);
+        // The batch markers name the nf_tables subsystem.
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 0x10);
+        assert_eq!(&b[16..20], &[0, 0, 0, 10]);
+        assert_eq!(u16::from_ne_bytes([b[b.len() - 16], b[b.len() - 15]]), 0x11);
+    }
+
+    #[test]
+    fn acks_are_counted_and_errors_named() {
+        let ack = |seq: u32, errno: i32| {
+            let mut m = vec![0u8; 36];
+            m[0..4].copy_from_slice(&36u32.to_ne_bytes());
+            m[4..6].copy_from_slice(&2u16.to_ne_bytes());
+            m[8..12].copy_from_slice(&seq.to_ne_bytes());
+            m[16..20].copy_from_slice(&(-errno).to_ne_bytes());
+            m
+        };
+        let mut acked = 0;
+        assert_eq!(acks(&ack(11, 0), 10, 2, &mut acked), None);
+        assert_eq!(acks(&ack(12, 0), 10, 2, &mut acked), Some(Ok(())));
+        let mut acked = 0;
+        let two = [ack(11, 0), ack(12, libc::ENOENT)].concat();
+        assert_eq!(acks(&two, 10, 2, &mut acked), Some(Err((libc::ENOENT, 1))));
+        // Someone else's answer is not ours.
+        let mut acked = 0;
+        assert_eq!(acks(&ack(99, 0), 10, 1, &mut acked), None);
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The one message of a batch of one: (type, flags, attributes).
+    fn only(b: &[u8]) -> (u16, u16, &[u8]) {
+        let len = u32::from_ne_bytes(b[20..24].try_into().unwrap()) as usize;
+        assert_eq!(b.len(), 20 + len + 20);
+        let m = &b[20..20 + len];
+        (
+            u16::from_ne_bytes([m[4], m[5]]),
+            u16::from_ne_bytes([m[6], m[7]]),
+            &m[20..],
+        )
+    }
+
+    /// `nft --debug=mnl 'add map inet t in4_9 { type ipv4_addr .
+    /// ipv4_addr : verdict; counter; }'` (and the same for IPv6), nftables
+    /// 1.0.6: the attributes of its `NFT_MSG_NEWSET`.
+    #[test]
+    fn a_map_is_what_nft_sends() {
+        let nft4 = "06000100740000000a000200696e345f39000000080003000000000808000400000001c7080005000000000808000600ffffff00080007000000000008000a000000000120000d00000400000000010400000000030800040d0000000100060400000000140011800c000100636f756e7465720004000280";
+        let nft6 = "06000100740000000a000200696e365f3900000008000300000000080800040000000208080005000000002008000600ffffff00080007000000000008000a000000000120000d00000400000000010400000000030800040d0000000100060400000000140011800c000100636f756e7465720004000280";
+        for (v6, nft) in [(false, nft4), (true, nft6)] {
+            let m = Msg::NewMap {
+                name: format!("in{}_9", if v6 { 6 } else { 4 }),
+                v6,
+                id: 1,
+            };
+            let b = batch("t", &[m], 1);
+            let (ty, flags, attrs) = only(&b);
+            assert_eq!(ty, 0x0a09);
+            assert_eq!(flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE);
+            assert_eq!(attrs, &hex(nft)[..], "IPv6: {v6}");
+        }
+    }
+
+    /// `nft --debug=mnl add rule inet t input ip saddr . ip daddr vmap
+    /// @in4_5 comment "policies from host to host at priority 5"` and
+    /// `... ip6 saddr . ip6 daddr vmap @in6_5 comment "x"` (nft names the
+    /// maps by their ids in its cache too, 1 and 2 there).
+    #[test]
+    fn a_map_rule_is_what_nft_sends() {
+        let nft4 = "06000100740000000a000200696e707574000000f400048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004340001800c0001007061796c6f616400240002800800010000000009080002000000000108000300000000100800040000000004380001800b0001006c6f6f6b7570000028000280080002000000000108000300000000000a000100696e345f3500000008000400000000012f0007000029706f6c69636965732066726f6d20686f737420746f20686f7374206174207072696f7269747920350000";
+        let nft6 = "06000100740000000a000200696e707574000000f400048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f616400240002800800010000000001080002000000000108000300000000080800040000000010340001800c0001007061796c6f616400240002800800010000000002080002000000000108000300000000180800040000000010380001800b0001006c6f6f6b7570000028000280080002000000000108000300000000000a000100696e365f3500000008000400000000020800070000027800";
+        let rule = |v6: bool, id: u32, comment: &str, before: Option<u64>| Msg::NewMapRule {
+            chain: "input".into(),
+            map: format!("in{}_5", if v6 { 6 } else { 4 }),
+            v6,
+            map_id: Some(id),
+            comment: comment.into(),
+            before,
+        };
+        let b = batch(
+            "t",
+            &[rule(
+                false,
+                1,
+                "policies from host to host at priority 5",
+                None,
+            )],
+            1,
+        );
+        let (ty, flags, attrs) = only(&b);
+        assert_eq!(ty, 0x0a06);
+        // Last in the chain: appended.
+        assert_eq!(
+            flags,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
+        );
+        assert_eq!(attrs, &hex(nft4)[..]);
+        let b = batch("t", &[rule(true, 2, "x", None)], 1);
+        assert_eq!(only(&b).2, &hex(nft6)[..]);
+        // Before the rule with handle 5: its position, not appended.
+        let b = batch("t", &[rule(true, 2, "x", Some(5))], 1);
+        let (_, flags, attrs) = only(&b);
+        assert_eq!(flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE);
+        let n6 = hex(nft6);
+        assert_eq!(&attrs[..20], &n6[..20]);
+        assert_eq!(&attrs[20..32], &[12, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(&attrs[32..], &n6[20..]);
+    }
+
+    #[test]
+    fn deletions_name_the_rule_by_handle_and_the_map_by_name() {
+        let b = batch(
+            "t",
+            &[
+                Msg::DelRule {
+                    chain: "input".into(),
+                    handle: 0x0102,
+                },
+                Msg::DelMap {
+                    name: "in4_5".into(),
+                },
+            ],
+            1,
+        );
+        let rule = &b[20..20 + 52];
+        assert_eq!(u16::from_ne_bytes([rule[4], rule[5]]), 0x0a08);
+        assert_eq!(
+            &rule[20..],
+            &hex("06000100740000000a000200696e7075740000000c0003000000000000000102")[..]
+        );
+        let set = &b[72..72 + 40];
+        assert_eq!(u16::from_ne_bytes([set[4], set[5]]), 0x0a0b);
+        assert_eq!(
+            &set[20..],
+            &hex("06000100740000000a000200696e345f35000000")[..]
+        );
+    }
+
+    /// A dump of chain `input` of table `t` (family inet) as the kernel
+    /// answered `rules_request` (Linux 6.18): three rules, then the end.
+    #[test]
+    fn a_chain_dump_gives_handles_and_comments_in_order() {
+        let dump = hex(concat!(
+            "e4000000060a02082a000000f71b00000100000b06000100740000000a000200696e7075740000000c00030000000000000000029000040024000100090001006d6574610000000014000200080002000000000608000100000000013800010008000100",
+            "636d70002c00020008000100000000010800020000000000180003001400010078000000000000000000000000000000300001000e000100696d6d6564696174650000001c0002000800010000000000100002000c00020008000100000000011d000700",
+            "0017646563617073756c617465642062792074756e7365630000000064010000060a02082a000000f71b00000100000b06000100740000000a000200696e7075740000000c00030000000000000000050c0006000000000000000002f400040024000100",
+            "090001006d6574610000000014000200080002000000000f08000100000000012c00010008000100636d700020000200080001000000000108000200000000000c0003000500010002000000340001000c0001007061796c6f6164002400020008000100",
+            "000000010800020000000001080003000000000c0800040000000004340001000c0001007061796c6f616400240002000800010000000009080002000000000108000300000000100800040000000004380001000b0001006c6f6f6b7570000028000200",
+            "0a000100696e345f350000000800020000000001080003000000000008000500000000002f0007000029706f6c69636965732066726f6d20686f737420746f20686f7374206174207072696f72697479203500003c010000060a02082a000000f71b0000",
+            "0100000b06000100740000000a000200696e7075740000000c00030000000000000000070c0006000000000000000005f400040024000100090001006d6574610000000014000200080002000000000f08000100000000012c00010008000100636d7000",
+            "20000200080001000000000108000200000000000c000300050001000a000000340001000c0001007061796c6f616400240002000800010000000001080002000000000108000300000000080800040000000010340001000c0001007061796c6f616400",
+            "240002000800010000000002080002000000000108000300000000180800040000000010380001000b0001006c6f6f6b75700000280002000a000100696e365f350000000800020000000001080003000000000008000500000000000800070000027800",
+            "14000000030002002a000000f71b000000000000"
+        ));
+        let want = [
+            (2, "decapsulated by tunsec"),
+            (5, "policies from host to host at priority 5"),
+            (7, "x"),
+        ];
+        let mut out = Vec::new();
+        assert_eq!(parse_rules(&dump, 42, &mut out), Some(Ok(())));
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| (r.handle, r.comment.as_deref().unwrap()))
+            .collect();
+        assert_eq!(got, want);
+        // In two parts, the first cut after its second rule.
+        let cut = 228 + 356;
+        let mut out = Vec::new();
+        assert_eq!(parse_rules(&dump[..cut], 42, &mut out), None);
+        assert_eq!(parse_rules(&dump[cut..], 42, &mut out), Some(Ok(())));
+        assert_eq!(out.len(), 3);
+        // Another request's answer is not this one's; an error is named.
+        let mut out = Vec::new();
+        assert_eq!(parse_rules(&dump, 41, &mut out), None);
+        assert!(out.is_empty());
+        let mut err = vec![0u8; 36];
+        err[0..4].copy_from_slice(&36u32.to_ne_bytes());
+        err[4..6].copy_from_slice(&2u16.to_ne_bytes());
+        err[8..12].copy_from_slice(&42u32.to_ne_bytes());
+        err[16..20].copy_from_slice(&(-libc::ENOENT).to_ne_bytes());
+        assert_eq!(parse_rules(&err, 42, &mut out), Some(Err(libc::ENOENT)));
+        // Truncated or garbled bytes are not a rule and not a panic.
+        for n in 0..dump.len() {
+            let mut out = Vec::new();
+            let _ = parse_rules(&dump[..n], 42, &mut out);
+            assert!(out.len() <= 3);
+        }
+    }
+}
