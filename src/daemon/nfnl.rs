@@ -363,10 +363,13 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
                 nested(b, NFTA_RULE_EXPRESSIONS, |b| {
                     map_rule_exprs(b, map, *v6, *map_id)
                 });
+                // The kernel takes 256 bytes of user data: a comment of at
+                // most 253, its NUL and the type and length bytes.
+                let c = &comment.as_bytes()[..comment.len().min(253)];
                 attr(b, NFTA_RULE_USERDATA, |b| {
                     b.push(UDATA_COMMENT);
-                    b.push((comment.len() + 1).min(255) as u8);
-                    b.extend_from_slice(&comment.as_bytes()[..comment.len().min(254)]);
+                    b.push(c.len() as u8 + 1);
+                    b.extend_from_slice(c);
                     b.push(0);
                 });
             })
@@ -519,8 +522,8 @@ pub fn parse_rules(reply: &[u8], seq: u32, out: &mut Vec<Rule>) -> Option<Result
 
 /// Read the kernel's answers to a batch of `n` acknowledged messages with
 /// sequence numbers `seq + 1 ..= seq + n` in `reply`: `Some(Ok)` once all
-/// are acknowledged, `Some(Err(errno, index))` at the first error, `None`
-/// if more is to come.
+/// are acknowledged, `Some(Err(errno, index))` at the first error (index
+/// `n`: the batch as a whole), `None` if more is to come.
 pub fn acks(
     reply: &[u8],
     seq: u32,
@@ -536,12 +539,17 @@ pub fn acks(
         let ty = u16::from_ne_bytes([reply[off + 4], reply[off + 5]]);
         let rseq = u32::from_ne_bytes(reply[off + 8..off + 12].try_into().ok()?);
         let idx = rseq.wrapping_sub(seq).wrapping_sub(1) as usize;
-        if ty == 2 && len >= 20 && idx < n {
+        // An error for the batch's markers (no permission, no nf_tables)
+        // fails the whole batch: index `n`.
+        let marker = rseq == seq || idx == n;
+        if ty == 2 && len >= 20 && (idx < n || marker) {
             let e = -i32::from_ne_bytes(reply[off + 16..off + 20].try_into().ok()?);
             if e != 0 {
-                return Some(Err((e, idx)));
+                return Some(Err((e, idx.min(n))));
             }
-            *acked += 1;
+            if idx < n {
+                *acked += 1;
+            }
         }
         off += align(len);
     }
@@ -562,6 +570,34 @@ impl Nfnl {
             libc::NETLINK_NETFILTER,
             std::time::Duration::from_secs(5),
         )?;
+        // The kernel answers a whole batch at once, an ack a message, each
+        // counted at about a kilobyte against the receive buffer (nft sizes
+        // it so too): room for the largest batch tunsec sends. Acks without
+        // the request they answer (NETLINK_CAP_ACK) are smaller.
+        let rcvbuf: libc::c_int = 4 << 20;
+        let one: libc::c_int = 1;
+        // SAFETY: options on our own socket, with valid pointers and sizes.
+        unsafe {
+            let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            let p = &rcvbuf as *const _ as *const libc::c_void;
+            if libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                p,
+                size,
+            ) != 0
+            {
+                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, p, size);
+            }
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_CAP_ACK,
+                &one as *const _ as *const libc::c_void,
+                size,
+            );
+        }
         Ok(Nfnl {
             fd,
             seq: 1,
@@ -584,7 +620,8 @@ impl Nfnl {
                 Some(Ok(())) => return Ok(()),
                 Some(Err((e, i))) => bail!(
                     "nftables: {}: {}",
-                    msgs[i].describe(),
+                    msgs.get(i)
+                        .map_or_else(|| "the batch".to_string(), Msg::describe),
                     io::Error::from_raw_os_error(e)
                 ),
                 None => {}
@@ -699,6 +736,12 @@ mod tests {
         let mut acked = 0;
         let two = [ack(11, 0), ack(12, libc::ENOENT)].concat();
         assert_eq!(acks(&two, 10, 2, &mut acked), Some(Err((libc::ENOENT, 1))));
+        // An error for the batch's begin marker fails the batch.
+        let mut acked = 0;
+        assert_eq!(
+            acks(&ack(10, libc::EPERM), 10, 2, &mut acked),
+            Some(Err((libc::EPERM, 2)))
+        );
         // Someone else's answer is not ours.
         let mut acked = 0;
         assert_eq!(acks(&ack(99, 0), 10, 1, &mut acked), None);

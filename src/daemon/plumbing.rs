@@ -545,9 +545,16 @@ impl Plumbing {
         match self.known.route(&inbound) {
             Route::Elements { ops, next } => {
                 let msgs: Vec<_> = ops.into_iter().map(Msg::Element).collect();
-                self.nfnl.apply(&table, &msgs)?;
-                self.known = next;
-                return Ok(());
+                // On failure the kernel may have applied the batch or not
+                // (an answer lost): the text below makes the table right
+                // either way, or loads it whole.
+                match self.nfnl.apply(&table, &msgs) {
+                    Ok(()) => {
+                        self.known = next;
+                        return Ok(());
+                    }
+                    Err(e) => tracing::warn!("{e:#}: rewriting the input chain"),
+                }
             }
             Route::Maps(mc) if self.nft.is_some() => {
                 let done = self.nfnl.rules(&table, "input").and_then(|chain| {

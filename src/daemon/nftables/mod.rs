@@ -14,8 +14,9 @@
 
 use super::nfnl::{Op, Verdict};
 use super::plumbing::Instance;
-use crate::spd::{Action, Dir, Policy, Prefix, Rank, rank};
+use crate::spd::{Action, Dir, Policy, Prefix, rank};
 use crate::state::State;
+use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -258,7 +259,7 @@ fn input_rules(
     state: &State,
     inst: &Instance,
     maps: &HashSet<MapKey>,
-) -> Vec<(String, Option<Rank>)> {
+) -> Vec<(String, Option<Place>)> {
     let base = [
         format!(
             "iifname \"{}\" accept comment \"decapsulated by tunsec\"",
@@ -273,7 +274,7 @@ fn input_rules(
         ),
         format!("udp dport {{ {IKE_PORTS} }} accept comment \"IKE goes to the keying daemon\""),
     ];
-    let mut r: Vec<(String, Option<Rank>)> = base.into_iter().map(|b| (b, None)).collect();
+    let mut r: Vec<(String, Option<Place>)> = base.into_iter().map(|b| (b, None)).collect();
     // The rules in evaluation order: the inbound policies that are not map
     // elements, and each map at its first policy. Found without sorting
     // the whole SPD (at 10,000 peers the maps' policies are most of it
@@ -291,7 +292,14 @@ fn input_rules(
         }
     }
     order.extend(firsts.into_values());
-    order.sort_by_key(|p| rank(p));
+    let place = |p: &Policy| {
+        if in_map(p) && maps.contains(&map_key(p)) {
+            map_place(map_key(p))
+        } else {
+            policy_place(p)
+        }
+    };
+    order.sort_by_key(|p| place(p));
     for p in order {
         if in_map(p) && maps.contains(&map_key(p)) {
             let k = map_key(p);
@@ -306,16 +314,28 @@ fn input_rules(
         }
         let verdict = if refuses(p) { "counter drop" } else { "accept" };
         let rule = format!("{} {verdict} comment \"policy {}\"", nft_match(p), p.id);
-        r.push((rule, Some(rank(p))));
+        r.push((rule, Some(policy_place(p))));
     }
     r
 }
 
-/// Where the rule of map `k` sits in evaluation order: at its priority
-/// and its policies' specificity, which no other rule shares (such a rule
-/// would keep the policies out of a map), so the age is left out.
-fn map_place((v6, prio): MapKey) -> Rank {
-    (prio, std::cmp::Reverse(full_specificity(v6)), 0)
+/// Where a rule of the input chain sits: evaluation order (priority,
+/// specificity, age), the family before the age. Rules of the two
+/// families never match the same packet, so where they tie on priority
+/// and specificity either order is the SPD's; putting IPv4 first makes
+/// the place of a map's rule independent of its policies' ages.
+pub type Place = (u32, Reverse<u32>, bool, u64);
+
+fn policy_place(p: &Policy) -> Place {
+    let (prio, spec, id) = rank(p);
+    (prio, spec, p.selector.dst.addr.is_ipv6(), id)
+}
+
+/// Where the rule of map `k` sits: at its priority, its policies'
+/// specificity and family, which no other rule shares (such a rule would
+/// keep the policies out of a map), so the age is left out.
+fn map_place((v6, prio): MapKey) -> Place {
+    (prio, Reverse(full_specificity(v6)), v6, 0)
 }
 
 /// The specificity of a host-to-host policy for any protocol and port.
