@@ -1,5 +1,5 @@
 //! tunsec's nftables changes over `NETLINK_NETFILTER`, from within
-//! tunsec: the elements of its verdict maps, and the maps that come and
+//! tunsec: the elements of its sets of peers, and the sets that come and
 //! go with their input-chain rules. A policy change at 10,000 peers is one
 //! small netlink batch (microseconds), not an `nft` process, which reads
 //! the table with all its elements before it changes anything (tens of
@@ -8,8 +8,8 @@
 //! The table itself is loaded from the ruleset text
 //! (`nftables::ruleset`); here are only changes whose bytes are simple
 //! and checked against what `nft --debug=mnl` sends for the same text
-//! (nftables 1.0.6): map elements, a map, the one kind of rule that looks
-//! a map up, and deletions. The layouts are nf_tables'
+//! (nftables 1.0.6): set elements, a set, the one kind of rule that looks
+//! a set up, and deletions. The layouts are nf_tables'
 //! (`linux/netfilter/nf_tables.h`), built by hand (no maintained crate
 //! covers nf_tables): a batch is a `NFNL_MSG_BATCH_BEGIN`, the messages,
 //! and a `NFNL_MSG_BATCH_END`, applied by the kernel all or nothing.
@@ -38,12 +38,11 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 
-/// A verdict of a map element.
+/// What a rule does with a packet whose pair is in its set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Accept,
@@ -59,14 +58,14 @@ impl Verdict {
     }
 }
 
-/// One element change: in map `set`, the key `src . dst`, added with a
-/// verdict or (`None`) deleted.
+/// One element change: in set `set`, the pair `src . dst`, added or
+/// deleted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
     pub set: String,
     pub src: IpAddr,
     pub dst: IpAddr,
-    pub verdict: Option<Verdict>,
+    pub add: bool,
 }
 
 fn align(n: usize) -> usize {
@@ -131,27 +130,29 @@ fn key(src: IpAddr, dst: IpAddr) -> Vec<u8> {
 /// One change in an nf_tables transaction on tunsec's table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    /// An element added to or deleted from a map.
+    /// An element added to or deleted from a set.
     Element(Op),
-    /// A verdict map keyed by `src . dst` of one family, with a counter
-    /// per element, as `nftables::map_decl` declares it; `id` names it to
-    /// the rules of the same batch, as nft does.
-    NewMap {
+    /// A set of `src . dst` pairs of one family, with a counter per
+    /// element, as `nftables::set_decl` declares it; `id` names it to the
+    /// rules of the same batch, as nft does.
+    NewSet {
         name: String,
         v6: bool,
         id: u32,
     },
-    DelMap {
+    DelSet {
         name: String,
     },
-    /// `ip saddr . ip daddr vmap @MAP comment "COMMENT"` (`ip6` for IPv6)
-    /// in `chain`, before the rule whose handle is `before`, or last.
-    /// `map_id`: the map's id when the batch adds it.
-    NewMapRule {
+    /// `ip saddr . ip daddr @SET drop comment "COMMENT"` (`ip6` for IPv6;
+    /// `accept` for that verdict) in `chain`, before the rule whose handle
+    /// is `before`, or last. `set_id`: the set's id when the batch adds
+    /// it.
+    NewSetRule {
         chain: String,
-        map: String,
+        set: String,
         v6: bool,
-        map_id: Option<u32>,
+        set_id: Option<u32>,
+        verdict: Verdict,
         comment: String,
         before: Option<u64>,
     },
@@ -166,20 +167,16 @@ impl Msg {
     pub fn describe(&self) -> String {
         match self {
             Msg::Element(op) => format!(
-                "{} {} . {} in map {}",
-                if op.verdict.is_some() {
-                    "adding"
-                } else {
-                    "deleting"
-                },
+                "{} {} . {} in set {}",
+                if op.add { "adding" } else { "deleting" },
                 op.src,
                 op.dst,
                 op.set
             ),
-            Msg::NewMap { name, .. } => format!("adding map {name}"),
-            Msg::DelMap { name } => format!("deleting map {name}"),
-            Msg::NewMapRule { chain, map, .. } => {
-                format!("adding the rule of map {map} to chain {chain}")
+            Msg::NewSet { name, .. } => format!("adding set {name}"),
+            Msg::DelSet { name } => format!("deleting set {name}"),
+            Msg::NewSetRule { chain, set, .. } => {
+                format!("adding the rule of set {set} to chain {chain}")
             }
             Msg::DelRule { chain, handle } => {
                 format!("deleting rule handle {handle} of chain {chain}")
@@ -201,22 +198,16 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
-const NFTA_SET_DATA_TYPE: u16 = 6;
-const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_USERDATA: u16 = 13;
 const NFTA_SET_EXPR: u16 = 17;
-const NFT_SET_MAP: u32 = 0x8;
 /// nftables' data types `ipv4_addr` (7) and `ipv6_addr` (8), concatenated
 /// as nft encodes them (six bits a type): `ipv4_addr . ipv4_addr`.
 const CONCAT_IPV4: u32 = (7 << 6) | 7;
 const CONCAT_IPV6: u32 = (8 << 6) | 8;
-const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
-/// The set's user data nft 1.0.6 writes for such a map (byte orders and
-/// the verdict's type, read back by `nft list`), verbatim.
-const MAP_UDATA: [u8; 28] = [
-    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0,
-];
+/// The set's user data nft 1.0.6 writes for such a set (its key's byte
+/// order and concatenation, read back by `nft list`), verbatim.
+const SET_UDATA: [u8; 16] = [0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
 
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
@@ -248,10 +239,10 @@ fn expr(b: &mut Vec<u8>, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
     })
 }
 
-/// The expressions of `ip saddr . ip daddr vmap @map` in an inet table:
-/// the family check nft adds, both addresses loaded next to each other,
-/// the lookup whose result is the verdict.
-fn map_rule_exprs(b: &mut Vec<u8>, map: &str, v6: bool, map_id: Option<u32>) {
+/// The expressions of `ip saddr . ip daddr @set drop` (or `accept`) in an
+/// inet table: the family check nft adds, both addresses loaded next to
+/// each other, the lookup, the verdict.
+fn set_rule_exprs(b: &mut Vec<u8>, set: &str, v6: bool, set_id: Option<u32>, verdict: Verdict) {
     let (len, src, nfproto, second) = if v6 {
         (16, 8, libc::NFPROTO_IPV6 as u8, NFT_REG_2)
     } else {
@@ -276,11 +267,19 @@ fn map_rule_exprs(b: &mut Vec<u8>, map: &str, v6: bool, map_id: Option<u32>) {
     }
     expr(b, "lookup", |b| {
         be32(b, 2, NFT_REG_1); // NFTA_LOOKUP_SREG
-        be32(b, 3, NFT_REG_VERDICT); // NFTA_LOOKUP_DREG
-        cstr(b, 1, map); // NFTA_LOOKUP_SET
-        if let Some(id) = map_id {
+        cstr(b, 1, set); // NFTA_LOOKUP_SET
+        if let Some(id) = set_id {
             be32(b, 4, id); // NFTA_LOOKUP_SET_ID
         }
+    });
+    expr(b, "immediate", |b| {
+        be32(b, 1, NFT_REG_VERDICT); // NFTA_IMMEDIATE_DREG
+        nested(b, 2, |b| {
+            // NFTA_IMMEDIATE_DATA
+            nested(b, NFTA_DATA_VERDICT, |b| {
+                be32(b, NFTA_VERDICT_CODE, verdict.code())
+            })
+        });
     });
 }
 
@@ -293,9 +292,10 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
     };
     match m {
         Msg::Element(op) => {
-            let (ty, flags) = match op.verdict {
-                Some(_) => (NFT_MSG_NEWSETELEM, req | NLM_F_CREATE),
-                None => (NFT_MSG_DELSETELEM, req),
+            let (ty, flags) = if op.add {
+                (NFT_MSG_NEWSETELEM, req | NLM_F_CREATE)
+            } else {
+                (NFT_MSG_DELSETELEM, req)
             };
             head(b, ty, flags, &mut |b| {
                 cstr(b, NFTA_SET_ELEM_LIST_TABLE, table);
@@ -307,21 +307,14 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
                                 b.extend_from_slice(&key(op.src, op.dst))
                             })
                         });
-                        if let Some(v) = op.verdict {
-                            nested(b, NFTA_SET_ELEM_DATA, |b| {
-                                nested(b, NFTA_DATA_VERDICT, |b| {
-                                    be32(b, NFTA_VERDICT_CODE, v.code())
-                                })
-                            });
-                        }
                     })
                 })
             })
         }
-        Msg::NewMap { name, v6, id } => head(b, NFT_MSG_NEWSET, req | NLM_F_CREATE, &mut |b| {
+        Msg::NewSet { name, v6, id } => head(b, NFT_MSG_NEWSET, req | NLM_F_CREATE, &mut |b| {
             cstr(b, NFTA_SET_TABLE, table);
             cstr(b, NFTA_SET_NAME, name);
-            be32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
+            be32(b, NFTA_SET_FLAGS, 0);
             let (ty, len) = if *v6 {
                 (CONCAT_IPV6, 32)
             } else {
@@ -329,24 +322,23 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
             };
             be32(b, NFTA_SET_KEY_TYPE, ty);
             be32(b, NFTA_SET_KEY_LEN, len);
-            be32(b, NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-            be32(b, NFTA_SET_DATA_LEN, 0);
             be32(b, NFTA_SET_ID, *id);
-            attr(b, NFTA_SET_USERDATA, |b| b.extend_from_slice(&MAP_UDATA));
+            attr(b, NFTA_SET_USERDATA, |b| b.extend_from_slice(&SET_UDATA));
             nested(b, NFTA_SET_EXPR, |b| {
                 cstr(b, NFTA_EXPR_NAME, "counter");
                 nested(b, NFTA_EXPR_DATA, |_| {});
             });
         }),
-        Msg::DelMap { name } => head(b, NFT_MSG_DELSET, req, &mut |b| {
+        Msg::DelSet { name } => head(b, NFT_MSG_DELSET, req, &mut |b| {
             cstr(b, NFTA_SET_TABLE, table);
             cstr(b, NFTA_SET_NAME, name);
         }),
-        Msg::NewMapRule {
+        Msg::NewSetRule {
             chain,
-            map,
+            set,
             v6,
-            map_id,
+            set_id,
+            verdict,
             comment,
             before,
         } => {
@@ -361,7 +353,7 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
                     });
                 }
                 nested(b, NFTA_RULE_EXPRESSIONS, |b| {
-                    map_rule_exprs(b, map, *v6, *map_id)
+                    set_rule_exprs(b, set, *v6, *set_id, *verdict)
                 });
                 // The kernel takes 256 bytes of user data: a comment of at
                 // most 253, its NUL and the type and length bytes.
@@ -684,16 +676,16 @@ impl Nfnl {
 mod tests {
     use super::*;
 
-    /// The element message `nft --debug=mnl add element inet t in4_0 '{
-    /// 10.0.0.8 . 10.0.0.2 : drop }'` sends (nftables 1.0.6), without the
-    /// set id nft adds for sets of its own batch.
+    /// The element message `nft --debug=mnl add element inet t d4_9 '{
+    /// 10.0.0.8 . 10.0.0.2 }'` sends (nftables 1.0.6), without the set id
+    /// nft adds (an attribute `08 00 04 00 ...` before the elements).
     #[test]
     fn an_element_is_what_nft_sends() {
         let ops = [Op {
-            set: "in4_0".into(),
+            set: "d4_9".into(),
             src: "10.0.0.8".parse().unwrap(),
             dst: "10.0.0.2".parse().unwrap(),
-            verdict: Some(Verdict::Drop),
+            add: true,
         }];
         let msgs: Vec<Msg> = ops.into_iter().map(Msg::Element).collect();
         let b = batch("t", &msgs, 7);
@@ -703,17 +695,19 @@ mod tests {
         let msg = &b[20..20 + len];
         assert_eq!(u16::from_ne_bytes([msg[4], msg[5]]), 0x0a0c);
         assert_eq!(&msg[16..20], &[1, 0, 0, 0]);
-        let attrs: Vec<u8> = [
-            &[6, 0, 1, 0][..],
-            b"t\0\0\0",
-            &[10, 0, 2, 0],
-            b"in4_0\0\0\0",
-            &[40, 0, 3, 0x80, 36, 0, 1, 0x80, 16, 0, 1, 0x80, 12, 0, 1, 0],
-            &[10, 0, 0, 8, 10, 0, 0, 2],
-            &[16, 0, 2, 0x80, 12, 0, 2, 0x80, 8, 0, 1, 0, 0, 0, 0, 0],
-        ]
-        .concat();
-        assert_eq!(&msg[20..], &attrs[..]);
+        let nft = "06000100740000000900020064345f3900000000\
+                   1800038014000180100001800c0001000a0000080a000002";
+        assert_eq!(&msg[20..], &hex(nft)[..]);
+        // Deleted: the same attributes in a NFT_MSG_DELSETELEM.
+        let del = Msg::Element(Op {
+            add: false,
+            ..msgs[0].clone().op()
+        });
+        let b = batch("t", &[del], 7);
+        let (ty, flags, attrs) = only(&b);
+        assert_eq!(ty, 0x0a0e);
+        assert_eq!(flags, NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(attrs, &hex(nft)[..]);
         // The batch markers name the nf_tables subsystem.
         assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 0x10);
         assert_eq!(&b[16..20], &[0, 0, 0, 10]);
@@ -747,6 +741,15 @@ mod tests {
         assert_eq!(acks(&ack(99, 0), 10, 1, &mut acked), None);
     }
 
+    impl Msg {
+        fn op(self) -> Op {
+            match self {
+                Msg::Element(op) => op,
+                m => panic!("not an element: {m:?}"),
+            }
+        }
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
             .step_by(2)
@@ -766,16 +769,16 @@ mod tests {
         )
     }
 
-    /// `nft --debug=mnl 'add map inet t in4_9 { type ipv4_addr .
-    /// ipv4_addr : verdict; counter; }'` (and the same for IPv6), nftables
-    /// 1.0.6: the attributes of its `NFT_MSG_NEWSET`.
+    /// `nft --debug=mnl 'add set inet t d4_9 { type ipv4_addr .
+    /// ipv4_addr; counter; }'` (and the same for IPv6), nftables 1.0.6:
+    /// the attributes of its `NFT_MSG_NEWSET`.
     #[test]
-    fn a_map_is_what_nft_sends() {
-        let nft4 = "06000100740000000a000200696e345f39000000080003000000000808000400000001c7080005000000000808000600ffffff00080007000000000008000a000000000120000d00000400000000010400000000030800040d0000000100060400000000140011800c000100636f756e7465720004000280";
-        let nft6 = "06000100740000000a000200696e365f3900000008000300000000080800040000000208080005000000002008000600ffffff00080007000000000008000a000000000120000d00000400000000010400000000030800040d0000000100060400000000140011800c000100636f756e7465720004000280";
+    fn a_set_is_what_nft_sends() {
+        let nft4 = "06000100740000000900020064345f3900000000080003000000000008000400000001c7080005000000000808000a000000000114000d00000400000000030800040d0000000100140011800c000100636f756e7465720004000280";
+        let nft6 = "06000100740000000900020064365f390000000008000300000000000800040000000208080005000000002008000a000000000114000d00000400000000030800040d0000000100140011800c000100636f756e7465720004000280";
         for (v6, nft) in [(false, nft4), (true, nft6)] {
-            let m = Msg::NewMap {
-                name: format!("in{}_9", if v6 { 6 } else { 4 }),
+            let m = Msg::NewSet {
+                name: format!("d{}_9", if v6 { 6 } else { 4 }),
                 v6,
                 id: 1,
             };
@@ -787,32 +790,24 @@ mod tests {
         }
     }
 
-    /// `nft --debug=mnl add rule inet t input ip saddr . ip daddr vmap
-    /// @in4_5 comment "policies from host to host at priority 5"` and
-    /// `... ip6 saddr . ip6 daddr vmap @in6_5 comment "x"` (nft names the
-    /// maps by their ids in its cache too, 1 and 2 there).
+    /// `nft --debug=mnl add rule inet t input ip saddr . ip daddr @d4_9
+    /// drop comment "x"` and `... ip6 saddr . ip6 daddr @d6_9 accept
+    /// comment "y"` (nft names the sets by their ids in its cache too, 5
+    /// and 6 there).
     #[test]
-    fn a_map_rule_is_what_nft_sends() {
-        let nft4 = "06000100740000000a000200696e707574000000f400048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004340001800c0001007061796c6f616400240002800800010000000009080002000000000108000300000000100800040000000004380001800b0001006c6f6f6b7570000028000280080002000000000108000300000000000a000100696e345f3500000008000400000000012f0007000029706f6c69636965732066726f6d20686f737420746f20686f7374206174207072696f7269747920350000";
-        let nft6 = "06000100740000000a000200696e707574000000f400048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f616400240002800800010000000001080002000000000108000300000000080800040000000010340001800c0001007061796c6f616400240002800800010000000002080002000000000108000300000000180800040000000010380001800b0001006c6f6f6b7570000028000280080002000000000108000300000000000a000100696e365f3500000008000400000000020800070000027800";
-        let rule = |v6: bool, id: u32, comment: &str, before: Option<u64>| Msg::NewMapRule {
+    fn a_set_rule_is_what_nft_sends() {
+        let nft4 = "06000100740000000a000200696e7075740000001c01048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004340001800c0001007061796c6f616400240002800800010000000009080002000000000108000300000000100800040000000004300001800b0001006c6f6f6b757000002000028008000200000000010900010064345f39000000000800040000000005300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100000000000800070000027800";
+        let nft6 = "06000100740000000a000200696e7075740000001c01048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f616400240002800800010000000001080002000000000108000300000000080800040000000010340001800c0001007061796c6f616400240002800800010000000002080002000000000108000300000000180800040000000010300001800b0001006c6f6f6b757000002000028008000200000000010900010064365f39000000000800040000000006300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100000000010800070000027900";
+        let rule = |v6: bool, before: Option<u64>| Msg::NewSetRule {
             chain: "input".into(),
-            map: format!("in{}_5", if v6 { 6 } else { 4 }),
+            set: format!("d{}_9", if v6 { 6 } else { 4 }),
             v6,
-            map_id: Some(id),
-            comment: comment.into(),
+            set_id: Some(if v6 { 6 } else { 5 }),
+            verdict: if v6 { Verdict::Accept } else { Verdict::Drop },
+            comment: (if v6 { "y" } else { "x" }).into(),
             before,
         };
-        let b = batch(
-            "t",
-            &[rule(
-                false,
-                1,
-                "policies from host to host at priority 5",
-                None,
-            )],
-            1,
-        );
+        let b = batch("t", &[rule(false, None)], 1);
         let (ty, flags, attrs) = only(&b);
         assert_eq!(ty, 0x0a06);
         // Last in the chain: appended.
@@ -821,10 +816,10 @@ mod tests {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
         );
         assert_eq!(attrs, &hex(nft4)[..]);
-        let b = batch("t", &[rule(true, 2, "x", None)], 1);
+        let b = batch("t", &[rule(true, None)], 1);
         assert_eq!(only(&b).2, &hex(nft6)[..]);
         // Before the rule with handle 5: its position, not appended.
-        let b = batch("t", &[rule(true, 2, "x", Some(5))], 1);
+        let b = batch("t", &[rule(true, Some(5))], 1);
         let (_, flags, attrs) = only(&b);
         assert_eq!(flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE);
         let n6 = hex(nft6);
@@ -842,7 +837,7 @@ mod tests {
                     chain: "input".into(),
                     handle: 0x0102,
                 },
-                Msg::DelMap {
+                Msg::DelSet {
                     name: "in4_5".into(),
                 },
             ],

@@ -705,17 +705,23 @@ mod tests {
         assert!(d.contains(&format!("ip -6 route replace 2001:470:1f09:11ed::42/128 dev tunsec0 table {} src 2001:470:1f09:11ed::c", inst.table)), "{d}");
         // ICMP bypass first (priority 10), then the ipsec policy refuses plaintext
         let icmp = d.find("meta nfproto ipv4 meta l4proto 1 accept").expect(&d);
-        // The host-to-host ipsec policies are map elements that refuse.
+        // The host-to-host ipsec policies are elements of the sets of
+        // refused pairs.
         let drop = d
-            .find("ip saddr . ip daddr vmap @in4_2147483648")
+            .find("ip saddr . ip daddr @in4_2147483648_drop drop")
             .expect(&d);
         assert!(icmp < drop);
+        let set = |name: &str| {
+            let rest = d.split(&format!("set {name} {{")).nth(1).expect(&d);
+            rest.split("\n  }").next().unwrap_or_default().to_string()
+        };
         assert!(
-            d.contains("elements = { 172.17.207.66 . 172.17.207.12 : drop }"),
+            set("in4_2147483648_drop").contains("elements = { 172.17.207.66 . 172.17.207.12 }"),
             "{d}"
         );
         assert!(
-            d.contains("elements = { 2001:470:1f09:11ed::42 . 2001:470:1f09:11ed::c : drop }"),
+            set("in6_2147483648_drop")
+                .contains("elements = { 2001:470:1f09:11ed::42 . 2001:470:1f09:11ed::c }"),
             "{d}"
         );
         assert!(

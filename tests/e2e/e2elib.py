@@ -687,11 +687,13 @@ def nft_drop_counters(topo: Topology, ns: str, tun: str = TUN) -> dict[str, int]
         m = re.search(r"(ip6? saddr \S+ ip6? daddr \S+).*counter packets (\d+) bytes \d+ drop", line)
         if m:
             out[m.group(1)] = int(m.group(2))
-    # Host-to-host policies are elements of verdict maps (in4_*, in6_*):
-    # `SRC . DST counter packets N bytes M : drop`, named as the rule would be.
-    for m in re.finditer(r"([0-9a-f.:]+) \. ([0-9a-f.:]+) counter packets (\d+) bytes \d+ : drop", text):
-        f = "ip6" if ":" in m.group(1) else "ip"
-        out[f"{f} saddr {m.group(1)} {f} daddr {m.group(2)}"] = int(m.group(3))
+    # Host-to-host policies that refuse are elements of the sets of refused
+    # pairs (in4_*_drop, in6_*_drop): `SRC . DST counter packets N bytes M`,
+    # named as the rule would be.
+    for block in re.findall(r"set in[46]_\d+_drop \{(.*?)\n\t\}", text, re.S):
+        for m in re.finditer(r"([0-9a-f.:]+) \. ([0-9a-f.:]+) counter packets (\d+) bytes \d+", block):
+            f = "ip6" if ":" in m.group(1) else "ip"
+            out[f"{f} saddr {m.group(1)} {f} daddr {m.group(2)}"] = int(m.group(3))
     return out
 
 

@@ -48,11 +48,11 @@ def dry_run(net, control):
         assert e in lines, f"{e!r} not in the plan:\n{out}"
     assert f"table inet tunsec_{TUN} {{" in lines, out
     # The peer's host-to-host policies refuse plaintext: elements of the
-    # verdict maps the input chain looks up.
-    assert f"elements = {{ {B4} . {A4} : drop }}" in lines, out
-    assert f"elements = {{ {B6} . {A6} : drop }}" in lines, out
-    assert "ip saddr . ip daddr vmap @in4_2147483648 comment \"IPv4 policies from host to host at priority 2147483648\"" \
-        in lines, out
+    # sets of refused pairs the input chain looks up.
+    assert f"elements = {{ {B4} . {A4} }}" in out.split("set in4_2147483648_drop {")[1].split("\n  }")[0], out
+    assert f"elements = {{ {B6} . {A6} }}" in out.split("set in6_2147483648_drop {")[1].split("\n  }")[0], out
+    assert ("ip saddr . ip daddr @in4_2147483648_drop drop comment "
+            "\"IPv4 policies from host to host at priority 2147483648: refused\"") in lines, out
     return out, mark, table, prio
 
 

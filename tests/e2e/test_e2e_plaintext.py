@@ -6,6 +6,7 @@ device and daemon never see it; later A's daemon is stopped and A's own
 kernel sends in the clear.
 """
 
+import json
 import re
 import secrets
 import subprocess
@@ -67,6 +68,14 @@ def test_injected_plaintext_is_dropped_and_counted(net, tmp_path):
 
     # it stops after the 4 positive controls, or after 20 s
     probe = start_probe(net, duration=20, max_events=4)
+    def refused():
+        # `tunsec stats` reads them from the table's listing.
+        r = subprocess.run([str(tunsec_bin()), "stats", "--json", "--control", str(net.db.control)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["plaintext_refused"]
+
+    refused0 = refused()
     nft0, snmp0, cb0 = nft_drop_counters(net, net.b), tcp_snmp(net, net.b), net.db.counters(settle=0)
     assert set(nft0) == {V4_RULE, V6_RULE}, f"tunsec's drop rules in {net.b}: {nft0}"
     sent = net.tool(net.a, "inject", "--iface", IFACE_A, str(pcap)).result(30)
@@ -76,6 +85,8 @@ def test_injected_plaintext_is_dropped_and_counted(net, tmp_path):
     assert nft1[V4_RULE] - nft0[V4_RULE] == len(frames["v4"]), f"{nft0} -> {nft1}"
     assert nft1[V6_RULE] - nft0[V6_RULE] == len(frames["v6"]), f"{nft0} -> {nft1}"
     assert snmp1["InSegs"] == snmp0["InSegs"], "plaintext TCP reached B's TCP stack"
+    time.sleep(1.1)  # stats caches the listing for a second
+    assert refused() - refused0 == 12
     # Positive control: the same sockets do get what comes through tunsec.
     hello(net, A4, B4, "via-tunsec-v4")
     hello(net, A6, B6, "via-tunsec-v6")
@@ -114,13 +125,13 @@ def test_peer_without_daemon_sends_plaintext_that_is_dropped(net):
 
 def test_inbound_policy_changes_are_map_elements(net):
     """A host-to-host inbound policy added, changed or deleted at run time
-    is an element of the table's verdict map (no reload: the table keeps
-    its handle). A map that comes or goes with such policies (the first or
-    last of a priority) goes over netlink with its rule, and nft lists it
-    as it lists its own. Any other inbound policy rewrites the input chain
-    in one transaction; the maps in place keep their elements and the
-    table its handle. A table
-    changed from outside is loaded whole again."""
+    is an element of the table's sets of refused or allowed pairs (no
+    reload: the table keeps its handle). The sets of a priority come and
+    go with its first and last such policy, over netlink with their rules,
+    and nft lists them as it lists its own. Any other inbound policy
+    rewrites the input chain in one transaction; the sets in place keep
+    their elements and the table its handle. A table changed from outside
+    is loaded whole again."""
     def setkey(text):
         r = subprocess.run([str(tunsec_bin()), "setkey", "--control", str(net.db.control), "-c"], input=text,
                            capture_output=True, text=True, timeout=30)
@@ -133,17 +144,23 @@ def test_inbound_policy_changes_are_map_elements(net):
         return re.search(r"table inet tunsec_tsec0 \{ # handle (\d+)", t).group(1)
 
     def elements(t):
-        return len(re.findall(r" \. \S+ counter packets \d+ bytes \d+ : (?:drop|accept)", t))
+        return len(re.findall(r" \. \S+ counter packets \d+ bytes \d+", t))
+
+    def in_set(t, name, src, dst):
+        """Whether SRC . DST is an element of set NAME in listing T."""
+        block = re.search(rf"set {name} \{{.*?\n\t\}}", t, re.S)
+        return bool(block) and f"{src} . {dst} counter" in block.group(0)
 
     t0 = table()
     peer = "10.77.0.99"
     setkey(f"spdadd {peer} {B4} any -P in ipsec esp/transport//require;\n")
     t1 = table()
     assert handle(t1) == handle(t0), "the table was reloaded"
-    assert re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter packets 0 bytes 0 : drop", t1), t1
+    assert in_set(t1, "in4_2147483648_drop", peer, B4), t1
     setkey(f"spdupdate {peer} {B4} any -P in none;\n")
     t2 = table()
-    assert handle(t2) == handle(t0) and re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter .* : accept", t2), t2
+    assert handle(t2) == handle(t0) and in_set(t2, "in4_2147483648_pass", peer, B4), t2
+    assert not in_set(t2, "in4_2147483648_drop", peer, B4), t2
     setkey(f"spddelete {peer} {B4} any -P in;\n")
     t3 = table()
     assert handle(t3) == handle(t0) and peer not in t3, t3
@@ -160,21 +177,23 @@ def test_inbound_policy_changes_are_map_elements(net):
     setkey(f"spdadd {peer} {B4} any -P in priority 77 ipsec esp/transport//require;\n"
            f"spdadd {peer6} {B6} any -P in priority 77 ipsec esp/transport//require;\n")
     t5 = table()
-    assert handle(t5) == handle(t0) and "map in4_77" in t5 and "map in6_77" in t5, t5
-    assert re.search(rf"{re.escape(peer)} \. {re.escape(B4)} counter packets 0 bytes 0 : drop", t5), t5
-    assert re.search(rf"{re.escape(peer6)} \. {re.escape(B6)} counter packets 0 bytes 0 : drop", t5), t5
+    assert handle(t5) == handle(t0), t5
+    assert all(f"set {n} {{" in t5 for n in ("in4_77_drop", "in4_77_pass", "in6_77_drop", "in6_77_pass")), t5
+    assert in_set(t5, "in4_77_drop", peer, B4) and in_set(t5, "in6_77_drop", peer6, B6), t5
     assert elements(t5) == elements(t0) + 2, t5
     rules = [ln.strip() for ln in t5.split("chain input {")[1].splitlines() if "comment" in ln]
-    at = {m: next(i for i, r in enumerate(rules) if f"vmap @{m} " in r)
-          for m in ("in4_77", "in6_77", "in4_2147483648", "in6_2147483648")}
-    assert max(at["in4_77"], at["in6_77"]) < min(at["in4_2147483648"], at["in6_2147483648"]), t5
-    assert "ip6 saddr . ip6 daddr vmap @in6_77 comment \"IPv6 policies from host to host at priority 77\"" in t5, t5
+    at = {m: next(i for i, r in enumerate(rules) if f"@{m} " in r)
+          for m in ("in4_77_drop", "in4_77_pass", "in6_77_drop", "in6_77_pass",
+                    "in4_2147483648_drop", "in6_2147483648_drop")}
+    assert max(at[m] for m in at if "_77_" in m) < min(at["in4_2147483648_drop"], at["in6_2147483648_drop"]), t5
+    assert ("ip6 saddr . ip6 daddr @in6_77_drop drop comment "
+            "\"IPv6 policies from host to host at priority 77: refused\"") in t5, t5
     assert "rewriting the input chain" not in net.db.log() and "loading the table whole" not in net.db.log()
     # Their last elements deleted, the maps and their rules go with them.
     setkey(f"spddelete {peer} {B4} any -P in;\nspddelete {peer6} {B6} any -P in;\n")
     t6 = table()
     assert handle(t6) == handle(t0) and peer not in t6 and elements(t6) == elements(t0), t6
-    assert "in4_77" not in t6 and "in6_77" not in t6, t6
+    assert "_77_" not in t6, t6
     assert "rewriting the input chain" not in net.db.log()
     # What netlink built is what nft builds from text: the maps and their
     # rules made again, the table loaded whole (its input chain deleted
@@ -191,12 +210,12 @@ def test_inbound_policy_changes_are_map_elements(net):
     assert handle(loaded) != handle(built)
 
     def norm(t):
-        # The maps and chains by name (a listing gives them in the order
+        # The sets and chains by name (a listing gives them in the order
         # they were made), without handles and counts.
         t = re.sub(r" # handle \d+", "", t)
         t = re.sub(r"counter packets \d+ bytes \d+", "counter", t)
-        return dict(re.findall(r"^\t((?:map|chain) \S+) \{\n(.*?)^\t\}", t, re.M | re.S))
-    assert {"map in4_77", "map in6_77", "chain input"} <= set(norm(built)), built
+        return dict(re.findall(r"^\t((?:set|chain) \S+) \{\n(.*?)^\t\}", t, re.M | re.S))
+    assert {"set in4_77_drop", "set in6_77_pass", "chain input"} <= set(norm(built)), built
     assert norm(loaded) == norm(built), f"netlink:\n{built}\nnft:\n{loaded}"
     setkey(f"spddelete {peer} {B4} any -P in;\nspddelete {peer6} {B6} any -P in;\n")
     # Changed from outside again: the next change of maps loads the table
@@ -204,7 +223,7 @@ def test_inbound_policy_changes_are_map_elements(net):
     net.run(net.b, "nft", "delete", "chain", "inet", "tunsec_tsec0", "input")
     setkey(f"spdadd {peer} {B4} any -P in priority 78 discard;\n")
     t7 = table()
-    assert "chain input" in t7 and "vmap @in4_78" in t7 and f"{peer} . {B4}" in t7, t7
+    assert "chain input" in t7 and "@in4_78_drop drop" in t7 and in_set(t7, "in4_78_drop", peer, B4), t7
     assert net.db.log().count("loading the table whole") == 2
     setkey(f"spddelete {peer} {B4} any -P in;\n")
     # The peers' own policies still refuse plaintext.

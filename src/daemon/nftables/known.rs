@@ -4,17 +4,17 @@
 //! 20,000 policies out of cache (2–3 ms here), and a change of
 //! host-to-host policies needs none.
 //!
-//! A change goes one of three ways ([`Route`]): elements of the maps in
-//! force; maps that come (the first policy of a priority) or go (the
-//! last), with their rules in the input chain, as netlink messages placed
-//! by the rules' handles ([`MapsChange::plan`]); or, for anything else,
-//! the text of [`super::input_update`].
+//! A change goes one of three ways ([`Route`]): elements of the sets in
+//! force; a priority's sets (its "map") that come with its first policy
+//! or go with its last, with their rules in the input chain, as netlink
+//! messages placed by the rules' handles ([`MapsChange::plan`]); or, for
+//! anything else, the text of [`super::input_update`].
 
 use super::{
     MapKey, Place, PolicyChange, element, full_specificity, in_map, input_rules, map_comment,
-    map_key, map_name, map_place, rule_comment, sorted,
+    map_key, map_place, rule_comment, set_name, sorted,
 };
-use crate::daemon::nfnl::{Msg, Op, Rule};
+use crate::daemon::nfnl::{Msg, Op, Rule, Verdict};
 use crate::daemon::plumbing::Instance;
 use crate::spd::{Dir, Policy};
 use crate::state::State;
@@ -219,16 +219,19 @@ impl Known {
         let mut chain: Vec<(String, Option<Place>)> = self
             .chain
             .iter()
-            .filter(|(c, _)| !dropped.iter().any(|k| map_comment(*k) == *c))
+            .filter(|(c, _)| !dropped.iter().any(|k| is_map_rule(*k, c)))
             .cloned()
             .collect();
         for k in &added {
+            // Its two rules, refused pairs first, before the first rule
+            // that comes after them.
             let place = map_place(*k);
             let at = chain
                 .iter()
                 .position(|(_, p)| p.is_some_and(|p| p > place))
                 .unwrap_or(chain.len());
-            chain.insert(at, (map_comment(*k), Some(place)));
+            chain.insert(at, (map_comment(*k, false), Some(place)));
+            chain.insert(at, (map_comment(*k, true), Some(place)));
         }
         Route::Maps(MapsChange {
             next: Known {
@@ -243,6 +246,11 @@ impl Known {
             additions: news,
         })
     }
+}
+
+/// Whether `comment` names one of map `k`'s two rules.
+fn is_map_rule(k: MapKey, comment: &str) -> bool {
+    comment == map_comment(k, true) || comment == map_comment(k, false)
 }
 
 impl MapsChange {
@@ -267,48 +275,66 @@ impl MapsChange {
             ));
         }
         let handle = |c: &str| present.iter().find(|(p, _)| *p == c).map(|(_, h)| *h);
-        let added: Vec<String> = self.added.iter().map(|k| map_comment(*k)).collect();
-        let id = |k: &MapKey| self.added.iter().position(|a| a == k).unwrap_or(0) as u32 + 1;
+        let is_added = |c: &str| self.added.iter().any(|k| is_map_rule(*k, c));
+        // The sets' ids in this batch: two a map, refused pairs first.
+        let id = |k: &MapKey, drop: bool| {
+            let i = self.added.iter().position(|a| a == k).unwrap_or(0) as u32;
+            2 * i + 1 + !drop as u32
+        };
         let mut msgs: Vec<Msg> = self.deletions.iter().cloned().map(Msg::Element).collect();
         for k in &self.added {
-            msgs.push(Msg::NewMap {
-                name: map_name(*k),
-                v6: k.0,
-                id: id(k),
-            });
+            for drop in [true, false] {
+                msgs.push(Msg::NewSet {
+                    name: set_name(*k, drop),
+                    v6: k.0,
+                    id: id(k, drop),
+                });
+            }
         }
         msgs.extend(self.additions.iter().cloned().map(Msg::Element));
         // In chain order, each before the first rule after it that is
         // already there: several before the same rule stay in order.
         let after = &self.next.chain;
         for (i, (c, _)) in after.iter().enumerate() {
-            let Some(k) = self.added.iter().find(|k| map_comment(**k) == *c) else {
+            let Some((k, drop)) = self
+                .added
+                .iter()
+                .flat_map(|k| [(*k, true), (*k, false)])
+                .find(|(k, drop)| map_comment(*k, *drop) == *c)
+            else {
                 continue;
             };
             let before = after[i + 1..]
                 .iter()
-                .find(|(x, _)| !added.contains(x))
+                .find(|(x, _)| !is_added(x))
                 .and_then(|(x, _)| handle(x));
-            msgs.push(Msg::NewMapRule {
+            msgs.push(Msg::NewSetRule {
                 chain: "input".into(),
-                map: map_name(*k),
+                set: set_name(k, drop),
                 v6: k.0,
-                map_id: Some(id(k)),
+                set_id: Some(id(&k, drop)),
+                verdict: if drop { Verdict::Drop } else { Verdict::Accept },
                 comment: c.clone(),
                 before,
             });
         }
         for k in &self.dropped {
-            let Some(h) = handle(&map_comment(*k)) else {
-                return Err(format!("no rule looks map {} up", map_name(*k)));
-            };
-            msgs.push(Msg::DelRule {
-                chain: "input".into(),
-                handle: h,
-            });
+            for drop in [true, false] {
+                let Some(h) = handle(&map_comment(*k, drop)) else {
+                    return Err(format!("no rule looks set {} up", set_name(*k, drop)));
+                };
+                msgs.push(Msg::DelRule {
+                    chain: "input".into(),
+                    handle: h,
+                });
+            }
         }
         for k in &self.dropped {
-            msgs.push(Msg::DelMap { name: map_name(*k) });
+            for drop in [true, false] {
+                msgs.push(Msg::DelSet {
+                    name: set_name(*k, drop),
+                });
+            }
         }
         Ok(msgs)
     }
@@ -350,7 +376,7 @@ mod tests {
     fn run(chain: &mut Vec<Rule>, msgs: &[Msg], handles: &mut u64) {
         for m in msgs {
             match m {
-                Msg::NewMapRule {
+                Msg::NewSetRule {
                     comment, before, ..
                 } => {
                     let r = Rule {

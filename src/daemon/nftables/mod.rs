@@ -4,15 +4,20 @@
 //! and IKE's way out.
 //!
 //! Inbound policies from one host to another for all traffic (what an IKE
-//! daemon installs per peer) go in verdict maps, one per family and
-//! priority, instead of a rule each: a packet costs one lookup whatever the
-//! number of peers, and a change of such a policy is an element added or
-//! deleted ([`super::nfnl`]), not a reload of the table. Any other
-//! inbound change rewrites the input chain and adds or drops whole maps
+//! daemon installs per peer) go in sets of address pairs, two per family
+//! and priority (the pairs whose plaintext is refused, and those let
+//! through), each looked up by one rule, instead of a rule each: a packet
+//! costs a lookup or two whatever the number of peers, and a change of
+//! such a policy is an element added or deleted ([`super::nfnl`]), not a
+//! reload of the table. Sets, not a verdict map: when a rule is added,
+//! nf_tables checks every verdict of every verdict map in the table (1 ms
+//! at 10,000 peers), and a set has none. Sets that come and go with such
+//! policies go over netlink too ([`known`]); any other inbound change
+//! rewrites the input chain and adds or drops whole sets
 //! ([`input_update`]), leaving the elements in place; the table is loaded
 //! whole only at start, or when that fails (changed from outside).
 
-use super::nfnl::{Op, Verdict};
+use super::nfnl::Op;
 use super::plumbing::Instance;
 use crate::spd::{Action, Dir, Policy, Prefix, rank};
 use crate::state::State;
@@ -24,8 +29,8 @@ use std::sync::Arc;
 mod known;
 pub use known::{Census, Known, MapsChange, Route};
 
-/// An inbound policy that belongs in a map: host to host, any protocol
-/// and port.
+/// An inbound policy that belongs in the sets (its "map"): host to host,
+/// any protocol and port.
 pub fn in_map(p: &Policy) -> bool {
     let s = &p.selector;
     p.dir == Dir::In
@@ -39,15 +44,22 @@ pub fn in_map(p: &Policy) -> bool {
 /// An inbound policy before and after a change (None: none).
 pub type PolicyChange = (Option<Arc<Policy>>, Option<Arc<Policy>>);
 
-/// A map: (IPv6, priority).
+/// The sets of host-to-host policies of a family and priority, with
+/// their two rules (a "map"): (IPv6, priority).
 pub type MapKey = (bool, u32);
 
 pub fn map_key(p: &Policy) -> MapKey {
     (p.selector.dst.addr.is_ipv6(), p.priority)
 }
 
-pub fn map_name((v6, prio): MapKey) -> String {
-    format!("in{}_{prio}", if v6 { 6 } else { 4 })
+/// The set of the map's pairs whose plaintext is refused (`drop`), or let
+/// through.
+pub fn set_name((v6, prio): MapKey, drop: bool) -> String {
+    format!(
+        "in{}_{prio}_{}",
+        if v6 { 6 } else { 4 },
+        if drop { "drop" } else { "pass" }
+    )
 }
 
 /// What the table does with plaintext a policy matches: refuse it where
@@ -62,21 +74,13 @@ fn refuses(p: &Policy) -> bool {
     }
 }
 
-fn verdict(p: &Policy) -> Verdict {
-    if refuses(p) {
-        Verdict::Drop
-    } else {
-        Verdict::Accept
-    }
-}
-
 /// The element change for a map policy that went (`old`) or came.
 pub fn element(p: &Policy, add: bool) -> Op {
     Op {
-        set: map_name(map_key(p)),
+        set: set_name(map_key(p), refuses(p)),
         src: p.selector.src.addr,
         dst: p.selector.dst.addr,
-        verdict: add.then(|| verdict(p)),
+        add,
     }
 }
 
@@ -152,7 +156,7 @@ pub fn ruleset(state: &State, inst: &Instance) -> String {
     .unwrap();
     let maps = maps(state);
     for k in sorted(&maps) {
-        r.push_str(&map_decl(state, k, "  map"));
+        r.push_str(&map_decl(state, k, "  set"));
     }
     // ESP, AH, IPComp and ESP in UDP to this host: tunsec's packet sockets
     // have their copy. The kernel's would cost a route lookup, netfilter's
@@ -220,36 +224,40 @@ fn sorted(maps: &HashSet<MapKey>) -> Vec<MapKey> {
     v
 }
 
-/// A host-to-host policy as a map element: `SRC . DST`, with its verdict
-/// (`: drop` or `: accept`) when `verdict`.
-fn element_text(p: &Policy, verdict: bool) -> String {
-    let (src, dst) = (p.selector.src.addr, p.selector.dst.addr);
-    match (verdict, refuses(p)) {
-        (false, _) => format!("{src} . {dst}"),
-        (true, true) => format!("{src} . {dst} : drop"),
-        (true, false) => format!("{src} . {dst} : accept"),
-    }
+/// A host-to-host policy as a set element: `SRC . DST`.
+fn element_text(p: &Policy) -> String {
+    format!("{} . {}", p.selector.src.addr, p.selector.dst.addr)
 }
 
-/// A verdict map with its elements: the host-to-host inbound policies of
-/// `state` with its key. `head` is what the declaration starts with (`  map`
-/// inside a table, `add map inet TABLE` alone).
+/// The map's two sets with their elements: the host-to-host inbound
+/// policies of `state` with its key, each with a counter. `head` is what a
+/// declaration starts with (`  set` inside a table, `add set inet TABLE`
+/// alone).
 fn map_decl(state: &State, k: MapKey, head: &str) -> String {
-    let els: Vec<String> = state
+    let mut els: [Vec<String>; 2] = Default::default();
+    for p in state
         .spd
-        .iter()
+        .iter_unordered()
         .filter(|p| in_map(p) && map_key(p) == k)
-        .map(|p| element_text(p, true))
-        .collect();
-    let ty = if k.0 { "ipv6_addr" } else { "ipv4_addr" };
-    let mut r = format!(
-        "{head} {} {{\n    type {ty} . {ty} : verdict\n    counter\n",
-        map_name(k)
-    );
-    if !els.is_empty() {
-        writeln!(r, "    elements = {{ {} }}", els.join(",\n      ")).unwrap();
+    {
+        els[refuses(p) as usize].push(element_text(p));
     }
-    r.push_str("  }\n");
+    let ty = if k.0 { "ipv6_addr" } else { "ipv4_addr" };
+    let mut r = String::new();
+    for drop in [true, false] {
+        write!(
+            r,
+            "{head} {} {{\n    type {ty} . {ty}\n    counter\n",
+            set_name(k, drop)
+        )
+        .unwrap();
+        let els = &mut els[drop as usize];
+        if !els.is_empty() {
+            els.sort();
+            writeln!(r, "    elements = {{ {} }}", els.join(",\n      ")).unwrap();
+        }
+        r.push_str("  }\n");
+    }
     r
 }
 
@@ -304,12 +312,14 @@ fn input_rules(
         if in_map(p) && maps.contains(&map_key(p)) {
             let k = map_key(p);
             let f = if k.0 { "ip6" } else { "ip" };
-            let rule = format!(
-                "{f} saddr . {f} daddr vmap @{} comment \"{}\"",
-                map_name(k),
-                map_comment(k)
-            );
-            r.push((rule, Some(map_place(k))));
+            for (drop, verdict) in [(true, "drop"), (false, "accept")] {
+                let rule = format!(
+                    "{f} saddr . {f} daddr @{} {verdict} comment \"{}\"",
+                    set_name(k, drop),
+                    map_comment(k, drop)
+                );
+                r.push((rule, Some(map_place(k))));
+            }
             continue;
         }
         let verdict = if refuses(p) { "counter drop" } else { "accept" };
@@ -343,12 +353,14 @@ fn full_specificity(v6: bool) -> u32 {
     if v6 { 256 } else { 64 }
 }
 
-/// The comment of the rule that looks map `k` up: what names the rule in
-/// the chain (unique, as every rule's comment there).
-fn map_comment((v6, prio): MapKey) -> String {
+/// The comment of the rule that looks up map `k`'s refused (`drop`) or
+/// allowed pairs: what names the rule in the chain (unique, as every
+/// rule's comment there).
+fn map_comment((v6, prio): MapKey, drop: bool) -> String {
     format!(
-        "IPv{} policies from host to host at priority {prio}",
-        if v6 { 6 } else { 4 }
+        "IPv{} policies from host to host at priority {prio}: {}",
+        if v6 { 6 } else { 4 },
+        if drop { "refused" } else { "allowed" }
     )
 }
 
@@ -377,7 +389,7 @@ pub fn input_update(
     let mut r = format!("flush chain inet {t} input\n");
     for k in sorted(&after) {
         if !before.contains(&k) {
-            r.push_str(&map_decl(state, k, &format!("add map inet {t}")));
+            r.push_str(&map_decl(state, k, &format!("add set inet {t}")));
         }
     }
     let kept =
@@ -390,11 +402,11 @@ pub fn input_update(
         .iter()
         .filter_map(|(_, n)| Some((n.as_deref()?, "add")));
     for (p, verb) in olds.chain(news).filter(|(p, _)| kept(p)) {
-        let e = element_text(p, verb == "add");
+        let e = element_text(p);
         writeln!(
             r,
             "{verb} element inet {t} {} {{ {e} }}",
-            map_name(map_key(p))
+            set_name(map_key(p), refuses(p))
         )
         .unwrap();
     }
@@ -403,7 +415,9 @@ pub fn input_update(
     }
     for k in sorted(before) {
         if !after.contains(&k) {
-            writeln!(r, "delete map inet {t} {}", map_name(k)).unwrap();
+            for drop in [true, false] {
+                writeln!(r, "delete set inet {t} {}", set_name(k, drop)).unwrap();
+            }
         }
     }
     (r, after)
@@ -442,20 +456,37 @@ pub fn early_drop() -> bool {
 /// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
 pub const IKE_PORTS: &str = "500, 4500";
 
-/// Packets the table refused: the counters of its `drop` rules and of its
-/// map elements whose verdict is `drop`, in `nft list table` output.
+/// Packets the table refused: the counters of its `drop` rules and of the
+/// elements of its sets of refused pairs, in `nft list table` output.
 pub fn refused(listing: &str) -> u64 {
     let mut n = 0;
-    for part in listing.split("counter packets ").skip(1) {
-        let mut w = part.split_whitespace();
-        let Some(Ok(packets)) = w.next().map(str::parse::<u64>) else {
-            continue;
-        };
-        // "N bytes M drop ..." (a rule) or "N bytes M : drop" (an element)
-        let (_, _, v) = (w.next(), w.next(), w.next());
-        let v = if v == Some(":") { w.next() } else { v };
-        if v.is_some_and(|v| v.trim_end_matches(',') == "drop") {
-            n += packets;
+    // Inside a set's block: whether it is one of refused pairs.
+    let mut set: Option<bool> = None;
+    for line in listing.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("set ") {
+            let name = rest.split_whitespace().next().unwrap_or("");
+            set = Some(name.ends_with("_drop"));
+        }
+        for part in l.split("counter packets ").skip(1) {
+            let mut w = part.split_whitespace();
+            let Some(Ok(packets)) = w.next().map(str::parse::<u64>) else {
+                continue;
+            };
+            match set {
+                // An element: "N bytes M" (, or } after)
+                Some(drop) => n += if drop { packets } else { 0 },
+                // A rule: "N bytes M drop ..."
+                None => {
+                    let (_, _, v) = (w.next(), w.next(), w.next());
+                    if v == Some("drop") {
+                        n += packets;
+                    }
+                }
+            }
+        }
+        if set.is_some() && l == "}" {
+            set = None;
         }
     }
     n
@@ -497,11 +528,29 @@ mod tests {
 
     #[test]
     fn refused_counts_drops_of_rules_and_elements_only() {
-        let listing = "\
-            ip saddr 10.0.0.1 ip daddr 10.0.0.2 meta l4proto tcp counter packets 3 bytes 180 drop comment \"policy 7\"\n\
-            elements = { 10.0.0.5 . 10.0.0.2 counter packets 4 bytes 240 : drop,\n\
-                         10.0.0.6 . 10.0.0.2 counter packets 100 bytes 6000 : accept,\n\
-                         10.0.0.7 . 10.0.0.2 counter packets 5 bytes 300 : drop }\n";
+        // As `nft list table` prints it (nftables 1.0.6).
+        let listing = "table inet t {
+\tset in4_5_drop {
+\t\ttype ipv4_addr . ipv4_addr
+\t\tcounter
+\t\telements = { 10.0.0.5 . 10.0.0.2 counter packets 4 bytes 240,
+\t\t\t     10.0.0.7 . 10.0.0.2 counter packets 5 bytes 300 }
+\t}
+
+\tset in4_5_pass {
+\t\ttype ipv4_addr . ipv4_addr
+\t\tcounter
+\t\telements = { 10.0.0.6 . 10.0.0.2 counter packets 100 bytes 6000 }
+\t}
+
+\tchain input {
+\t\ttype filter hook input priority filter - 10; policy accept;
+\t\tip saddr 10.0.0.1 ip daddr 10.0.0.2 meta l4proto tcp counter packets 3 bytes 180 drop comment \"policy 7\"
+\t\tip saddr 10.0.0.1 ip daddr 10.0.0.2 meta l4proto udp counter packets 7 bytes 180 accept comment \"policy 8\"
+\t\tip saddr . ip daddr @in4_5_drop drop comment \"IPv4 policies from host to host at priority 5: refused\"
+\t}
+}
+";
         assert_eq!(refused(listing), 12);
     }
 
@@ -558,13 +607,12 @@ mod tests {
         assert_eq!(now, maps(&after));
         let lines: Vec<&str> = r.lines().collect();
         assert_eq!(lines[0], "flush chain inet tunsec_t0 input", "{r}");
-        assert!(r.contains("add map inet tunsec_t0 in4_5 {"), "{r}");
-        assert!(
-            r.contains("elements = { 10.0.0.5 . 10.0.0.9 : drop }"),
-            "{r}"
-        );
-        let del = "delete element inet tunsec_t0 in4_2147483648 { 10.0.0.1 . 10.0.0.9 }";
-        let add = "add element inet tunsec_t0 in4_2147483648 { 10.0.0.1 . 10.0.0.9 : accept }";
+        assert!(r.contains("add set inet tunsec_t0 in4_5_drop {"), "{r}");
+        assert!(r.contains("add set inet tunsec_t0 in4_5_pass {"), "{r}");
+        assert!(r.contains("elements = { 10.0.0.5 . 10.0.0.9 }"), "{r}");
+        // Its verdict changed: out of the refused pairs, into the allowed.
+        let del = "delete element inet tunsec_t0 in4_2147483648_drop { 10.0.0.1 . 10.0.0.9 }";
+        let add = "add element inet tunsec_t0 in4_2147483648_pass { 10.0.0.1 . 10.0.0.9 }";
         let at = |l: &str| lines.iter().position(|x| *x == l);
         assert!(at(del).unwrap() < at(add).unwrap(), "{r}");
         // The rules: the base ones, then the policies in evaluation order
@@ -586,20 +634,24 @@ mod tests {
             rules.iter().all(|r| in_chain.next() == Some(*r)),
             "{r}\n{whole}"
         );
-        assert!(rules[4].contains("vmap @in4_5"), "{r}");
+        assert!(rules[4].contains("@in4_5_drop drop"), "{r}");
+        assert!(rules[5].contains("@in4_5_pass accept"), "{r}");
         assert!(
             rules
                 .iter()
                 .any(|r| r.contains("10.0.0.3") && r.contains("counter drop")),
             "{r}"
         );
-        // The emptied map goes, after the rules that named it.
+        // The emptied map's sets go, after the rules that named them.
         assert_eq!(
-            lines.last(),
-            Some(&"delete map inet tunsec_t0 in4_7"),
+            &lines[lines.len() - 2..],
+            &[
+                "delete set inet tunsec_t0 in4_7_drop",
+                "delete set inet tunsec_t0 in4_7_pass"
+            ],
             "{r}"
         );
         // Nothing about the elements that did not change.
-        assert!(!r.contains("10.0.0.2 . 10.0.0.9 :"), "{r}");
+        assert!(!r.contains("10.0.0.2 . 10.0.0.9"), "{r}");
     }
 }
