@@ -461,17 +461,26 @@ impl Control {
     }
 
     fn plaintext_refused_now(&self) -> u64 {
-        let table = self
-            .plumbing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .inst
-            .nft_table();
-        let out = std::process::Command::new("nft")
-            .args(["list", "table", "inet", &table])
-            .output();
-        let Ok(out) = out else { return 0 };
-        super::nftables::refused(&String::from_utf8_lossy(&out.stdout))
+        let gone = || {
+            let p = self.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+            (p.inst.nft_table(), p.refused_gone())
+        };
+        // What counters went while nft listed the table would count twice
+        // or not at all: read again then (changes are rare; not the
+        // writers' lock for the listing's tens of milliseconds).
+        let mut n = 0;
+        for _ in 0..3 {
+            let (table, before) = gone();
+            let out = std::process::Command::new("nft")
+                .args(["list", "table", "inet", &table])
+                .output();
+            let Ok(out) = out else { return before };
+            n = before + super::nftables::refused(&String::from_utf8_lossy(&out.stdout));
+            if gone().1 == before {
+                break;
+            }
+        }
+        n
     }
 
     /// Apply setkey text atomically: state and plumbing change together or

@@ -314,6 +314,10 @@ pub struct Plumbing {
     /// The table in force as tunsec left it, and the socket that changes
     /// its maps and their rules.
     known: Known,
+    /// Plaintext the table refused with counters it no longer has (an
+    /// element deleted, a rule flushed): `tunsec stats` adds it to what
+    /// the table counts, so the figure never goes back.
+    refused_gone: u64,
     nfnl: Nfnl,
 }
 
@@ -334,6 +338,7 @@ impl Plumbing {
             nft: None,
             ingress: None,
             known,
+            refused_gone: 0,
             nfnl: Nfnl::open().context("cannot open a NETLINK_NETFILTER socket")?,
         };
         for (dst, src) in routed_peers(state) {
@@ -549,7 +554,8 @@ impl Plumbing {
                 // (an answer lost): the text below makes the table right
                 // either way, or loads it whole.
                 match self.nfnl.apply(&table, &msgs) {
-                    Ok(()) => {
+                    Ok(deleted) => {
+                        self.refused_gone += nftables::refused_in(&deleted);
                         self.known = next;
                         return Ok(());
                     }
@@ -562,7 +568,8 @@ impl Plumbing {
                     self.nfnl.apply(&table, &msgs)
                 });
                 match done {
-                    Ok(()) => {
+                    Ok(deleted) => {
+                        self.refused_gone += nftables::refused_in(&deleted);
                         self.known = mc.next;
                         return Ok(());
                     }
@@ -578,8 +585,15 @@ impl Plumbing {
         // loaded whole, as at start.
         if self.nft.is_some() {
             let (text, _) = nftables::input_update(next, &self.inst, &self.known.maps, &inbound);
+            // The flush takes the rules' counters with it: what their drops
+            // counted is kept.
+            let counted: u64 = self
+                .nfnl
+                .rules(&table, "input")
+                .map_or(0, |r| r.iter().map(|r| r.dropped).sum());
             match run(&argv("nft -f -"), Some(&text)) {
                 Ok(()) => {
+                    self.refused_gone += counted;
                     self.known = Known::of(next, &self.inst);
                     return Ok(());
                 }
@@ -595,6 +609,11 @@ impl Plumbing {
         self.known = Known::of(next, &self.inst);
         self.nft = Some(step);
         Ok(())
+    }
+
+    /// Refused plaintext counted by counters the table no longer has.
+    pub fn refused_gone(&self) -> u64 {
+        self.refused_gone
     }
 
     /// Leave everything in place and make no more changes: after a fault,

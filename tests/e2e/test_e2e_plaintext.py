@@ -53,6 +53,16 @@ def v4mapped(a: str) -> str:
     return a if ":" in a else f"::ffff:{a}"
 
 
+def refused(net):
+    """B's `tunsec stats` figure of refused plaintext (read from its
+    table's counters, cached for a second: wait that long first)."""
+    time.sleep(1.1)
+    r = subprocess.run([str(tunsec_bin()), "stats", "--json", "--control", str(net.db.control)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["plaintext_refused"]
+
+
 def test_injected_plaintext_is_dropped_and_counted(net, tmp_path):
     marker = "TUNSEC-E2E-PLAINTEXT-" + secrets.token_hex(6)
     mac_a, mac_b = net.mac(net.a, IFACE_A), net.mac(net.b, IFACE_B)
@@ -68,14 +78,7 @@ def test_injected_plaintext_is_dropped_and_counted(net, tmp_path):
 
     # it stops after the 4 positive controls, or after 20 s
     probe = start_probe(net, duration=20, max_events=4)
-    def refused():
-        # `tunsec stats` reads them from the table's listing.
-        r = subprocess.run([str(tunsec_bin()), "stats", "--json", "--control", str(net.db.control)],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["plaintext_refused"]
-
-    refused0 = refused()
+    refused0 = refused(net)
     nft0, snmp0, cb0 = nft_drop_counters(net, net.b), tcp_snmp(net, net.b), net.db.counters(settle=0)
     assert set(nft0) == {V4_RULE, V6_RULE}, f"tunsec's drop rules in {net.b}: {nft0}"
     sent = net.tool(net.a, "inject", "--iface", IFACE_A, str(pcap)).result(30)
@@ -85,8 +88,7 @@ def test_injected_plaintext_is_dropped_and_counted(net, tmp_path):
     assert nft1[V4_RULE] - nft0[V4_RULE] == len(frames["v4"]), f"{nft0} -> {nft1}"
     assert nft1[V6_RULE] - nft0[V6_RULE] == len(frames["v6"]), f"{nft0} -> {nft1}"
     assert snmp1["InSegs"] == snmp0["InSegs"], "plaintext TCP reached B's TCP stack"
-    time.sleep(1.1)  # stats caches the listing for a second
-    assert refused() - refused0 == 12
+    assert refused(net) - refused0 == 12
     # Positive control: the same sockets do get what comes through tunsec.
     hello(net, A4, B4, "via-tunsec-v4")
     hello(net, A6, B6, "via-tunsec-v6")
@@ -123,7 +125,7 @@ def test_peer_without_daemon_sends_plaintext_that_is_dropped(net):
     assert nft1[V6_RULE] - nft0[V6_RULE] >= 6, f"{nft0} -> {nft1}"
 
 
-def test_inbound_policy_changes_are_map_elements(net):
+def test_inbound_policy_changes_are_map_elements(net, tmp_path):
     """A host-to-host inbound policy added, changed or deleted at run time
     is an element of the table's sets of refused or allowed pairs (no
     reload: the table keeps its handle). The sets of a priority come and
@@ -157,10 +159,21 @@ def test_inbound_policy_changes_are_map_elements(net):
     t1 = table()
     assert handle(t1) == handle(t0), "the table was reloaded"
     assert in_set(t1, "in4_2147483648_drop", peer, B4), t1
+    # Plaintext from that peer is refused and counted; the count stays
+    # when the element that counted it goes (its verdict changes below).
+    mac_a, mac_b = net.mac(net.a, IFACE_A), net.mac(net.b, IFACE_B)
+    frames = [bytes(Ether(src=mac_a, dst=mac_b) / IP(src=peer, dst=B4) / UDP(sport=43000 + i, dport=UDP_PORT))
+              for i in range(3)]
+    r0 = refused(net)
+    assert net.tool(net.a, "inject", "--iface", IFACE_A,
+                    str(write_pcap(tmp_path / "peer.pcap", frames))).result(30)["sent"] == 3
+    r1 = refused(net)
+    assert r1 - r0 == 3, (r0, r1)
     setkey(f"spdupdate {peer} {B4} any -P in none;\n")
     t2 = table()
     assert handle(t2) == handle(t0) and in_set(t2, "in4_2147483648_pass", peer, B4), t2
     assert not in_set(t2, "in4_2147483648_drop", peer, B4), t2
+    assert refused(net) == r1, "a deleted element took its count with it"
     setkey(f"spddelete {peer} {B4} any -P in;\n")
     t3 = table()
     assert handle(t3) == handle(t0) and peer not in t3, t3
@@ -169,7 +182,15 @@ def test_inbound_policy_changes_are_map_elements(net):
     t4 = table()
     assert handle(t4) == handle(t0) and f"ip saddr {peer} ip daddr {B4} meta l4proto tcp" in t4, t4
     assert elements(t4) == elements(t0), "the map elements in place stay"
+    # What the rule refused stays counted when the chain is rewritten.
+    syns = [bytes(Ether(src=mac_a, dst=mac_b) / IP(src=peer, dst=B4) / TCP(sport=44000 + i, dport=TCP_PORT, flags="S"))
+            for i in range(2)]
+    assert net.tool(net.a, "inject", "--iface", IFACE_A,
+                    str(write_pcap(tmp_path / "syn.pcap", syns))).result(30)["sent"] == 2
+    r2 = refused(net)
+    assert r2 - r1 == 2, (r1, r2)
     setkey(f"spddelete {peer} {B4} tcp -P in;\n")
+    assert refused(net) == r2, "the rewritten chain took its rule's count with it"
     # A priority no map has yet, in each family: a new map and its rule,
     # over netlink (no nft process), before the maps of the peers' policies
     # (priority 77 comes first).

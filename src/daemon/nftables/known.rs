@@ -368,6 +368,7 @@ mod tests {
             .map(|(i, c)| Rule {
                 handle: 100 + i as u64,
                 comment: Some(c.to_string()),
+                dropped: 0,
             })
             .collect()
     }
@@ -382,6 +383,7 @@ mod tests {
                     let r = Rule {
                         handle: *handles,
                         comment: Some(comment.clone()),
+                        dropped: 0,
                     };
                     *handles += 1;
                     match before {

@@ -456,6 +456,16 @@ pub fn early_drop() -> bool {
 /// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
 pub const IKE_PORTS: &str = "500, 4500";
 
+/// What deleted elements had counted, of those that were refused pairs:
+/// `deleted` as [`super::nfnl::Nfnl::apply`] returns it.
+pub fn refused_in(deleted: &[(String, u64)]) -> u64 {
+    deleted
+        .iter()
+        .filter(|(set, _)| set.ends_with("_drop"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// Packets the table refused: the counters of its `drop` rules and of the
 /// elements of its sets of refused pairs, in `nft list table` output.
 pub fn refused(listing: &str) -> u64 {
