@@ -468,19 +468,24 @@ impl Control {
         // What counters went while nft listed the table would count twice
         // or not at all: read again then (changes are rare; not the
         // writers' lock for the listing's tens of milliseconds).
-        let mut n = 0;
-        for _ in 0..3 {
-            let (table, before) = gone();
+        let count = |table: &str, before: u64| {
             let out = std::process::Command::new("nft")
-                .args(["list", "table", "inet", &table])
+                .args(["list", "table", "inet", table])
                 .output();
-            let Ok(out) = out else { return before };
-            n = before + super::nftables::refused(&String::from_utf8_lossy(&out.stdout));
+            out.map_or(before, |out| {
+                before + super::nftables::refused(&String::from_utf8_lossy(&out.stdout))
+            })
+        };
+        for _ in 0..2 {
+            let (table, before) = gone();
+            let n = count(&table, before);
             if gone().1 == before {
-                break;
+                return n;
             }
         }
-        n
+        // Changes keep coming: list under the writers' lock once.
+        let p = self.plumbing.lock().unwrap_or_else(|e| e.into_inner());
+        count(&p.inst.nft_table(), p.refused_gone())
     }
 
     /// Apply setkey text atomically: state and plumbing change together or

@@ -666,7 +666,9 @@ impl Nfnl {
         // counted at about a kilobyte against the receive buffer (nft sizes
         // it so too): room for the largest batch tunsec sends. Acks without
         // the request they answer (NETLINK_CAP_ACK) are smaller.
-        let rcvbuf: libc::c_int = 4 << 20;
+        // Deleted elements are echoed too: on kernels before 5.13 each in
+        // an skb of its own (a page or more).
+        let rcvbuf: libc::c_int = 8 << 20;
         let one: libc::c_int = 1;
         // SAFETY: options on our own socket, with valid pointers and sizes.
         unsafe {

@@ -587,10 +587,13 @@ impl Plumbing {
             let (text, _) = nftables::input_update(next, &self.inst, &self.known.maps, &inbound);
             // The flush takes the rules' counters with it: what their drops
             // counted is kept.
-            let counted: u64 = self
-                .nfnl
-                .rules(&table, "input")
-                .map_or(0, |r| r.iter().map(|r| r.dropped).sum());
+            let counted: u64 = match self.nfnl.rules(&table, "input") {
+                Ok(rules) => rules.iter().map(|r| r.dropped).sum(),
+                Err(e) => {
+                    tracing::warn!("{e:#}: the rules' drop counts go with the rewrite");
+                    0
+                }
+            };
             match run(&argv("nft -f -"), Some(&text)) {
                 Ok(()) => {
                     self.refused_gone += counted;

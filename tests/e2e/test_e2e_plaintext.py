@@ -210,8 +210,15 @@ def test_inbound_policy_changes_are_map_elements(net, tmp_path):
     assert ("ip6 saddr . ip6 daddr @in6_77_drop drop comment "
             "\"IPv6 policies from host to host at priority 77: refused\"") in t5, t5
     assert "rewriting the input chain" not in net.db.log() and "loading the table whole" not in net.db.log()
-    # Their last elements deleted, the maps and their rules go with them.
+    # Refused there and counted; then their last elements deleted, the
+    # sets and their rules go with them, and the count stays.
+    r3 = refused(net)
+    assert net.tool(net.a, "inject", "--iface", IFACE_A,
+                    str(write_pcap(tmp_path / "peer77.pcap", frames[:2]))).result(30)["sent"] == 2
+    r4 = refused(net)
+    assert r4 - r3 == 2, (r3, r4)
     setkey(f"spddelete {peer} {B4} any -P in;\nspddelete {peer6} {B6} any -P in;\n")
+    assert refused(net) == r4, "the sets that went took their elements' counts with them"
     t6 = table()
     assert handle(t6) == handle(t0) and peer not in t6 and elements(t6) == elements(t0), t6
     assert "_77_" not in t6, t6

@@ -163,10 +163,12 @@ impl Known {
             return Route::Text;
         }
         let kept = |p: &Policy| self.maps.contains(&map_key(p)) && after.contains(&map_key(p));
+        // Elements go one by one even from sets that go too: the kernel
+        // echoes each with its counter, which `tunsec stats` keeps.
         let deletions: Vec<Op> = changes
             .iter()
             .filter_map(|(o, _)| o.as_deref())
-            .filter(|p| kept(p))
+            .filter(|p| self.maps.contains(&map_key(p)))
             .map(|p| element(p, false))
             .collect();
         let additions = changes
