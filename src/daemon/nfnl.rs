@@ -494,25 +494,56 @@ fn counter_packets(data: &[u8]) -> Option<u64> {
         .map(|(_, v)| u64::from_be_bytes(v.try_into().unwrap_or_default()))
 }
 
+/// One netlink message of an answer: its type, sequence number and the
+/// bytes after its header (the `nfgenmsg`, then attributes; an error's
+/// errno first).
+struct Message<'a> {
+    ty: u16,
+    seq: u32,
+    body: &'a [u8],
+}
+
+/// The whole messages in `reply`, in order; a truncated one ends it.
+fn messages(mut reply: &[u8]) -> impl Iterator<Item = Message<'_>> {
+    std::iter::from_fn(move || {
+        let len = u32::from_ne_bytes(reply.get(..4)?.try_into().ok()?) as usize;
+        if len < 16 || len > reply.len() {
+            return None;
+        }
+        let m = &reply[..len];
+        reply = &reply[align(len).min(reply.len())..];
+        Some(Message {
+            ty: u16::from_ne_bytes([m[4], m[5]]),
+            seq: u32::from_ne_bytes([m[8], m[9], m[10], m[11]]),
+            body: &m[16..],
+        })
+    })
+}
+
+impl Message<'_> {
+    /// An `NLMSG_ERROR`'s errno (0: an ack).
+    fn errno(&self) -> Option<i32> {
+        let e = i32::from_ne_bytes(self.body.get(..4)?.try_into().ok()?);
+        (self.ty == 2).then_some(-e)
+    }
+
+    /// The attributes after the `nfgenmsg` header.
+    fn attrs(&self) -> impl Iterator<Item = (u16, &[u8])> {
+        attrs(self.body.get(4..).unwrap_or_default())
+    }
+}
+
 /// The elements an answer to a batch says were deleted (the kernel echoes
 /// a `NFT_MSG_DELSETELEM` sent with `NLM_F_ECHO`), with the packets their
 /// counters had counted: (set, packets) into `out`.
 pub fn deleted_elements(reply: &[u8], out: &mut Vec<(String, u64)>) {
-    let mut off = 0;
-    while off + 20 <= reply.len() {
-        let len = u32::from_ne_bytes(reply[off..off + 4].try_into().unwrap_or_default()) as usize;
-        if len < 16 || off + len > reply.len() {
-            break;
-        }
-        let m = &reply[off..off + len];
-        off += align(len);
-        let ty = u16::from_ne_bytes([m[4], m[5]]);
-        if ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM || len < 20 {
+    for m in messages(reply) {
+        if m.ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM || m.body.len() < 4 {
             continue;
         }
         let mut set = String::new();
         let mut packets = 0;
-        for (ty, v) in attrs(&m[20..]) {
+        for (ty, v) in m.attrs() {
             match ty {
                 NFTA_SET_ELEM_LIST_SET => {
                     set = String::from_utf8_lossy(v.strip_suffix(&[0]).unwrap_or(v)).into_owned()
@@ -567,34 +598,20 @@ fn comment(udata: &[u8]) -> Option<String> {
 /// `seq` into `out`: `Some(Ok)` at its end, `Some(Err(errno))` if the
 /// kernel refused it, `None` if more is to come.
 pub fn parse_rules(reply: &[u8], seq: u32, out: &mut Vec<Rule>) -> Option<Result<(), i32>> {
-    let mut off = 0;
-    while off + 16 <= reply.len() {
-        let len = u32::from_ne_bytes(reply[off..off + 4].try_into().ok()?) as usize;
-        if len < 16 || off + len > reply.len() {
-            break;
+    for m in messages(reply).filter(|m| m.seq == seq) {
+        if let Some(e) = m.errno() {
+            return Some(if e == 0 { Ok(()) } else { Err(e) });
         }
-        let m = &reply[off..off + len];
-        let ty = u16::from_ne_bytes([m[4], m[5]]);
-        let rseq = u32::from_ne_bytes(m[8..12].try_into().ok()?);
-        off += align(len);
-        if rseq != seq {
-            continue;
-        }
-        match ty {
+        match m.ty {
             // NLMSG_DONE
             3 => return Some(Ok(())),
-            // NLMSG_ERROR
-            2 if len >= 20 => {
-                let e = -i32::from_ne_bytes(m[16..20].try_into().ok()?);
-                return Some(if e == 0 { Ok(()) } else { Err(e) });
-            }
-            t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE && len >= 20 => {
+            t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE && m.body.len() >= 4 => {
                 let mut rule = Rule {
                     handle: 0,
                     comment: None,
                     dropped: 0,
                 };
-                for (ty, v) in attrs(&m[20..]) {
+                for (ty, v) in m.attrs() {
                     match ty {
                         NFTA_RULE_HANDLE if v.len() == 8 => {
                             rule.handle = u64::from_be_bytes(v.try_into().ok()?)
@@ -622,28 +639,16 @@ pub fn acks(
     n: usize,
     acked: &mut usize,
 ) -> Option<Result<(), (i32, usize)>> {
-    let mut off = 0;
-    while off + 16 <= reply.len() {
-        let len = u32::from_ne_bytes(reply[off..off + 4].try_into().ok()?) as usize;
-        if len < 16 || off + len > reply.len() {
-            break;
-        }
-        let ty = u16::from_ne_bytes([reply[off + 4], reply[off + 5]]);
-        let rseq = u32::from_ne_bytes(reply[off + 8..off + 12].try_into().ok()?);
-        let idx = rseq.wrapping_sub(seq).wrapping_sub(1) as usize;
+    for m in messages(reply) {
+        let idx = m.seq.wrapping_sub(seq).wrapping_sub(1) as usize;
         // An error for the batch's markers (no permission, no nf_tables)
         // fails the whole batch: index `n`.
-        let marker = rseq == seq || idx == n;
-        if ty == 2 && len >= 20 && (idx < n || marker) {
-            let e = -i32::from_ne_bytes(reply[off + 16..off + 20].try_into().ok()?);
-            if e != 0 {
-                return Some(Err((e, idx.min(n))));
-            }
-            if idx < n {
-                *acked += 1;
-            }
+        let marker = m.seq == seq || idx == n;
+        match m.errno() {
+            Some(e) if e != 0 && (idx < n || marker) => return Some(Err((e, idx.min(n)))),
+            Some(_) if idx < n => *acked += 1,
+            _ => {}
         }
-        off += align(len);
     }
     (*acked >= n).then_some(Ok(()))
 }

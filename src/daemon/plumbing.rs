@@ -584,7 +584,7 @@ impl Plumbing {
         // Should that fail (the table was changed from outside), it is
         // loaded whole, as at start.
         if self.nft.is_some() {
-            let text = nftables::input_update(next, &self.inst, &self.known.maps, &inbound);
+            let text = nftables::input_update(next, &self.inst, &self.known.maps(), &inbound);
             // The flush takes the rules' counters with it: what their drops
             // counted is kept.
             let counted: u64 = match self.nfnl.rules(&table, "input") {

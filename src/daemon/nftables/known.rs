@@ -89,12 +89,11 @@ impl Census {
     }
 }
 
-/// The table in force: its maps, the census they follow from, and the
-/// input chain's rules (comment and place in evaluation order; the base
+/// The table in force: the census its maps follow from, and the input
+/// chain's rules (comment and place in evaluation order; the base
 /// rules, first, have none).
 #[derive(Debug, Clone)]
 pub struct Known {
-    pub maps: HashSet<MapKey>,
     census: Census,
     chain: Vec<(String, Option<Place>)>,
 }
@@ -131,16 +130,16 @@ impl Known {
     /// input chain was rewritten).
     pub fn of(state: &State, inst: &Instance) -> Known {
         let census = Census::of(state);
-        let maps = census.maps();
-        let chain = input_rules(state, inst, &maps)
+        let chain = input_rules(state, inst, &census.maps())
             .into_iter()
             .map(|(r, place)| (rule_comment(&r).unwrap_or_default().to_string(), place))
             .collect();
-        Known {
-            maps,
-            census,
-            chain,
-        }
+        Known { census, chain }
+    }
+
+    /// The maps the table has (its census's).
+    pub fn maps(&self) -> HashSet<MapKey> {
+        self.census.maps()
     }
 
     /// The input chain's comments, in order.
@@ -152,23 +151,23 @@ impl Known {
     pub fn route(&self, changes: &[PolicyChange]) -> Route {
         let mut census = self.census.clone();
         census.apply(changes);
+        let before = self.maps();
         let after = census.maps();
-        let mapped = |p: &Policy| {
-            in_map(p) && (self.maps.contains(&map_key(p)) || after.contains(&map_key(p)))
-        };
+        let mapped =
+            |p: &Policy| in_map(p) && (before.contains(&map_key(p)) || after.contains(&map_key(p)));
         if !changes
             .iter()
             .all(|(o, n)| o.iter().chain(n.iter()).all(|p| mapped(p)))
         {
             return Route::Text;
         }
-        let kept = |p: &Policy| self.maps.contains(&map_key(p)) && after.contains(&map_key(p));
+        let kept = |p: &Policy| before.contains(&map_key(p)) && after.contains(&map_key(p));
         // Elements go one by one even from sets that go too: the kernel
         // echoes each with its counter, which `tunsec stats` keeps.
         let deletions: Vec<Op> = changes
             .iter()
             .filter_map(|(o, _)| o.as_deref())
-            .filter(|p| self.maps.contains(&map_key(p)))
+            .filter(|p| before.contains(&map_key(p)))
             .map(|p| element(p, false))
             .collect();
         let additions = changes
@@ -176,7 +175,7 @@ impl Known {
             .filter_map(|(_, n)| n.as_deref())
             .filter(|p| kept(p))
             .map(|p| element(p, true));
-        if after == self.maps {
+        if after == before {
             let mut ops = deletions;
             ops.extend(additions);
             if ops.len() > MAPS_CHANGE_ELEMENTS {
@@ -190,9 +189,9 @@ impl Known {
         }
         let added: Vec<MapKey> = sorted(&after)
             .into_iter()
-            .filter(|k| !self.maps.contains(k))
+            .filter(|k| !before.contains(k))
             .collect();
-        let dropped: Vec<MapKey> = sorted(&self.maps)
+        let dropped: Vec<MapKey> = sorted(&before)
             .into_iter()
             .filter(|k| !after.contains(k))
             .collect();
@@ -236,11 +235,7 @@ impl Known {
             chain.insert(at, (map_comment(*k, true), Some(place)));
         }
         Route::Maps(MapsChange {
-            next: Known {
-                maps: after,
-                census,
-                chain,
-            },
+            next: Known { census, chain },
             before: self.comments().map(str::to_string).collect(),
             added,
             dropped,
@@ -481,7 +476,7 @@ mod tests {
                         chain = listed(&known);
                     }
                 }
-                prop_assert_eq!(&known.maps, &whole.maps);
+                prop_assert_eq!(known.maps(), whole.maps());
                 prop_assert_eq!(&known.census, &whole.census);
                 prop_assert!(known.comments().eq(whole.comments()));
                 state = next;
@@ -489,14 +484,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_chain_changed_from_outside_is_refused() {
-        let inst = Instance::new("t0");
+    /// A state of one host-to-host inbound policy, and its table.
+    fn one_peer() -> (State, Known) {
         let state = apply(
             &State::default(),
             "spdadd 10.0.0.1 10.0.0.9 any -P in none;\n",
         );
-        let known = Known::of(&state, &inst);
+        let known = Known::of(&state, &Instance::new("t0"));
+        (state, known)
+    }
+
+    #[test]
+    fn a_chain_changed_from_outside_is_refused() {
+        let (state, known) = one_peer();
         let next = apply(
             &state,
             "spdadd 10.0.0.2 10.0.0.9 any -P in priority 5 none;\n",
@@ -516,12 +516,7 @@ mod tests {
 
     #[test]
     fn too_many_elements_for_one_batch_go_as_text() {
-        let inst = Instance::new("t0");
-        let state = apply(
-            &State::default(),
-            "spdadd 10.0.0.1 10.0.0.9 any -P in none;\n",
-        );
-        let known = Known::of(&state, &inst);
+        let (state, known) = one_peer();
         let text: String = (0..=MAPS_CHANGE_ELEMENTS)
             .map(|i| {
                 format!(
