@@ -542,8 +542,9 @@ impl Plumbing {
         if inbound.is_empty() {
             return Ok(());
         }
-        // Host-to-host policies: elements of the maps in force, or maps
-        // that come and go with their rules, in one netlink transaction.
+        // Host-to-host policies as elements of the maps in force; rules,
+        // and maps that come and go with their rules, placed by the
+        // handles of a dump of the input chain: one netlink transaction.
         // Should that fail (the table was changed from outside), the input
         // chain is rewritten.
         let table = self.inst.nft_table();
@@ -562,15 +563,15 @@ impl Plumbing {
                     Err(e) => tracing::warn!("{e:#}: rewriting the input chain"),
                 }
             }
-            Route::Maps(mc) if self.nft.is_some() => {
+            Route::Chain(cc) if self.nft.is_some() => {
                 let done = self.nfnl.rules(&table, "input").and_then(|chain| {
-                    let msgs = mc.plan(&chain).map_err(|e| anyhow!("nftables: {e}"))?;
+                    let msgs = cc.plan(&chain).map_err(|e| anyhow!("nftables: {e}"))?;
                     self.nfnl.apply(&table, &msgs)
                 });
                 match done {
                     Ok(deleted) => {
                         self.refused_gone += nftables::refused_in(&deleted);
-                        self.known = mc.next;
+                        self.known = cc.next;
                         return Ok(());
                     }
                     Err(e) => tracing::warn!("{e:#}: rewriting the input chain"),

@@ -5,14 +5,17 @@
 //! host-to-host policies needs none.
 //!
 //! A change goes one of three ways ([`Route`]): elements of the sets in
-//! force; a priority's sets (its "map") that come with its first policy
-//! or go with its last, with their rules in the input chain, as netlink
-//! messages placed by the rules' handles ([`MapsChange::plan`]); or, for
-//! anything else, the text of [`super::input_update`].
+//! force; or rules of the input chain that come and go (a policy that is
+//! not host to host, or a priority's sets, its "map", that come with its
+//! first host-to-host policy or go with its last), as netlink messages
+//! placed by the rules' handles ([`ChainChange::plan`]); or, where the
+//! policies the change does not touch would turn from elements into
+//! rules or back, or the batch would be too large, the text of
+//! [`super::input_update`].
 
 use super::{
     MapKey, Place, PolicyChange, element, full_specificity, in_map, input_rules, map_comment,
-    map_key, map_place, rule_comment, set_name, sorted,
+    map_key, map_place, policy_comment, policy_place, policy_rule, rule_comment, set_name, sorted,
 };
 use crate::daemon::nfnl::{Msg, Op, Rule, Verdict};
 use crate::daemon::plumbing::Instance;
@@ -20,10 +23,11 @@ use crate::spd::{Dir, Policy};
 use crate::state::State;
 use std::collections::{HashMap, HashSet};
 
-/// How many elements one netlink batch may carry: each is a message, and
-/// the batch must fit the socket's send buffer (212,992 bytes by default;
-/// an element is 76 to 100 bytes). Bigger changes go as text.
-const MAPS_CHANGE_ELEMENTS: usize = 1000;
+/// How many messages one netlink batch may carry: the batch must fit the
+/// socket's send buffer ([`crate::daemon::nfnl::Nfnl::open`] asks for 1
+/// MiB; an element is 76 to 100 bytes, a rule up to about 700). Bigger
+/// changes go as text.
+const BATCH_MESSAGES: usize = 1000;
 
 /// Per map key, how many inbound policies would be its elements, and how
 /// many other inbound policies share its priority and specificity (any
@@ -103,26 +107,42 @@ pub struct Known {
 pub enum Route {
     /// Elements of the maps in force, added and deleted (deletions first).
     Elements { ops: Vec<Op>, next: Known },
-    /// Maps that come or go, with their rules.
-    Maps(MapsChange),
+    /// Rules that come or go, maps that come or go with their rules, and
+    /// elements, placed by the rules' handles.
+    Chain(ChainChange),
     /// Anything else: the input chain rewritten ([`super::input_update`]).
     Text,
 }
 
-/// Maps added and dropped with their input-chain rules, and elements
-/// moved in the maps kept, as one netlink batch.
+/// A rule a change adds.
 #[derive(Debug)]
-pub struct MapsChange {
+enum Added {
+    /// One of a new map's two rules: its refused pairs (`true`) or its
+    /// allowed ones.
+    Map(MapKey, bool),
+    /// A policy's rule ([`super::policy_rule`]), placed by [`ChainChange::plan`].
+    Policy(Msg),
+}
+
+/// Rules and maps added and dropped, and elements moved, as one netlink
+/// batch.
+#[derive(Debug)]
+pub struct ChainChange {
     /// What the table is once it is done.
     pub next: Known,
     /// The input chain's comments before it, in order.
     before: Vec<String>,
     added: Vec<MapKey>,
     dropped: Vec<MapKey>,
-    /// Deletions from the maps kept, then additions: the new maps'
-    /// elements and those of the maps kept.
+    /// Element deletions, then additions (the new maps' and the kept
+    /// maps').
     deletions: Vec<Op>,
     additions: Vec<Op>,
+    /// The rules that go, by comment (a dropped map's two among them).
+    gone: Vec<String>,
+    /// The rules that come, in chain order, each with the comment of the
+    /// rule already there that it goes before (`None`: last).
+    new_rules: Vec<(Added, Option<String>)>,
 }
 
 impl Known {
@@ -153,40 +173,21 @@ impl Known {
         census.apply(changes);
         let before = self.maps();
         let after = census.maps();
-        let mapped =
-            |p: &Policy| in_map(p) && (before.contains(&map_key(p)) || after.contains(&map_key(p)));
-        if !changes
-            .iter()
-            .all(|(o, n)| o.iter().chain(n.iter()).all(|p| mapped(p)))
-        {
-            return Route::Text;
-        }
-        let kept = |p: &Policy| before.contains(&map_key(p)) && after.contains(&map_key(p));
-        // Elements go one by one even from sets that go too: the kernel
-        // echoes each with its counter, which `tunsec stats` keeps.
-        let deletions: Vec<Op> = changes
-            .iter()
-            .filter_map(|(o, _)| o.as_deref())
-            .filter(|p| before.contains(&map_key(p)))
-            .map(|p| element(p, false))
-            .collect();
-        let additions = changes
-            .iter()
-            .filter_map(|(_, n)| n.as_deref())
-            .filter(|p| kept(p))
-            .map(|p| element(p, true));
-        if after == before {
-            let mut ops = deletions;
-            ops.extend(additions);
-            if ops.len() > MAPS_CHANGE_ELEMENTS {
-                return Route::Text;
-            }
-            let next = Known {
-                census,
-                ..self.clone()
-            };
-            return Route::Elements { ops, next };
-        }
+        let inbound = |p: &&Policy| p.dir == Dir::In;
+        let olds = || {
+            changes
+                .iter()
+                .filter_map(|(o, _)| o.as_deref())
+                .filter(inbound)
+        };
+        let news = || {
+            changes
+                .iter()
+                .filter_map(|(_, n)| n.as_deref())
+                .filter(inbound)
+        };
+        let element_before = |p: &Policy| in_map(p) && before.contains(&map_key(p));
+        let element_after = |p: &Policy| in_map(p) && after.contains(&map_key(p));
         let added: Vec<MapKey> = sorted(&after)
             .into_iter()
             .filter(|k| !before.contains(k))
@@ -195,67 +196,127 @@ impl Known {
             .into_iter()
             .filter(|k| !after.contains(k))
             .collect();
-        // A new map's policies all come with this change: before it its
-        // key had none (or they were rules, kept so by a policy this change
-        // did not touch, and still are). Should the counts say otherwise,
-        // the text path finds them.
-        let mut news = Vec::new();
-        for k in &added {
-            let before = news.len();
-            news.extend(
-                changes
-                    .iter()
-                    .filter_map(|(_, n)| n.as_deref())
-                    .filter(|p| map_key(p) == *k)
-                    .map(|p| element(p, true)),
-            );
-            if news.len() - before != census.elements.get(k).copied().unwrap_or(0) {
-                return Route::Text;
-            }
-        }
-        news.extend(additions);
-        if deletions.len() + news.len() > MAPS_CHANGE_ELEMENTS {
+        // Policies this change does not touch stay what they are: a map
+        // that goes takes its last elements with it (else its policies
+        // left would turn into rules), and a new map's policies all come
+        // with this change (else some were rules, kept so by a policy
+        // the change takes away). Should the counts say otherwise, the
+        // text path finds them.
+        let census_of = |k: &MapKey| census.elements.get(k).copied().unwrap_or(0);
+        if dropped.iter().any(|k| census_of(k) != 0)
+            || added.iter().any(|k| {
+                news()
+                    .filter(|p| element_after(p) && map_key(p) == *k)
+                    .count()
+                    != census_of(k)
+            })
+        {
             return Route::Text;
         }
-        let mut chain: Vec<(String, Option<Place>)> = self
+        // Elements go one by one even from sets that go too: the kernel
+        // echoes each with its counter, which `tunsec stats` keeps.
+        let deletions: Vec<Op> = olds()
+            .filter(|p| element_before(p))
+            .map(|p| element(p, false))
+            .collect();
+        let mut additions: Vec<Op> = Vec::new();
+        // The new maps' elements first, map by map, then the kept maps'.
+        for k in &added {
+            additions.extend(
+                news()
+                    .filter(|p| element_after(p) && map_key(p) == *k)
+                    .map(|p| element(p, true)),
+            );
+        }
+        additions.extend(
+            news()
+                .filter(|p| element_after(p) && before.contains(&map_key(p)))
+                .map(|p| element(p, true)),
+        );
+        let gone_rules: Vec<String> = olds()
+            .filter(|p| !element_before(p))
+            .map(policy_comment)
+            .collect();
+        let mut adds: Vec<(String, Place, Added)> = Vec::new();
+        for p in news().filter(|p| !element_after(p)) {
+            let Some(msg) = policy_rule(p, None) else {
+                return Route::Text;
+            };
+            adds.push((policy_comment(p), policy_place(p), Added::Policy(msg)));
+        }
+        if added.is_empty() && dropped.is_empty() && gone_rules.is_empty() && adds.is_empty() {
+            let mut ops = deletions;
+            ops.extend(additions);
+            if ops.len() > BATCH_MESSAGES {
+                return Route::Text;
+            }
+            let next = Known {
+                census,
+                ..self.clone()
+            };
+            return Route::Elements { ops, next };
+        }
+        for k in &added {
+            for drop in [true, false] {
+                adds.push((map_comment(*k, drop), map_place(*k), Added::Map(*k, drop)));
+            }
+        }
+        let mut gone = gone_rules;
+        for k in &dropped {
+            gone.extend([map_comment(*k, true), map_comment(*k, false)]);
+        }
+        let messages = deletions.len() + additions.len() + gone.len() + adds.len();
+        if messages + 2 * (added.len() + dropped.len()) > BATCH_MESSAGES {
+            return Route::Text;
+        }
+        // The next chain: the rules that stay, and each new one before the
+        // first that comes after it in evaluation order (a stable sort
+        // keeps a map's refused pairs before its allowed ones).
+        let mut chain: Vec<(String, Option<Place>, Option<Added>)> = self
             .chain
             .iter()
-            .filter(|(c, _)| !dropped.iter().any(|k| is_map_rule(*k, c)))
-            .cloned()
+            .filter(|(c, _)| !gone.contains(c))
+            .map(|(c, p)| (c.clone(), *p, None))
             .collect();
-        for k in &added {
-            // Its two rules, refused pairs first, before the first rule
-            // that comes after them.
-            let place = map_place(*k);
+        adds.sort_by_key(|(_, place, _)| *place);
+        for (c, place, a) in adds {
             let at = chain
                 .iter()
-                .position(|(_, p)| p.is_some_and(|p| p > place))
+                .position(|(_, p, _)| p.is_some_and(|p| p > place))
                 .unwrap_or(chain.len());
-            chain.insert(at, (map_comment(*k, false), Some(place)));
-            chain.insert(at, (map_comment(*k, true), Some(place)));
+            chain.insert(at, (c, Some(place), Some(a)));
         }
-        Route::Maps(MapsChange {
-            next: Known { census, chain },
+        let mut new_rules = Vec::new();
+        let mut anchor = None;
+        for (c, _, a) in chain.iter_mut().rev() {
+            match a.take() {
+                Some(a) => new_rules.push((a, anchor.clone())),
+                None => anchor = Some(c.clone()),
+            }
+        }
+        new_rules.reverse();
+        Route::Chain(ChainChange {
+            next: Known {
+                census,
+                chain: chain.into_iter().map(|(c, p, _)| (c, p)).collect(),
+            },
             before: self.comments().map(str::to_string).collect(),
             added,
             dropped,
             deletions,
-            additions: news,
+            additions,
+            gone,
+            new_rules,
         })
     }
 }
 
-/// Whether `comment` names one of map `k`'s two rules.
-fn is_map_rule(k: MapKey, comment: &str) -> bool {
-    comment == map_comment(k, true) || comment == map_comment(k, false)
-}
-
-impl MapsChange {
+impl ChainChange {
     /// The messages that make `chain`, the input chain in force as the
-    /// kernel lists it, what the change asks: a new map's rule goes just
-    /// before the rule that follows it in evaluation order (or last). An
-    /// error when `chain` is not the chain tunsec left (changed from
-    /// outside).
+    /// kernel lists it, what the change asks: the rules that go deleted
+    /// by their handles, each new rule put just before the rule already
+    /// there that follows it (or last). An error when `chain` is not the
+    /// chain tunsec left (changed from outside).
     pub fn plan(&self, chain: &[Rule]) -> Result<Vec<Msg>, String> {
         let mut present = Vec::with_capacity(chain.len());
         for r in chain {
@@ -272,13 +333,28 @@ impl MapsChange {
             ));
         }
         let handle = |c: &str| present.iter().find(|(p, _)| *p == c).map(|(_, h)| *h);
-        let is_added = |c: &str| self.added.iter().any(|k| is_map_rule(*k, c));
         // The sets' ids in this batch: two a map, refused pairs first.
         let id = |k: &MapKey, drop: bool| {
             let i = self.added.iter().position(|a| a == k).unwrap_or(0) as u32;
             2 * i + 1 + !drop as u32
         };
         let mut msgs: Vec<Msg> = self.deletions.iter().cloned().map(Msg::Element).collect();
+        for c in &self.gone {
+            let Some(h) = handle(c) else {
+                return Err(format!("no rule has the comment {c:?}"));
+            };
+            msgs.push(Msg::DelRule {
+                chain: "input".into(),
+                handle: h,
+            });
+        }
+        for k in &self.dropped {
+            for drop in [true, false] {
+                msgs.push(Msg::DelSet {
+                    name: set_name(*k, drop),
+                });
+            }
+        }
         for k in &self.added {
             for drop in [true, false] {
                 msgs.push(Msg::NewSet {
@@ -291,47 +367,33 @@ impl MapsChange {
         msgs.extend(self.additions.iter().cloned().map(Msg::Element));
         // In chain order, each before the first rule after it that is
         // already there: several before the same rule stay in order.
-        let after = &self.next.chain;
-        for (i, (c, _)) in after.iter().enumerate() {
-            let Some((k, drop)) = self
-                .added
-                .iter()
-                .flat_map(|k| [(*k, true), (*k, false)])
-                .find(|(k, drop)| map_comment(*k, *drop) == *c)
-            else {
-                continue;
+        for (a, anchor) in &self.new_rules {
+            let before = match anchor {
+                Some(c) => Some(handle(c).ok_or_else(|| format!("no rule has the comment {c:?}"))?),
+                None => None,
             };
-            let before = after[i + 1..]
-                .iter()
-                .find(|(x, _)| !is_added(x))
-                .and_then(|(x, _)| handle(x));
-            msgs.push(Msg::NewSetRule {
-                chain: "input".into(),
-                set: set_name(k, drop),
-                v6: k.0,
-                set_id: Some(id(&k, drop)),
-                verdict: if drop { Verdict::Drop } else { Verdict::Accept },
-                comment: c.clone(),
-                before,
-            });
-        }
-        for k in &self.dropped {
-            for drop in [true, false] {
-                let Some(h) = handle(&map_comment(*k, drop)) else {
-                    return Err(format!("no rule looks set {} up", set_name(*k, drop)));
-                };
-                msgs.push(Msg::DelRule {
+            msgs.push(match a {
+                Added::Map(k, drop) => Msg::NewSetRule {
                     chain: "input".into(),
-                    handle: h,
-                });
-            }
-        }
-        for k in &self.dropped {
-            for drop in [true, false] {
-                msgs.push(Msg::DelSet {
-                    name: set_name(*k, drop),
-                });
-            }
+                    set: set_name(*k, *drop),
+                    v6: k.0,
+                    set_id: Some(id(k, *drop)),
+                    verdict: if *drop {
+                        Verdict::Drop
+                    } else {
+                        Verdict::Accept
+                    },
+                    comment: map_comment(*k, *drop),
+                    before,
+                },
+                Added::Policy(m) => {
+                    let mut m = m.clone();
+                    if let Msg::NewRule { before: b, .. } = &mut m {
+                        *b = before;
+                    }
+                    m
+                }
+            });
         }
         Ok(msgs)
     }
@@ -375,6 +437,9 @@ mod tests {
         for m in msgs {
             match m {
                 Msg::NewSetRule {
+                    comment, before, ..
+                }
+                | Msg::NewRule {
                     comment, before, ..
                 } => {
                     let r = Rule {
@@ -463,10 +528,10 @@ mod tests {
                 let whole = Known::of(&next, &inst);
                 match known.route(&changes(&state, &next)) {
                     Route::Elements { next: k, .. } => known = k,
-                    Route::Maps(mc) => {
-                        let msgs = mc.plan(&chain).unwrap();
+                    Route::Chain(cc) => {
+                        let msgs = cc.plan(&chain).unwrap();
                         run(&mut chain, &msgs, &mut handles);
-                        known = mc.next;
+                        known = cc.next;
                         let got: Vec<_> = chain.iter().map(|r| r.comment.clone().unwrap()).collect();
                         let want: Vec<_> = whole.comments().map(str::to_string).collect();
                         prop_assert_eq!(got, want);
@@ -501,7 +566,7 @@ mod tests {
             &state,
             "spdadd 10.0.0.2 10.0.0.9 any -P in priority 5 none;\n",
         );
-        let Route::Maps(mc) = known.route(&changes(&state, &next)) else {
+        let Route::Chain(mc) = known.route(&changes(&state, &next)) else {
             panic!("a new priority is a new map");
         };
         let chain = listed(&known);
@@ -517,7 +582,7 @@ mod tests {
     #[test]
     fn too_many_elements_for_one_batch_go_as_text() {
         let (state, known) = one_peer();
-        let text: String = (0..=MAPS_CHANGE_ELEMENTS)
+        let text: String = (0..=BATCH_MESSAGES)
             .map(|i| {
                 format!(
                     "spdadd 10.1.{}.{} 10.0.0.9 any -P in priority 5 none;\n",
@@ -528,8 +593,86 @@ mod tests {
             .collect();
         let next = apply(&state, &text);
         assert!(matches!(known.route(&changes(&state, &next)), Route::Text));
-        // A rule is text too.
-        let next = apply(&state, "spdadd 10.0.0.2 10.0.0.9 tcp -P in discard;\n");
+    }
+
+    /// A policy that is not host to host is a rule of its own, added
+    /// before the rule that follows it and deleted by its handle, with
+    /// its counter when it drops; an update is both.
+    #[test]
+    fn a_rule_goes_in_at_its_place_and_out_by_its_handle() {
+        let (state, known) = one_peer();
+        let chain = listed(&known);
+        let next = apply(
+            &state,
+            "spdadd 10.0.0.0/24[22] 10.0.0.9 tcp -P in priority 5 discard;\n",
+        );
+        let Route::Chain(cc) = known.route(&changes(&state, &next)) else {
+            panic!("a rule goes over netlink");
+        };
+        let msgs = cc.plan(&chain).unwrap();
+        let [
+            Msg::NewRule {
+                counter: true,
+                verdict: Verdict::Drop,
+                before: Some(h),
+                comment,
+                ..
+            },
+        ] = &msgs[..]
+        else {
+            panic!("{msgs:?}");
+        };
+        // Priority 5 comes before the map of the peer's (default)
+        // priority, whose refused pairs' rule is the fifth.
+        assert_eq!(*h, chain[4].handle);
+        assert_eq!(
+            comment,
+            &format!(
+                "policy {}",
+                next.spd.iter_unordered().map(|p| p.id).max().unwrap()
+            )
+        );
+        let mut chain2 = chain.clone();
+        let mut handles = 1000;
+        run(&mut chain2, &msgs, &mut handles);
+        let known2 = cc.next;
+        // Updated to let the plaintext through: out by its handle, in again.
+        let after = apply(
+            &next,
+            "spdupdate 10.0.0.0/24[22] 10.0.0.9 tcp -P in priority 5 none;\n",
+        );
+        let Route::Chain(cc) = known2.route(&changes(&next, &after)) else {
+            panic!("an update of a rule goes over netlink");
+        };
+        let msgs = cc.plan(&chain2).unwrap();
+        assert!(
+            matches!(&msgs[..], [Msg::DelRule { handle: 1000, .. }, Msg::NewRule { counter: false, verdict: Verdict::Accept, before: Some(h), .. }] if *h == chain[4].handle),
+            "{msgs:?}"
+        );
+        // Deleted: out by its handle.
+        let gone = apply(&after, "spddelete 10.0.0.0/24[22] 10.0.0.9 tcp -P in;\n");
+        let Route::Chain(cc2) = cc.next.route(&changes(&after, &gone)) else {
+            panic!("a deleted rule goes over netlink");
+        };
+        let mut chain3 = chain2.clone();
+        run(&mut chain3, &msgs, &mut handles);
+        let msgs = cc2.plan(&chain3).unwrap();
+        assert!(
+            matches!(&msgs[..], [Msg::DelRule { handle: 1001, .. }]),
+            "{msgs:?}"
+        );
+    }
+
+    /// A rule that would keep a map's policies rules (the same priority
+    /// and specificity: a /31 with a protocol is as specific as host to
+    /// host) turns the map's elements into rules: the text.
+    #[test]
+    fn a_rule_among_a_maps_policies_is_text() {
+        let (state, known) = one_peer();
+        let next = apply(&state, "spdadd 10.0.1.0/31 10.0.0.9 tcp -P in discard;\n");
         assert!(matches!(known.route(&changes(&state, &next)), Route::Text));
+        // And its going, which makes them elements again.
+        let known = Known::of(&next, &Instance::new("t0"));
+        assert!(matches!(known.route(&changes(&next, &state)), Route::Text));
     }
 }

@@ -12,22 +12,25 @@
 //! reload of the table. Sets, not a verdict map: when a rule is added,
 //! nf_tables checks every verdict of every verdict map in the table (1 ms
 //! at 10,000 peers), and a set has none. Sets that come and go with such
-//! policies go over netlink too ([`known`]); any other inbound change
-//! rewrites the input chain and adds or drops whole sets
-//! ([`input_update`]), leaving the elements in place; the table is loaded
-//! whole only at start, or when that fails (changed from outside).
+//! policies, and the rules of other inbound policies, go over netlink too
+//! ([`known`], [`policy_rule`]); what cannot (a change that turns a
+//! priority's elements into rules or back) rewrites the input chain and
+//! adds or drops whole sets ([`input_update`]), leaving the elements in
+//! place; the table is loaded whole only at start, or when that fails
+//! (changed from outside).
 
-use super::nfnl::Op;
+use super::nfnl::{Deleted, Match, Msg, Op, Verdict};
 use super::plumbing::Instance;
 use crate::spd::{Action, Dir, Policy, Prefix, rank};
 use crate::state::State;
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 mod known;
-pub use known::{Census, Known, MapsChange, Route};
+pub use known::{Census, ChainChange, Known, Route};
 
 /// An inbound policy that belongs in the sets (its "map"): host to host,
 /// any protocol and port.
@@ -139,6 +142,60 @@ fn nft_match(p: &Policy) -> String {
         }
     }
     m.join(" ")
+}
+
+/// The input chain's rule for inbound policy `p` (not a map element), as
+/// a netlink message: the same matches as [`nft_match`]'s text, each as
+/// nft encodes it. `None` for what nft would refuse (an ICMP type or code
+/// over 255).
+pub fn policy_rule(p: &Policy, before: Option<u64>) -> Option<Msg> {
+    let s = &p.selector;
+    let v6 = s.src.addr.is_ipv6();
+    let mut m = vec![Match::nfproto(v6)];
+    for (prefix, src) in [(&s.src, true), (&s.dst, false)] {
+        if prefix.len == 0 {
+            continue;
+        }
+        let (octets, offset) = match prefix.addr {
+            IpAddr::V4(a) => (a.octets().to_vec(), if src { 12 } else { 16 }),
+            IpAddr::V6(a) => (a.octets().to_vec(), if src { 8 } else { 24 }),
+        };
+        m.push(Match::prefix(offset, &octets, prefix.len));
+    }
+    if let Some(proto) = s.proto {
+        m.push(Match::l4proto(proto));
+        // Neighbours in the header are loaded together, as nft does: the
+        // ICMP type (one byte at 0) and code (at 1), the ports (two bytes
+        // at 0 and 2).
+        let width = if matches!(proto, 1 | 58) { 1 } else { 2 };
+        let field = |v: u16| -> Option<Vec<u8>> {
+            if width == 1 {
+                Some(vec![u8::try_from(v).ok()?])
+            } else {
+                Some(v.to_be_bytes().to_vec())
+            }
+        };
+        match (s.sport, s.dport) {
+            (Some(a), Some(b)) => m.push(Match::transport(0, [field(a)?, field(b)?].concat())),
+            (Some(a), None) => m.push(Match::transport(0, field(a)?)),
+            (None, Some(b)) => m.push(Match::transport(width, field(b)?)),
+            (None, None) => {}
+        }
+    }
+    let drop = refuses(p);
+    Some(Msg::NewRule {
+        chain: "input".into(),
+        matches: m,
+        counter: drop,
+        verdict: if drop { Verdict::Drop } else { Verdict::Accept },
+        comment: policy_comment(p),
+        before,
+    })
+}
+
+/// The comment of inbound policy `p`'s rule.
+fn policy_comment(p: &Policy) -> String {
+    format!("policy {}", p.id)
 }
 
 /// The nftables table that enforces the inbound SPD on packets that did
@@ -323,7 +380,11 @@ fn input_rules(
             continue;
         }
         let verdict = if refuses(p) { "counter drop" } else { "accept" };
-        let rule = format!("{} {verdict} comment \"policy {}\"", nft_match(p), p.id);
+        let rule = format!(
+            "{} {verdict} comment \"{}\"",
+            nft_match(p),
+            policy_comment(p)
+        );
         r.push((rule, Some(policy_place(p))));
     }
     r
@@ -456,13 +517,17 @@ pub fn early_drop() -> bool {
 /// UDP ports of IKE (RFC 7296) and of IKE with NAT traversal (RFC 3948).
 pub const IKE_PORTS: &str = "500, 4500";
 
-/// What deleted elements had counted, of those that were refused pairs:
-/// `deleted` as [`super::nfnl::Nfnl::apply`] returns it.
-pub fn refused_in(deleted: &[(String, u64)]) -> u64 {
+/// What deleted elements and rules had refused: the counters of elements
+/// of the sets of refused pairs and of rules that drop. `deleted` as
+/// [`super::nfnl::Nfnl::apply`] returns it.
+pub fn refused_in(deleted: &[Deleted]) -> u64 {
     deleted
         .iter()
-        .filter(|(set, _)| set.ends_with("_drop"))
-        .map(|(_, n)| n)
+        .map(|d| match d {
+            Deleted::Element { set, packets } if set.ends_with("_drop") => *packets,
+            Deleted::Element { .. } => 0,
+            Deleted::Rule { dropped, .. } => *dropped,
+        })
         .sum()
 }
 
@@ -662,5 +727,98 @@ mod tests {
         );
         // Nothing about the elements that did not change.
         assert!(!r.contains("10.0.0.2 . 10.0.0.9"), "{r}");
+    }
+    /// A policy's rule over netlink has the matches of its text, each as
+    /// nft encodes it (`nfnl`'s tests hold nft's bytes for these three).
+    #[test]
+    fn a_policy_rule_has_the_matches_of_its_text() {
+        let st = state(
+            "spdadd 10.0.0.1[22] 10.0.0.0/24[80] tcp -P in discard;
+             spdadd 10.1.0.0/20 0.0.0.0/0 icmp 8,0 -P in none;
+             spdadd fd00::/61 fd00::2[500] udp -P in ipsec esp/transport//require;
+             spdadd 10.0.0.1 10.0.0.2 icmp 3 -P in none;
+             spdadd 10.0.0.1 10.0.0.2 udp -P in none;",
+        );
+        let mut ps: Vec<_> = st.spd.iter_unordered().cloned().collect();
+        ps.sort_by_key(|p| p.id);
+        let v4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec();
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
+        let want: [(Vec<Match>, bool, &str); 5] = [
+            (
+                vec![
+                    Match::nfproto(false),
+                    Match::prefix(12, &v4("10.0.0.1"), 32),
+                    Match::prefix(16, &v4("10.0.0.0"), 24),
+                    Match::l4proto(6),
+                    Match::transport(0, vec![0, 22, 0, 80]),
+                ],
+                true,
+                "meta nfproto ipv4 ip saddr 10.0.0.1 ip daddr 10.0.0.0/24 meta l4proto 6 th sport 22 th dport 80",
+            ),
+            (
+                vec![
+                    Match::nfproto(false),
+                    Match::prefix(12, &v4("10.1.0.0"), 20),
+                    Match::l4proto(1),
+                    Match::transport(0, vec![8, 0]),
+                ],
+                false,
+                "meta nfproto ipv4 ip saddr 10.1.0.0/20 meta l4proto 1 icmp type 8 icmp code 0",
+            ),
+            (
+                vec![
+                    Match::nfproto(true),
+                    Match::prefix(8, &v6("fd00::"), 61),
+                    Match::prefix(24, &v6("fd00::2"), 128),
+                    Match::l4proto(17),
+                    Match::transport(2, vec![1, 0xf4]),
+                ],
+                true,
+                "meta nfproto ipv6 ip6 saddr fd00::/61 ip6 daddr fd00::2 meta l4proto 17 th dport 500",
+            ),
+            (
+                vec![
+                    Match::nfproto(false),
+                    Match::prefix(12, &v4("10.0.0.1"), 32),
+                    Match::prefix(16, &v4("10.0.0.2"), 32),
+                    Match::l4proto(1),
+                    Match::transport(0, vec![3]),
+                ],
+                false,
+                "meta nfproto ipv4 ip saddr 10.0.0.1 ip daddr 10.0.0.2 meta l4proto 1 icmp type 3",
+            ),
+            (
+                vec![
+                    Match::nfproto(false),
+                    Match::prefix(12, &v4("10.0.0.1"), 32),
+                    Match::prefix(16, &v4("10.0.0.2"), 32),
+                    Match::l4proto(17),
+                ],
+                false,
+                "meta nfproto ipv4 ip saddr 10.0.0.1 ip daddr 10.0.0.2 meta l4proto 17",
+            ),
+        ];
+        for (p, (matches, drop, text)) in ps.iter().zip(want) {
+            assert_eq!(nft_match(p), text);
+            let Some(Msg::NewRule {
+                matches: m,
+                counter,
+                verdict,
+                comment,
+                before: Some(9),
+                ..
+            }) = policy_rule(p, Some(9))
+            else {
+                panic!("{p:?}");
+            };
+            assert_eq!(m, matches, "{text}");
+            assert_eq!((counter, verdict == Verdict::Drop), (drop, drop), "{text}");
+            assert_eq!(comment, format!("policy {}", p.id));
+        }
+        // An ICMP type nft would refuse (over 255, as XFRM could carry):
+        // no rule.
+        let mut p = (*ps[3]).clone();
+        p.selector.sport = Some(300);
+        assert!(policy_rule(&p, None).is_none());
     }
 }

@@ -1,27 +1,37 @@
 //! tunsec's nftables changes over `NETLINK_NETFILTER`, from within
-//! tunsec: the elements of its sets of peers, and the sets that come and
-//! go with their input-chain rules. A policy change at 10,000 peers is one
-//! small netlink batch (microseconds), not an `nft` process, which reads
-//! the table with all its elements before it changes anything (tens of
-//! milliseconds at 10,000 peers).
+//! tunsec: the elements of its sets of peers, the sets that come and go
+//! with their input-chain rules, and the rules of other inbound policies.
+//! A policy change at 10,000 peers is one small netlink batch
+//! (microseconds), not an `nft` process, which reads the table with all
+//! its elements before it changes anything (tens of milliseconds at
+//! 10,000 peers).
 //!
 //! The table itself is loaded from the ruleset text
-//! (`nftables::ruleset`); here are only changes whose bytes are simple
-//! and checked against what `nft --debug=mnl` sends for the same text
-//! (nftables 1.0.6): set elements, a set, the one kind of rule that looks
-//! a set up, and deletions. The layouts are nf_tables'
+//! (`nftables::ruleset`); here are only changes whose bytes are checked
+//! against what `nft --debug=mnl` sends for the same text (nftables
+//! 1.0.6): set elements, a set, the rules tunsec writes ([`rule`]), and
+//! deletions. The layouts are nf_tables'
 //! (`linux/netfilter/nf_tables.h`), built by hand (no maintained crate
 //! covers nf_tables): a batch is a `NFNL_MSG_BATCH_BEGIN`, the messages,
 //! and a `NFNL_MSG_BATCH_END`, applied by the kernel all or nothing.
 //! Building and parsing bytes is pure; [`Nfnl`] sends them and reads the
 //! answers.
 
+mod rule;
+mod wire;
+
+pub use rule::{Load, Match, Verdict};
+use rule::{comment_udata, match_rule_exprs, set_rule_exprs};
+use wire::{
+    NFNL_SUBSYS_NFTABLES, NFTA_DATA_VALUE, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM, attr,
+    attrs, be32, cstr, message, messages, nested,
+};
+
 use anyhow::{Result, bail};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -31,32 +41,11 @@ const NFPROTO_INET: u8 = 1;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-
-/// What a rule does with a packet whose pair is in its set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Accept,
-    Drop,
-}
-
-impl Verdict {
-    fn code(self) -> u32 {
-        match self {
-            Verdict::Drop => 0,
-            Verdict::Accept => 1,
-        }
-    }
-}
 
 /// One element change: in set `set`, the pair `src . dst`, added or
 /// deleted.
@@ -66,54 +55,6 @@ pub struct Op {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub add: bool,
-}
-
-fn align(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// An attribute (padded to 4 bytes); `f` writes its payload.
-fn attr(b: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
-    let at = b.len();
-    b.extend_from_slice(&[0; 4]);
-    f(b);
-    let len = b.len() - at;
-    b[at..at + 2].copy_from_slice(&(len as u16).to_ne_bytes());
-    b[at + 2..at + 4].copy_from_slice(&ty.to_ne_bytes());
-    b.resize(at + align(len), 0);
-}
-
-fn nested(b: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
-    attr(b, ty | NLA_F_NESTED, f)
-}
-
-fn cstr(b: &mut Vec<u8>, ty: u16, s: &str) {
-    attr(b, ty, |b| {
-        b.extend_from_slice(s.as_bytes());
-        b.push(0);
-    })
-}
-
-/// A netlink message with the `nfgenmsg` header; `f` writes attributes.
-fn message(
-    b: &mut Vec<u8>,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: u16,
-    f: impl FnOnce(&mut Vec<u8>),
-) {
-    let at = b.len();
-    b.extend_from_slice(&[0; 16]);
-    b[at + 4..at + 6].copy_from_slice(&ty.to_ne_bytes());
-    b[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
-    b[at + 8..at + 12].copy_from_slice(&seq.to_ne_bytes());
-    b.extend_from_slice(&[family, 0]);
-    b.extend_from_slice(&res_id.to_be_bytes());
-    f(b);
-    let len = b.len() - at;
-    b[at..at + 4].copy_from_slice(&(len as u32).to_ne_bytes());
 }
 
 fn key(src: IpAddr, dst: IpAddr) -> Vec<u8> {
@@ -156,6 +97,19 @@ pub enum Msg {
         comment: String,
         before: Option<u64>,
     },
+    /// A rule of `chain` that matches all of `matches`, counts what it
+    /// matched if `counter`, and gives `verdict`, with `comment`; before
+    /// the rule whose handle is `before`, or last.
+    NewRule {
+        chain: String,
+        matches: Vec<Match>,
+        counter: bool,
+        verdict: Verdict,
+        comment: String,
+        before: Option<u64>,
+    },
+    /// A rule deleted by its handle; the kernel echoes it back with its
+    /// counter (see [`deleted`]).
     DelRule {
         chain: String,
         handle: u64,
@@ -177,6 +131,9 @@ impl Msg {
             Msg::DelSet { name } => format!("deleting set {name}"),
             Msg::NewSetRule { chain, set, .. } => {
                 format!("adding the rule of set {set} to chain {chain}")
+            }
+            Msg::NewRule { chain, comment, .. } => {
+                format!("adding rule \"{comment}\" to chain {chain}")
             }
             Msg::DelRule { chain, handle } => {
                 format!("deleting rule handle {handle} of chain {chain}")
@@ -216,73 +173,6 @@ const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_RULE_POSITION: u16 = 6;
 const NFTA_RULE_USERDATA: u16 = 7;
-/// A rule's comment in its user data (`NFTNL_UDATA_RULE_COMMENT`).
-const UDATA_COMMENT: u8 = 0;
-const NFTA_EXPR_NAME: u16 = 1;
-const NFTA_EXPR_DATA: u16 = 2;
-const NFT_REG_VERDICT: u32 = 0;
-const NFT_REG_1: u32 = 1;
-const NFT_REG_2: u32 = 2;
-/// The second 32-bit register of `NFT_REG_1` (`NFT_REG32_01`).
-const NFT_REG32_01: u32 = 9;
-const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-const NFT_META_NFPROTO: u32 = 15;
-const NFT_CMP_EQ: u32 = 0;
-
-fn be32(b: &mut Vec<u8>, ty: u16, v: u32) {
-    attr(b, ty, |b| b.extend_from_slice(&v.to_be_bytes()))
-}
-
-fn expr(b: &mut Vec<u8>, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
-    nested(b, NFTA_LIST_ELEM, |b| {
-        cstr(b, NFTA_EXPR_NAME, name);
-        nested(b, NFTA_EXPR_DATA, f);
-    })
-}
-
-/// The expressions of `ip saddr . ip daddr @set drop` (or `accept`) in an
-/// inet table: the family check nft adds, both addresses loaded next to
-/// each other, the lookup, the verdict.
-fn set_rule_exprs(b: &mut Vec<u8>, set: &str, v6: bool, set_id: Option<u32>, verdict: Verdict) {
-    let (len, src, nfproto, second) = if v6 {
-        (16, 8, libc::NFPROTO_IPV6 as u8, NFT_REG_2)
-    } else {
-        (4, 12, libc::NFPROTO_IPV4 as u8, NFT_REG32_01)
-    };
-    expr(b, "meta", |b| {
-        be32(b, 2, NFT_META_NFPROTO); // NFTA_META_KEY
-        be32(b, 1, NFT_REG_1); // NFTA_META_DREG
-    });
-    expr(b, "cmp", |b| {
-        be32(b, 1, NFT_REG_1); // NFTA_CMP_SREG
-        be32(b, 2, NFT_CMP_EQ); // NFTA_CMP_OP
-        nested(b, 3, |b| attr(b, NFTA_DATA_VALUE, |b| b.push(nfproto)));
-    });
-    for (dreg, off) in [(NFT_REG_1, src), (second, src + len)] {
-        expr(b, "payload", |b| {
-            be32(b, 1, dreg); // NFTA_PAYLOAD_DREG
-            be32(b, 2, NFT_PAYLOAD_NETWORK_HEADER); // NFTA_PAYLOAD_BASE
-            be32(b, 3, off); // NFTA_PAYLOAD_OFFSET
-            be32(b, 4, len); // NFTA_PAYLOAD_LEN
-        });
-    }
-    expr(b, "lookup", |b| {
-        be32(b, 2, NFT_REG_1); // NFTA_LOOKUP_SREG
-        cstr(b, 1, set); // NFTA_LOOKUP_SET
-        if let Some(id) = set_id {
-            be32(b, 4, id); // NFTA_LOOKUP_SET_ID
-        }
-    });
-    expr(b, "immediate", |b| {
-        be32(b, 1, NFT_REG_VERDICT); // NFTA_IMMEDIATE_DREG
-        nested(b, 2, |b| {
-            // NFTA_IMMEDIATE_DATA
-            nested(b, NFTA_DATA_VERDICT, |b| {
-                be32(b, NFTA_VERDICT_CODE, verdict.code())
-            })
-        });
-    });
-}
 
 /// One message of a batch on `table` (family inet).
 fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
@@ -296,7 +186,7 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
             let (ty, flags) = if op.add {
                 (NFT_MSG_NEWSETELEM, req | NLM_F_CREATE)
             } else {
-                // Echoed back with its counter (see [`deleted_elements`]).
+                // Echoed back with its counter (see [`deleted`]).
                 (NFT_MSG_DELSETELEM, req | NLM_F_ECHO)
             };
             head(b, ty, flags, &mut |b| {
@@ -357,18 +247,34 @@ fn msg(b: &mut Vec<u8>, table: &str, m: &Msg, seq: u32) {
                 nested(b, NFTA_RULE_EXPRESSIONS, |b| {
                     set_rule_exprs(b, set, *v6, *set_id, *verdict)
                 });
-                // The kernel takes 256 bytes of user data: a comment of at
-                // most 253, its NUL and the type and length bytes.
-                let c = &comment.as_bytes()[..comment.len().min(253)];
-                attr(b, NFTA_RULE_USERDATA, |b| {
-                    b.push(UDATA_COMMENT);
-                    b.push(c.len() as u8 + 1);
-                    b.extend_from_slice(c);
-                    b.push(0);
-                });
+                attr(b, NFTA_RULE_USERDATA, |b| comment_udata(b, comment));
             })
         }
-        Msg::DelRule { chain, handle } => head(b, NFT_MSG_DELRULE, req, &mut |b| {
+        Msg::NewRule {
+            chain,
+            matches,
+            counter,
+            verdict,
+            comment,
+            before,
+        } => {
+            let flags = req | NLM_F_CREATE | if before.is_some() { 0 } else { NLM_F_APPEND };
+            head(b, NFT_MSG_NEWRULE, flags, &mut |b| {
+                cstr(b, NFTA_RULE_TABLE, table);
+                cstr(b, NFTA_RULE_CHAIN, chain);
+                if let Some(h) = before {
+                    attr(b, NFTA_RULE_POSITION, |b| {
+                        b.extend_from_slice(&h.to_be_bytes())
+                    });
+                }
+                nested(b, NFTA_RULE_EXPRESSIONS, |b| {
+                    match_rule_exprs(b, matches, *counter, *verdict)
+                });
+                attr(b, NFTA_RULE_USERDATA, |b| comment_udata(b, comment));
+            })
+        }
+        // Echoed back with its counter (see [`deleted`]).
+        Msg::DelRule { chain, handle } => head(b, NFT_MSG_DELRULE, req | NLM_F_ECHO, &mut |b| {
             cstr(b, NFTA_RULE_TABLE, table);
             cstr(b, NFTA_RULE_CHAIN, chain);
             attr(b, NFTA_RULE_HANDLE, |b| {
@@ -438,107 +344,40 @@ pub struct Rule {
     pub dropped: u64,
 }
 
-/// The netlink attributes in `b`: (type without flags, payload).
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if b.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let payload = &b[4..len];
-        b = &b[align(len).min(b.len())..];
-        Some((ty, payload))
-    })
+/// What a batch deleted, as the kernel echoes it (deletions are sent with
+/// `NLM_F_ECHO`), with what its counter had counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    /// An element of `set`: the packets its counter counted.
+    Element { set: String, packets: u64 },
+    /// A rule: the packets its counter counted if its verdict was `drop`
+    /// (0 otherwise).
+    Rule {
+        comment: Option<String>,
+        dropped: u64,
+    },
 }
 
-/// The packets a rule's expressions count when its verdict is `drop`:
-/// its `counter`'s, if an `immediate` sets the verdict drop.
-fn dropped(exprs: &[u8]) -> u64 {
-    let (mut packets, mut drop) = (0, false);
-    for (_, e) in attrs(exprs) {
-        let mut name: &[u8] = &[];
-        let mut data: &[u8] = &[];
-        for (ty, v) in attrs(e) {
-            match ty {
-                NFTA_EXPR_NAME => name = v.strip_suffix(&[0]).unwrap_or(v),
-                NFTA_EXPR_DATA => data = v,
-                _ => {}
-            }
-        }
-        match name {
-            b"counter" => packets = counter_packets(data).unwrap_or(0),
-            b"immediate" => {
-                drop = attrs(data)
-                    .filter(|(ty, _)| *ty == 2) // NFTA_IMMEDIATE_DATA
-                    .flat_map(|(_, d)| attrs(d))
-                    .filter(|(ty, _)| *ty == NFTA_DATA_VERDICT)
-                    .flat_map(|(_, v)| attrs(v))
-                    .any(|(ty, c)| {
-                        ty == NFTA_VERDICT_CODE && c == Verdict::Drop.code().to_be_bytes()
-                    })
-            }
-            _ => {}
-        }
-    }
-    if drop { packets } else { 0 }
-}
-
-/// `NFTA_COUNTER_PACKETS` in a counter's data.
-fn counter_packets(data: &[u8]) -> Option<u64> {
-    attrs(data)
-        .find(|(ty, v)| *ty == 2 && v.len() == 8)
-        .map(|(_, v)| u64::from_be_bytes(v.try_into().unwrap_or_default()))
-}
-
-/// One netlink message of an answer: its type, sequence number and the
-/// bytes after its header (the `nfgenmsg`, then attributes; an error's
-/// errno first).
-struct Message<'a> {
-    ty: u16,
-    seq: u32,
-    body: &'a [u8],
-}
-
-/// The whole messages in `reply`, in order; a truncated one ends it.
-fn messages(mut reply: &[u8]) -> impl Iterator<Item = Message<'_>> {
-    std::iter::from_fn(move || {
-        let len = u32::from_ne_bytes(reply.get(..4)?.try_into().ok()?) as usize;
-        if len < 16 || len > reply.len() {
-            return None;
-        }
-        let m = &reply[..len];
-        reply = &reply[align(len).min(reply.len())..];
-        Some(Message {
-            ty: u16::from_ne_bytes([m[4], m[5]]),
-            seq: u32::from_ne_bytes([m[8], m[9], m[10], m[11]]),
-            body: &m[16..],
-        })
-    })
-}
-
-impl Message<'_> {
-    /// An `NLMSG_ERROR`'s errno (0: an ack).
-    fn errno(&self) -> Option<i32> {
-        let e = i32::from_ne_bytes(self.body.get(..4)?.try_into().ok()?);
-        (self.ty == 2).then_some(-e)
-    }
-
-    /// The attributes after the `nfgenmsg` header.
-    fn attrs(&self) -> impl Iterator<Item = (u16, &[u8])> {
-        attrs(self.body.get(4..).unwrap_or_default())
-    }
-}
-
-/// The elements an answer to a batch says were deleted (the kernel echoes
-/// a `NFT_MSG_DELSETELEM` sent with `NLM_F_ECHO`), with the packets their
-/// counters had counted: (set, packets) into `out`.
-pub fn deleted_elements(reply: &[u8], out: &mut Vec<(String, u64)>) {
+/// The elements and rules an answer to a batch says were deleted, into
+/// `out`.
+pub fn deleted(reply: &[u8], out: &mut Vec<Deleted>) {
     for m in messages(reply) {
-        if m.ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM || m.body.len() < 4 {
+        if m.body.len() < 4 {
+            continue;
+        }
+        if m.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE {
+            let (mut comment, mut dropped) = (None, 0);
+            for (ty, v) in m.attrs() {
+                match ty {
+                    NFTA_RULE_USERDATA => comment = rule::comment(v),
+                    NFTA_RULE_EXPRESSIONS => dropped = rule::dropped(v),
+                    _ => {}
+                }
+            }
+            out.push(Deleted::Rule { comment, dropped });
+            continue;
+        }
+        if m.ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM {
             continue;
         }
         let mut set = String::new();
@@ -557,41 +396,15 @@ pub fn deleted_elements(reply: &[u8], out: &mut Vec<(String, u64)>) {
                                 11 => attrs(x).map(|(_, e)| e).collect(),
                                 _ => continue,
                             };
-                            for e in exprs {
-                                let mut counter = false;
-                                for (ty, d) in attrs(e) {
-                                    match ty {
-                                        NFTA_EXPR_NAME => counter = d.starts_with(b"counter\0"),
-                                        NFTA_EXPR_DATA if counter => {
-                                            packets += counter_packets(d).unwrap_or(0)
-                                        }
-                                        _ => {}
-                                    }
-                                }
-                            }
+                            packets += exprs.into_iter().filter_map(rule::counted).sum::<u64>();
                         }
                     }
                 }
                 _ => {}
             }
         }
-        out.push((set, packets));
+        out.push(Deleted::Element { set, packets });
     }
-}
-
-/// The comment in a rule's user data.
-fn comment(udata: &[u8]) -> Option<String> {
-    let mut u = udata;
-    while u.len() >= 2 {
-        let (ty, len) = (u[0], u[1] as usize);
-        let v = u.get(2..2 + len)?;
-        if ty == UDATA_COMMENT {
-            let v = v.strip_suffix(&[0]).unwrap_or(v);
-            return Some(String::from_utf8_lossy(v).into_owned());
-        }
-        u = &u[2 + len..];
-    }
-    None
 }
 
 /// Read a part of the answer to [`rules_request`] with sequence number
@@ -616,8 +429,8 @@ pub fn parse_rules(reply: &[u8], seq: u32, out: &mut Vec<Rule>) -> Option<Result
                         NFTA_RULE_HANDLE if v.len() == 8 => {
                             rule.handle = u64::from_be_bytes(v.try_into().ok()?)
                         }
-                        NFTA_RULE_USERDATA => rule.comment = comment(v),
-                        NFTA_RULE_EXPRESSIONS => rule.dropped = dropped(v),
+                        NFTA_RULE_USERDATA => rule.comment = rule::comment(v),
+                        NFTA_RULE_EXPRESSIONS => rule.dropped = rule::dropped(v),
                         _ => {}
                     }
                 }
@@ -673,21 +486,22 @@ impl Nfnl {
         // the request they answer (NETLINK_CAP_ACK) are smaller.
         // Deleted elements are echoed too: on kernels before 5.13 each in
         // an skb of its own (a page or more).
+        // A batch goes in one send, which must fit the send buffer: up to
+        // a thousand messages of rules (about 700 bytes each) or elements.
         let rcvbuf: libc::c_int = 8 << 20;
+        let sndbuf: libc::c_int = 1 << 20;
         let one: libc::c_int = 1;
         // SAFETY: options on our own socket, with valid pointers and sizes.
         unsafe {
             let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            let p = &rcvbuf as *const _ as *const libc::c_void;
-            if libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                p,
-                size,
-            ) != 0
-            {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, p, size);
+            for (force, plain, v) in [
+                (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, &rcvbuf),
+                (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, &sndbuf),
+            ] {
+                let p = v as *const _ as *const libc::c_void;
+                if libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, force, p, size) != 0 {
+                    libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, plain, p, size);
+                }
             }
             libc::setsockopt(
                 fd.as_raw_fd(),
@@ -704,12 +518,12 @@ impl Nfnl {
         })
     }
 
-    /// Apply `msgs` to `table` as one transaction. Returns the elements it
-    /// deleted, each with the packets its counter had counted.
-    pub fn apply(&mut self, table: &str, msgs: &[Msg]) -> Result<Vec<(String, u64)>> {
-        let mut deleted = Vec::new();
+    /// Apply `msgs` to `table` as one transaction. Returns the elements
+    /// and rules it deleted, each with what its counter had counted.
+    pub fn apply(&mut self, table: &str, msgs: &[Msg]) -> Result<Vec<Deleted>> {
+        let mut gone = Vec::new();
         if msgs.is_empty() {
-            return Ok(deleted);
+            return Ok(gone);
         }
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(msgs.len() as u32 + 2);
@@ -717,9 +531,9 @@ impl Nfnl {
         let mut acked = 0;
         loop {
             let n = self.recv()?;
-            deleted_elements(&self.buf[..n], &mut deleted);
+            deleted(&self.buf[..n], &mut gone);
             match acks(&self.buf[..n], seq, msgs.len(), &mut acked) {
-                Some(Ok(())) => return Ok(deleted),
+                Some(Ok(())) => return Ok(gone),
                 Some(Err((e, i))) => bail!(
                     "nftables: {}: {}",
                     msgs.get(i)
@@ -956,6 +770,11 @@ mod tests {
         );
         let rule = &b[20..20 + 52];
         assert_eq!(u16::from_ne_bytes([rule[4], rule[5]]), 0x0a08);
+        // Echoed back with its counter.
+        assert_eq!(
+            u16::from_ne_bytes([rule[6], rule[7]]),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_ECHO
+        );
         assert_eq!(
             &rule[20..],
             &hex("06000100740000000a000200696e7075740000000c0003000000000000000102")[..]
@@ -1050,13 +869,120 @@ mod tests {
             "240000000200000102000000a6450000000000003c0000000e0a0d000200000000000000",
         ));
         let mut out = Vec::new();
-        deleted_elements(&reply, &mut out);
-        assert_eq!(out, [("e4".to_string(), 7)]);
+        deleted(&reply, &mut out);
+        let e4 = |packets| Deleted::Element {
+            set: "e4".into(),
+            packets,
+        };
+        assert_eq!(out, [e4(7)]);
         // Cut anywhere: no panic, nothing invented.
         for n in 0..reply.len() {
             let mut out = Vec::new();
-            deleted_elements(&reply[..n], &mut out);
-            assert!(out.iter().all(|(s, p)| s == "e4" && *p <= 7));
+            deleted(&reply[..n], &mut out);
+            assert!(out.iter().all(|d| (0..=7).any(|p| *d == e4(p))));
+        }
+    }
+
+    /// What the kernel echoed (Linux 6.18) for a `NFT_MSG_DELRULE` with
+    /// `NLM_F_ECHO` in a batch: the rule `ip saddr 127.0.0.1 meta l4proto
+    /// icmp counter packets 3 bytes 252 drop comment "p"`, then the
+    /// generation message and the ack.
+    #[test]
+    fn a_deleted_rule_is_echoed_with_its_counter() {
+        let reply = hex(concat!(
+            "9c010000080a000002000000836200000100001906000100740000000a000200696e7075740000000c00030000000000000000156001040024000100090001006d6574610000000014000200080002000000000f08000100000000012c00010008000100636d700020000200080001000000000108000200000000000c0003000500010002000000340001000c0001007061796c6f6164002400020008000100000000010800020000000001080003000000000c08000400000000042c00010008000100636d700020000200080001000000000108000200000000000c000300080001007f00000124000100090001006d6574610000000014000200080002000000001008000100000000012c00010008000100636d700020000200080001000000000108000200000000000c00030005000100010000002c0001000c000100636f756e746572001c0002000c00010000000000000000fc0c0002000000000000000003300001000e000100696d6d6564696174650000001c0002000800010000000000100002000c00020008000100000000000800070000027000",
+            "300000000f0a0000020000008362000000000019080001000000001908000200000062830c000300707974686f6e3300",
+            "240000000200000102000000836200000000000034000000080a0d000200000000000000",
+        ));
+        let mut out = Vec::new();
+        deleted(&reply, &mut out);
+        let p = |dropped| Deleted::Rule {
+            comment: Some("p".into()),
+            dropped,
+        };
+        assert_eq!(out, [p(3)]);
+        let mut out = Vec::new();
+        acks(&reply, 1, 1, &mut 0).unwrap().unwrap();
+        for n in 0..reply.len() {
+            out.clear();
+            deleted(&reply[..n], &mut out);
+            assert!(out.len() <= 1, "{out:?}");
+        }
+    }
+
+    /// `nft --debug=mnl add rule inet t input RULE` (nftables 1.0.6) for
+    /// rules of each shape tunsec writes for a policy: addresses whole,
+    /// as a prefix of whole bytes or masked; the protocol; ports or ICMP
+    /// type and code loaded together; a counter when it drops.
+    #[test]
+    fn a_policy_rule_is_what_nft_sends() {
+        let v4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec();
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
+        let cases = [
+            (
+                // meta nfproto ipv4 ip saddr 10.0.0.1 ip daddr 10.0.0.0/24
+                // meta l4proto 6 th sport 22 th dport 80 counter drop
+                // comment "policy 7"
+                vec![
+                    Match::nfproto(false),
+                    Match::prefix(12, &v4("10.0.0.1"), 32),
+                    Match::prefix(16, &v4("10.0.0.0"), 24),
+                    Match::l4proto(6),
+                    Match::transport(0, vec![0, 22, 0, 80]),
+                ],
+                true,
+                Verdict::Drop,
+                "policy 7",
+                "06000100740000000a000200696e7075740000000802048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000042c00018008000100636d700020000280080001000000000108000200000000000c000380080001000a000001340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001008000400000000032c00018008000100636d700020000280080001000000000108000200000000000c000380070001000a00000024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000008000400000000042c00018008000100636d700020000280080001000000000108000200000000000c0003800800010000160050140001800c000100636f756e7465720004000280300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100000000000f0007000009706f6c69637920370000",
+            ),
+            (
+                // meta nfproto ipv4 ip saddr 10.1.0.0/20 meta l4proto 1
+                // icmp type 8 icmp code 0 accept comment "policy 8"
+                vec![
+                    Match::nfproto(false),
+                    Match::prefix(12, &v4("10.1.0.0"), 20),
+                    Match::l4proto(1),
+                    Match::transport(0, vec![8, 0]),
+                ],
+                false,
+                Verdict::Accept,
+                "policy 8",
+                "06000100740000000a000200696e707574000000d801048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004440001800c0001006269747769736500340002800800010000000001080002000000000108000300000000040c00048008000100fffff0000c00058008000100000000002c00018008000100636d700020000280080001000000000108000200000000000c000380080001000a01000024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010001000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000008000400000000022c00018008000100636d700020000280080001000000000108000200000000000c0003800600010008000000300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100000000010f0007000009706f6c69637920380000",
+            ),
+            (
+                // meta nfproto ipv6 ip6 saddr fd00::/61 ip6 daddr fd00::2
+                // meta l4proto 17 th dport 500 counter drop comment
+                // "policy 10"
+                vec![
+                    Match::nfproto(true),
+                    Match::prefix(8, &v6("fd00::"), 61),
+                    Match::prefix(24, &v6("fd00::2"), 128),
+                    Match::l4proto(17),
+                    Match::transport(2, vec![1, 0xf4]),
+                ],
+                true,
+                Verdict::Drop,
+                "policy 10",
+                "06000100740000000a000200696e7075740000007c02048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000808000400000000105c0001800c00010062697477697365004c0002800800010000000001080002000000000108000300000000101800048014000100fffffffffffffff800000000000000001800058014000100000000000000000000000000000000003800018008000100636d70002c000280080001000000000108000200000000001800038014000100fd000000000000000000000000000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001808000400000000103800018008000100636d70002c000280080001000000000108000200000000001800038014000100fd00000000000000000000000000000224000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010011000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c0003800600010001f40000140001800c000100636f756e7465720004000280300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c000280080001000000000010000700000a706f6c69637920313000",
+            ),
+        ];
+        for (matches, counter, verdict, comment, nft) in cases {
+            let m = Msg::NewRule {
+                chain: "input".into(),
+                matches,
+                counter,
+                verdict,
+                comment: comment.into(),
+                before: None,
+            };
+            let b = batch("t", &[m], 1);
+            let (ty, flags, attrs) = only(&b);
+            assert_eq!(ty, 0x0a06);
+            assert_eq!(
+                flags,
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
+            );
+            assert_eq!(attrs, &hex(nft)[..], "{comment}");
         }
     }
 }
