@@ -13,7 +13,7 @@ request at a time over the control socket, as an IKE daemon makes them
 (from sending a request to receiving its reply): 200 `get`s (the floor:
 socket, wake-ups, parsing, reply), 200 SAs added, updated and deleted, 50 outbound policies (routes over rtnetlink) and 20 inbound
 ones (elements of nftables sets), 20 inbound policies that are not host to
-host added and deleted (a rule each); the same changes over the XFRM netlink
+host added and deleted (a rule each), `tunsec stats` (median of three); the same changes over the XFRM netlink
 socket (`--xfrm`, the messages charon sends), timed from message to ack,
 and the first inbound policy of a new priority alone (a new map and its rule);
 the same with a listener of the SA and policy groups connected (as `ip
@@ -226,6 +226,16 @@ def measure(n: int, d: Path) -> str:
                      for i in range(50)])
         inp = timed([f"spdadd 10.202.{i // 250}.{i % 250 + 1} 10.77.0.1 any -P in ipsec esp/transport//require;"
                      for i in range(20)])
+        # `tunsec stats` as a user runs it (the client too; its figure of
+        # refused plaintext is cached for a second: each call 1 s apart).
+        st = []
+        for _ in range(3):
+            time.sleep(1.05)
+            t = time.perf_counter()
+            subprocess.run([str(BIN), "stats", "--json", "--control", str(d / "c.sock")], check=True,
+                           stdout=subprocess.DEVNULL)
+            st.append((time.perf_counter() - t) * 1e3)
+        stats = f"{sorted(st)[1]:.0f} ms"
         # Inbound policies that are not host to host (a subnet, a protocol
         # and a port): a rule each in the input chain, added and deleted.
         rules = [f"10.209.{i}.0/24 10.77.0.1[{1000 + i}] tcp" for i in range(20)]
@@ -292,7 +302,7 @@ def measure(n: int, d: Path) -> str:
         return (f"peers {n:>6}: start {start:.2f} s, stop {stop:.2f} s; get (the floor) {floor[100]:.0f} µs; "
                 f"SA add {sa}, update {sa_upd}, delete {sa_del}; "
                 f"outbound policy {out}; inbound policy {inp}; inbound rule add {rule_add}, "
-                f"delete {rule_del}; XFRM: SA add {x_add}, update {x_upd}, "
+                f"delete {rule_del}; tunsec stats {stats}; XFRM: SA add {x_add}, update {x_upd}, "
                 f"delete {x_del}, outbound policy {x_out}, inbound policy {x_in} (the first of a priority, a new map: "
                 f"{x_map} µs); XFRM with a listener: "
                 f"SA add {m_add}, delete {m_del}, outbound policy {m_out}; 10,000 changes in {t_burst:.2f} s: "

@@ -548,36 +548,36 @@ impl Plumbing {
         // Should that fail (the table was changed from outside), the input
         // chain is rewritten.
         let table = self.inst.nft_table();
-        match self.known.route(&inbound) {
+        // What the kernel echoes as deleted is counted even when the
+        // answer then fails: echoes come only from a batch it committed.
+        let mut gone = Vec::new();
+        let done = match self.known.route(&inbound) {
             Route::Elements { ops, next } => {
                 let msgs: Vec<_> = ops.into_iter().map(Msg::Element).collect();
                 // On failure the kernel may have applied the batch or not
                 // (an answer lost): the text below makes the table right
                 // either way, or loads it whole.
-                match self.nfnl.apply(&table, &msgs) {
-                    Ok(deleted) => {
-                        self.refused_gone += nftables::refused_in(&deleted);
-                        self.known = next;
-                        return Ok(());
-                    }
-                    Err(e) => tracing::warn!("{e:#}: rewriting the input chain"),
-                }
+                Some(self.nfnl.apply(&table, &msgs, &mut gone).map(|()| next))
             }
-            Route::Chain(cc) if self.nft.is_some() => {
-                let done = self.nfnl.rules(&table, "input").and_then(|chain| {
-                    let msgs = cc.plan(&chain).map_err(|e| anyhow!("nftables: {e}"))?;
-                    self.nfnl.apply(&table, &msgs)
-                });
-                match done {
-                    Ok(deleted) => {
-                        self.refused_gone += nftables::refused_in(&deleted);
-                        self.known = cc.next;
-                        return Ok(());
-                    }
-                    Err(e) => tracing::warn!("{e:#}: rewriting the input chain"),
-                }
+            Route::Chain(cc) if self.nft.is_some() => Some(
+                self.nfnl
+                    .rules(&table, "input")
+                    .and_then(|chain| {
+                        let msgs = cc.plan(&chain).map_err(|e| anyhow!("nftables: {e}"))?;
+                        self.nfnl.apply(&table, &msgs, &mut gone)
+                    })
+                    .map(|()| cc.next),
+            ),
+            _ => None,
+        };
+        self.refused_gone += nftables::refused_in(&gone);
+        match done {
+            Some(Ok(next)) => {
+                self.known = next;
+                return Ok(());
             }
-            _ => {}
+            Some(Err(e)) => tracing::warn!("{e:#}: rewriting the input chain"),
+            None => {}
         }
         // The table is in force: its input chain again, and the maps that
         // come, go or change, in one transaction (nothing else in the
@@ -615,9 +615,30 @@ impl Plumbing {
         Ok(())
     }
 
-    /// Refused plaintext counted by counters the table no longer has.
-    pub fn refused_gone(&self) -> u64 {
-        self.refused_gone
+    /// Plaintext the table refused since start: what its counters count
+    /// now (the input chain's rules that drop, the elements of the sets
+    /// of refused pairs), read over netlink, and what counters it no
+    /// longer has had counted. A part the kernel cannot list (the table
+    /// changed from outside) counts nothing.
+    pub fn refused(&mut self) -> u64 {
+        let mut n = self.refused_gone;
+        if self.nft.is_none() {
+            return n;
+        }
+        let table = self.inst.nft_table();
+        match self.nfnl.rules(&table, "input") {
+            Ok(rules) => n += rules.iter().map(|r| r.dropped).sum::<u64>(),
+            Err(e) => tracing::debug!("{e:#}"),
+        }
+        let mut maps: Vec<_> = self.known.maps().into_iter().collect();
+        maps.sort();
+        for k in maps {
+            match self.nfnl.counted(&table, &nftables::set_name(k, true)) {
+                Ok(c) => n += c,
+                Err(e) => tracing::debug!("{e:#}"),
+            }
+        }
+        n
     }
 
     /// Leave everything in place and make no more changes: after a fault,

@@ -13,6 +13,49 @@ pub(super) const NFTA_VERDICT_CODE: u16 = 1;
 pub(super) const NFTA_EXPR_NAME: u16 = 1;
 pub(super) const NFTA_EXPR_DATA: u16 = 2;
 
+pub(super) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+pub(super) const NFNL_MSG_BATCH_END: u16 = 0x11;
+pub(super) const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(super) const NFT_MSG_GETSETELEM: u16 = 13;
+pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
+pub(super) const NFPROTO_INET: u8 = 1;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_CREATE: u16 = 0x400;
+pub(super) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+pub(super) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+pub(super) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(super) const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(super) const NFT_MSG_NEWRULE: u16 = 6;
+pub(super) const NFT_MSG_GETRULE: u16 = 7;
+pub(super) const NFT_MSG_DELRULE: u16 = 8;
+pub(super) const NFT_MSG_NEWSET: u16 = 9;
+pub(super) const NFT_MSG_DELSET: u16 = 11;
+pub(super) const NLM_F_DUMP: u16 = 0x300;
+pub(super) const NLM_F_APPEND: u16 = 0x800;
+pub(super) const NLM_F_ECHO: u16 = 0x8;
+pub(super) const NFTA_SET_TABLE: u16 = 1;
+pub(super) const NFTA_SET_NAME: u16 = 2;
+pub(super) const NFTA_SET_FLAGS: u16 = 3;
+pub(super) const NFTA_SET_KEY_TYPE: u16 = 4;
+pub(super) const NFTA_SET_KEY_LEN: u16 = 5;
+pub(super) const NFTA_SET_ID: u16 = 10;
+pub(super) const NFTA_SET_USERDATA: u16 = 13;
+pub(super) const NFTA_SET_EXPR: u16 = 17;
+/// nftables' data types `ipv4_addr` (7) and `ipv6_addr` (8), concatenated
+/// as nft encodes them (six bits a type): `ipv4_addr . ipv4_addr`.
+pub(super) const CONCAT_IPV4: u32 = (7 << 6) | 7;
+pub(super) const CONCAT_IPV6: u32 = (8 << 6) | 8;
+/// The set's user data nft 1.0.6 writes for such a set (its key's byte
+/// order and concatenation, read back by `nft list`), verbatim.
+pub(super) const SET_UDATA: [u8; 16] = [0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
+pub(super) const NFTA_RULE_TABLE: u16 = 1;
+pub(super) const NFTA_RULE_CHAIN: u16 = 2;
+pub(super) const NFTA_RULE_HANDLE: u16 = 3;
+pub(super) const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub(super) const NFTA_RULE_POSITION: u16 = 6;
+pub(super) const NFTA_RULE_USERDATA: u16 = 7;
+
 pub(super) fn align(n: usize) -> usize {
     (n + 3) & !3
 }
@@ -119,4 +162,13 @@ impl Message<'_> {
 
 pub(super) fn be32(b: &mut Vec<u8>, ty: u16, v: u32) {
     attr(b, ty, |b| b.extend_from_slice(&v.to_be_bytes()))
+}
+
+/// Bytes from hex, for tests that hold what nft or the kernel sent.
+#[cfg(test)]
+pub fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }

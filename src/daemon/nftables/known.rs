@@ -269,13 +269,14 @@ impl Known {
         if messages + 2 * (added.len() + dropped.len()) > BATCH_MESSAGES {
             return Route::Text;
         }
+        let going: HashSet<&str> = gone.iter().map(String::as_str).collect();
         // The next chain: the rules that stay, and each new one before the
         // first that comes after it in evaluation order (a stable sort
         // keeps a map's refused pairs before its allowed ones).
         let mut chain: Vec<(String, Option<Place>, Option<Added>)> = self
             .chain
             .iter()
-            .filter(|(c, _)| !gone.contains(c))
+            .filter(|(c, _)| !going.contains(c.as_str()))
             .map(|(c, p)| (c.clone(), *p, None))
             .collect();
         adds.sort_by_key(|(_, place, _)| *place);
@@ -332,7 +333,8 @@ impl ChainChange {
                 self.before
             ));
         }
-        let handle = |c: &str| present.iter().find(|(p, _)| *p == c).map(|(_, h)| *h);
+        let handles: HashMap<&str, u64> = present.iter().copied().collect();
+        let handle = |c: &str| handles.get(c).copied();
         // The sets' ids in this batch: two a map, refused pairs first.
         let id = |k: &MapKey, drop: bool| {
             let i = self.added.iter().position(|a| a == k).unwrap_or(0) as u32;
@@ -403,6 +405,8 @@ impl ChainChange {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::IpAddr;
     use std::time::Duration;
 
     fn apply(state: &State, text: &str) -> State {
@@ -432,34 +436,131 @@ mod tests {
             .collect()
     }
 
-    /// What the kernel does to `chain` with `msgs`' rules.
-    fn run(chain: &mut Vec<Rule>, msgs: &[Msg], handles: &mut u64) {
+    /// The kernel's side of the table in the tests: the input chain, the
+    /// sets with their pairs, and the set each rule looks up.
+    #[derive(Debug)]
+    struct Kernel {
+        chain: Vec<Rule>,
+        sets: BTreeMap<String, BTreeSet<(IpAddr, IpAddr)>>,
+        uses: HashMap<u64, String>,
+        handles: u64,
+    }
+
+    /// The sets a whole load of `state`'s table makes, with their pairs.
+    fn sets_of(state: &State) -> BTreeMap<String, BTreeSet<(IpAddr, IpAddr)>> {
+        let maps = super::super::maps(state);
+        let mut sets = BTreeMap::new();
+        for k in &maps {
+            for drop in [true, false] {
+                sets.insert(set_name(*k, drop), BTreeSet::new());
+            }
+        }
+        for p in state.spd.iter_unordered() {
+            if in_map(p) && maps.contains(&map_key(p)) {
+                let set = set_name(map_key(p), super::super::refuses(p));
+                let pair = (p.selector.src.addr, p.selector.dst.addr);
+                sets.get_mut(&set).unwrap().insert(pair);
+            }
+        }
+        sets
+    }
+
+    /// The kernel after a whole load of `state`'s table.
+    fn loaded(state: &State, inst: &Instance) -> Kernel {
+        let known = Known::of(state, inst);
+        let chain = listed(&known);
+        let mut uses = HashMap::new();
+        for k in known.maps() {
+            for drop in [true, false] {
+                let r = chain
+                    .iter()
+                    .find(|r| r.comment.as_deref() == Some(&map_comment(k, drop)))
+                    .unwrap();
+                uses.insert(r.handle, set_name(k, drop));
+            }
+        }
+        Kernel {
+            chain,
+            sets: sets_of(state),
+            uses,
+            handles: 1000,
+        }
+    }
+
+    /// What the kernel does with `msgs`, in order; an error where it would
+    /// refuse one (a set that is not there or still looked up, an element
+    /// added twice or deleted when absent, a handle that is not there).
+    fn run(k: &mut Kernel, msgs: &[Msg]) -> Result<(), String> {
         for m in msgs {
             match m {
+                Msg::Element(op) => {
+                    let set = k
+                        .sets
+                        .get_mut(&op.set)
+                        .ok_or(format!("{m:?}: no such set"))?;
+                    let pair = (op.src, op.dst);
+                    let ok = if op.add {
+                        set.insert(pair)
+                    } else {
+                        set.remove(&pair)
+                    };
+                    if !ok {
+                        return Err(format!("{m:?}: the element is (not) there"));
+                    }
+                }
+                Msg::NewSet { name, .. } => {
+                    if k.sets.insert(name.clone(), BTreeSet::new()).is_some() {
+                        return Err(format!("{m:?}: the set is there"));
+                    }
+                }
+                Msg::DelSet { name } => {
+                    if k.uses.values().any(|s| s == name) {
+                        return Err(format!("{m:?}: a rule still looks it up"));
+                    }
+                    k.sets.remove(name).ok_or(format!("{m:?}: no such set"))?;
+                }
                 Msg::NewSetRule {
                     comment, before, ..
                 }
                 | Msg::NewRule {
                     comment, before, ..
                 } => {
+                    if let Msg::NewSetRule { set, .. } = m {
+                        if !k.sets.contains_key(set) {
+                            return Err(format!("{m:?}: no such set"));
+                        }
+                        k.uses.insert(k.handles, set.clone());
+                    }
                     let r = Rule {
-                        handle: *handles,
+                        handle: k.handles,
                         comment: Some(comment.clone()),
                         dropped: 0,
                     };
-                    *handles += 1;
+                    k.handles += 1;
                     match before {
                         Some(h) => {
-                            let at = chain.iter().position(|x| x.handle == *h).unwrap();
-                            chain.insert(at, r);
+                            let at = k
+                                .chain
+                                .iter()
+                                .position(|x| x.handle == *h)
+                                .ok_or(format!("{m:?}: no such handle"))?;
+                            k.chain.insert(at, r);
                         }
-                        None => chain.push(r),
+                        None => k.chain.push(r),
                     }
                 }
-                Msg::DelRule { handle, .. } => chain.retain(|x| x.handle != *handle),
-                _ => {}
+                Msg::DelRule { handle, .. } => {
+                    let at = k
+                        .chain
+                        .iter()
+                        .position(|x| x.handle == *handle)
+                        .ok_or(format!("{m:?}: no such handle"))?;
+                    k.chain.remove(at);
+                    k.uses.remove(handle);
+                }
             }
         }
+        Ok(())
     }
 
     /// One policy statement: a host-to-host policy of one of a few peers,
@@ -468,7 +569,7 @@ mod tests {
     /// whose specificity keeps the host-to-host policies of its priority
     /// out of a map, or an IPv6 /32 to a /32, which ties with the IPv4
     /// maps in priority and specificity.
-    fn statement(peer: u8, v6: bool, prio: u8, kind: u8, add: bool) -> String {
+    fn statement(peer: u8, v6: bool, prio: u8, kind: u8, add: bool, allow: bool) -> String {
         let (src, dst, proto): (String, String, &str) = match (kind, v6) {
             (2, false) => (
                 format!("10.0.{}.0/31", peer + 1),
@@ -485,8 +586,9 @@ mod tests {
         };
         let proto = if kind == 1 { "tcp" } else { proto };
         let prio = [10, 20, 0x8000_0000u32][prio as usize % 3];
+        let action = if allow { "none" } else { "discard" };
         if add {
-            format!("spdadd {src} {dst} {proto} -P in priority {prio} discard;\n")
+            format!("spdadd {src} {dst} {proto} -P in priority {prio} {action};\n")
         } else {
             format!("spddelete {src} {dst} {proto} -P in;\n")
         }
@@ -500,7 +602,7 @@ mod tests {
         fn routed_changes_leave_the_table_a_whole_load_makes(
             batches in proptest::collection::vec(
                 proptest::collection::vec(
-                    (0u8..6, any::<bool>(), 0u8..3, prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)], any::<bool>()),
+                    (0u8..6, any::<bool>(), 0u8..3, prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)], any::<bool>(), any::<bool>()),
                     1..4,
                 ),
                 1..25,
@@ -509,16 +611,20 @@ mod tests {
             let inst = Instance::new("t0");
             let mut state = apply(&State::default(), "spdadd 10.0.0.1 10.0.0.255 any -P in none;\n");
             let mut known = Known::of(&state, &inst);
-            let mut chain = listed(&known);
-            let mut handles = 1000;
+            let mut kernel = loaded(&state, &inst);
             for batch in batches {
                 let mut text = String::new();
-                for (peer, v6, prio, kind, add) in batch {
-                    let line = statement(peer, v6, prio, kind, add);
-                    // Only what applies to the state (no duplicate adds, no
-                    // deletes of what is not there).
-                    if state.apply_text(&(text.clone() + &line), "t", Duration::ZERO).is_ok() {
-                        text.push_str(&line);
+                for (peer, v6, prio, kind, add, allow) in batch {
+                    let line = statement(peer, v6, prio, kind, add, allow);
+                    // Only what applies to the state (no deletes of what
+                    // is not there); an add of what is there is an update
+                    // (its verdict, or its priority and so its map).
+                    let update = line.replacen("spdadd", "spdupdate", 1);
+                    for l in [line, update] {
+                        if state.apply_text(&(text.clone() + &l), "t", Duration::ZERO).is_ok() {
+                            text.push_str(&l);
+                            break;
+                        }
                     }
                 }
                 if text.is_empty() {
@@ -527,20 +633,25 @@ mod tests {
                 let next = apply(&state, &text);
                 let whole = Known::of(&next, &inst);
                 match known.route(&changes(&state, &next)) {
-                    Route::Elements { next: k, .. } => known = k,
+                    Route::Elements { ops, next: k } => {
+                        let msgs: Vec<Msg> = ops.into_iter().map(Msg::Element).collect();
+                        run(&mut kernel, &msgs).map_err(TestCaseError::fail)?;
+                        known = k;
+                    }
                     Route::Chain(cc) => {
-                        let msgs = cc.plan(&chain).unwrap();
-                        run(&mut chain, &msgs, &mut handles);
+                        let msgs = cc.plan(&kernel.chain).unwrap();
+                        run(&mut kernel, &msgs).map_err(TestCaseError::fail)?;
                         known = cc.next;
-                        let got: Vec<_> = chain.iter().map(|r| r.comment.clone().unwrap()).collect();
-                        let want: Vec<_> = whole.comments().map(str::to_string).collect();
-                        prop_assert_eq!(got, want);
                     }
                     Route::Text => {
                         known = Known::of(&next, &inst);
-                        chain = listed(&known);
+                        kernel = loaded(&next, &inst);
                     }
                 }
+                let got: Vec<_> = kernel.chain.iter().map(|r| r.comment.clone().unwrap()).collect();
+                let want: Vec<_> = whole.comments().map(str::to_string).collect();
+                prop_assert_eq!(got, want);
+                prop_assert_eq!(&kernel.sets, &sets_of(&next));
                 prop_assert_eq!(known.maps(), whole.maps());
                 prop_assert_eq!(&known.census, &whole.census);
                 prop_assert!(known.comments().eq(whole.comments()));
@@ -601,7 +712,8 @@ mod tests {
     #[test]
     fn a_rule_goes_in_at_its_place_and_out_by_its_handle() {
         let (state, known) = one_peer();
-        let chain = listed(&known);
+        let mut kernel = loaded(&state, &Instance::new("t0"));
+        let chain = kernel.chain.clone();
         let next = apply(
             &state,
             "spdadd 10.0.0.0/24[22] 10.0.0.9 tcp -P in priority 5 discard;\n",
@@ -632,9 +744,7 @@ mod tests {
                 next.spd.iter_unordered().map(|p| p.id).max().unwrap()
             )
         );
-        let mut chain2 = chain.clone();
-        let mut handles = 1000;
-        run(&mut chain2, &msgs, &mut handles);
+        run(&mut kernel, &msgs).unwrap();
         let known2 = cc.next;
         // Updated to let the plaintext through: out by its handle, in again.
         let after = apply(
@@ -644,7 +754,7 @@ mod tests {
         let Route::Chain(cc) = known2.route(&changes(&next, &after)) else {
             panic!("an update of a rule goes over netlink");
         };
-        let msgs = cc.plan(&chain2).unwrap();
+        let msgs = cc.plan(&kernel.chain).unwrap();
         assert!(
             matches!(&msgs[..], [Msg::DelRule { handle: 1000, .. }, Msg::NewRule { counter: false, verdict: Verdict::Accept, before: Some(h), .. }] if *h == chain[4].handle),
             "{msgs:?}"
@@ -654,9 +764,8 @@ mod tests {
         let Route::Chain(cc2) = cc.next.route(&changes(&after, &gone)) else {
             panic!("a deleted rule goes over netlink");
         };
-        let mut chain3 = chain2.clone();
-        run(&mut chain3, &msgs, &mut handles);
-        let msgs = cc2.plan(&chain3).unwrap();
+        run(&mut kernel, &msgs).unwrap();
+        let msgs = cc2.plan(&kernel.chain).unwrap();
         assert!(
             matches!(&msgs[..], [Msg::DelRule { handle: 1001, .. }]),
             "{msgs:?}"
