@@ -575,14 +575,20 @@ impl std::hash::Hash for SpiKey {
 /// An SA as it was and as it is (`None`: absent), for [`Sad::changes_since`].
 pub type SaChange<'a> = (Option<&'a Arc<Sa>>, Option<&'a Arc<Sa>>);
 
+/// The SAs from one address to another of one protocol, newest last.
+type Pair = Arc<[Arc<Sa>]>;
+
 /// The SAD: an immutable snapshot, cheap to clone (its maps are
 /// copy-on-write, SAs are shared), changed at the cost of the change.
 #[derive(Debug, Clone, Default)]
 pub struct Sad {
     /// Inbound index: (dst, proto, SPI or wire CPI).
     by_spi: CowMap<SpiKey, Arc<Sa>>,
-    /// Outbound index: (src, dst, proto), newest last.
-    by_pair: CowMap<(IpAddr, IpAddr, Proto), Vec<Arc<Sa>>>,
+    /// Outbound index: (src, dst, proto), newest last. A shared slice,
+    /// not a `Vec`: a change copies the shard it lands in, and a `Vec`
+    /// per entry was an allocation and a reference count raised per SA
+    /// of the shard (at 10,000 peers most of an SA change's own time).
+    by_pair: CowMap<(IpAddr, IpAddr, Proto), Pair>,
     /// SPIs reserved by `getspi` (larval SAs): source and expiry time.
     larval: CowMap<SpiKey, (IpAddr, Duration)>,
     next_serial: u64,
@@ -674,9 +680,10 @@ impl Sad {
         // The SA holds its keys and keyed state: in the key arena.
         let sa = crate::secret::within(|| Sa::new(config, now, self.next_serial).map(Arc::new))?;
         self.by_spi.insert(key, sa.clone());
-        self.by_pair
-            .entry_or_default((sa.config.src, sa.config.dst, sa.config.proto))
-            .push(sa.clone());
+        let pair = self
+            .by_pair
+            .entry_or_default((sa.config.src, sa.config.dst, sa.config.proto));
+        *pair = pair.iter().chain([&sa]).cloned().collect();
         Ok(sa)
     }
 
@@ -692,16 +699,21 @@ impl Sad {
         self.by_spi.remove(&SpiKey(c.dst, c.proto, c.wire_spi()));
         let key = (c.src, c.dst, c.proto);
         if let Some(v) = self.by_pair.get_mut(&key) {
-            v.retain(|x| !Arc::ptr_eq(x, sa));
-            if v.is_empty() {
+            let kept: Pair = v.iter().filter(|x| !Arc::ptr_eq(x, sa)).cloned().collect();
+            if kept.is_empty() {
                 self.by_pair.remove(&key);
+            } else {
+                *v = kept;
             }
         }
     }
 
     /// Remove every SA between src and dst of `proto` (setkey `deleteall`).
     pub fn delete_all(&mut self, src: IpAddr, dst: IpAddr, proto: Proto) -> Vec<Arc<Sa>> {
-        let v = self.by_pair.remove(&(src, dst, proto)).unwrap_or_default();
+        let v = self
+            .by_pair
+            .remove(&(src, dst, proto))
+            .map_or_else(Vec::new, |v| v.to_vec());
         for sa in &v {
             self.by_spi.remove(&SpiKey(
                 sa.config.dst,

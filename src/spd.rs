@@ -276,6 +276,27 @@ struct Entry {
 /// Policies of one index bucket, in evaluation order.
 type Bucket = Vec<Entry>;
 
+/// A bucket in an index map: a shared slice, so that copying the map's
+/// shard (on every change that lands in it) raises one reference count
+/// an entry instead of copying each entry's bucket.
+type Shared = Arc<[Entry]>;
+
+/// Apply `f` to the bucket of `k` in `map` (a new one if none); an
+/// emptied bucket goes.
+fn edit<K: std::hash::Hash + Eq + Clone>(
+    map: &mut CowMap<K, Shared>,
+    k: K,
+    f: impl FnOnce(&mut Bucket),
+) {
+    let mut v = map.get(&k).map_or_else(Vec::new, |b| b.to_vec());
+    f(&mut v);
+    if v.is_empty() {
+        map.remove(&k);
+    } else {
+        map.insert(k, v.into());
+    }
+}
+
 /// The SPD: an immutable snapshot, cheap to clone and changed at the cost
 /// of the change. Policies are indexed by their selector's host
 /// addresses, as Linux keeps its `bydst` hashes beside "inexact" lists:
@@ -287,9 +308,9 @@ type Bucket = Vec<Entry>;
 /// ordered scan's answer without the scan.
 #[derive(Debug, Clone, Default)]
 pub struct Spd {
-    pairs: CowMap<(Dir, IpAddr, IpAddr), Bucket>,
-    dsts: CowMap<(Dir, IpAddr), Bucket>,
-    srcs: CowMap<(Dir, IpAddr), Bucket>,
+    pairs: CowMap<(Dir, IpAddr, IpAddr), Shared>,
+    dsts: CowMap<(Dir, IpAddr), Shared>,
+    srcs: CowMap<(Dir, IpAddr), Shared>,
     inexact: [Arc<Bucket>; 3],
     by_selector: CowMap<(Dir, Selector), Arc<Policy>>,
     next_id: u64,
@@ -339,7 +360,7 @@ fn bucket_insert(v: &mut Bucket, p: Arc<Policy>) {
 /// The first entry of `v` (in order) that matches `flow`, if it comes
 /// before `best`.
 #[inline]
-fn first_match<'a>(v: &'a Bucket, flow: &Flow, best: &mut Option<&'a Entry>) {
+fn first_match<'a>(v: &'a [Entry], flow: &Flow, best: &mut Option<&'a Entry>) {
     for e in v {
         if best.is_some_and(|b| e.rank > b.rank) {
             return;
@@ -374,27 +395,9 @@ impl Spd {
     fn with_bucket(&mut self, p: &Policy, f: impl FnOnce(&mut Bucket)) {
         let (s, d) = (&p.selector.src, &p.selector.dst);
         match (s.is_host(), d.is_host()) {
-            (true, true) => {
-                let k = (p.dir, s.addr, d.addr);
-                f(self.pairs.entry_or_default(k));
-                if self.pairs.get(&k).is_some_and(|v| v.is_empty()) {
-                    self.pairs.remove(&k);
-                }
-            }
-            (false, true) => {
-                let k = (p.dir, d.addr);
-                f(self.dsts.entry_or_default(k));
-                if self.dsts.get(&k).is_some_and(|v| v.is_empty()) {
-                    self.dsts.remove(&k);
-                }
-            }
-            (true, false) => {
-                let k = (p.dir, s.addr);
-                f(self.srcs.entry_or_default(k));
-                if self.srcs.get(&k).is_some_and(|v| v.is_empty()) {
-                    self.srcs.remove(&k);
-                }
-            }
+            (true, true) => edit(&mut self.pairs, (p.dir, s.addr, d.addr), f),
+            (false, true) => edit(&mut self.dsts, (p.dir, d.addr), f),
+            (true, false) => edit(&mut self.srcs, (p.dir, s.addr), f),
             (false, false) => f(Arc::make_mut(&mut self.inexact[dir_index(p.dir)])),
         }
     }
