@@ -223,8 +223,10 @@ pub trait Counted {
 impl<T: ?Sized> Counted for Arc<T> {
     #[inline]
     fn count(&self) -> Option<*const u8> {
-        // The counts sit just before the value (`ArcInner`).
-        Some(Arc::as_ptr(self).cast::<u8>().wrapping_sub(16))
+        // `ArcInner` is the two counts, then the value at its alignment
+        // (16 bytes in at least).
+        let offset = std::mem::align_of_val::<T>(self).max(16);
+        Some(Arc::as_ptr(self).cast::<u8>().wrapping_sub(offset))
     }
 }
 
@@ -468,6 +470,36 @@ impl<K: Hash + Eq + Clone, V: Clone + Counted> CowMap<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Counted::count` points at the strong count, whatever the value's
+    /// alignment and size (the layout of std's `ArcInner` is assumed, not
+    /// promised: this checks it).
+    #[test]
+    fn an_arcs_count_is_where_its_strong_count_is() {
+        // Only their layout matters.
+        #[allow(dead_code)]
+        #[repr(align(64))]
+        struct Line([u8; 64]);
+        #[allow(dead_code)]
+        #[repr(align(128))]
+        struct Two([u8; 128]);
+        fn check<T: ?Sized>(a: Arc<T>) {
+            let b = a.clone();
+            let p = a.count().unwrap().cast::<usize>();
+            // SAFETY: a test of the assumption; the address is inside the
+            // live allocation of `a` (its counts).
+            let strong = unsafe { p.read() };
+            assert_eq!(strong, Arc::strong_count(&b));
+            drop(b);
+            assert_eq!(unsafe { p.read() }, 1);
+        }
+        check(Arc::new(7u64));
+        check(Arc::new(Line([0; 64])));
+        check(Arc::new(Two([0; 128])));
+        check::<[u32]>(Arc::from(vec![1u32, 2, 3]));
+        check::<[u8]>(Arc::from(Vec::<u8>::new()));
+        check::<str>(Arc::from("x"));
+    }
 
     /// Random inserts, removals, updates and retains agree with the
     /// standard map, and snapshots taken along the way do not change.

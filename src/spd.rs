@@ -276,10 +276,11 @@ struct Entry {
 /// Policies of one index bucket, in evaluation order.
 type Bucket = Vec<Entry>;
 
-/// A bucket in an index map: a shared slice, so that copying the map's
-/// shard (on every change that lands in it) raises one reference count
-/// an entry instead of copying each entry's bucket.
-type Shared = Arc<[Entry]>;
+/// A bucket in an index map, shared: copying the map's shard (on every
+/// change that lands in it) raises one reference count an entry instead
+/// of copying each entry's bucket, and a batch of changes to one bucket
+/// edits it in place once it is its own.
+type Shared = Arc<Bucket>;
 
 /// Apply `f` to the bucket of `k` in `map` (a new one if none); an
 /// emptied bucket goes.
@@ -288,12 +289,10 @@ fn edit<K: std::hash::Hash + Eq + Clone>(
     k: K,
     f: impl FnOnce(&mut Bucket),
 ) {
-    let mut v = map.get(&k).map_or_else(Vec::new, |b| b.to_vec());
-    f(&mut v);
-    if v.is_empty() {
+    let b = map.entry_or_default(k.clone());
+    f(Arc::make_mut(b));
+    if b.is_empty() {
         map.remove(&k);
-    } else {
-        map.insert(k, v.into());
     }
 }
 

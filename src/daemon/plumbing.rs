@@ -318,6 +318,8 @@ pub struct Plumbing {
     /// element deleted, a rule flushed): `tunsec stats` adds it to what
     /// the table counts, so the figure never goes back.
     refused_gone: u64,
+    /// The last figure [`Plumbing::refused`] gave.
+    refused_shown: u64,
     nfnl: Nfnl,
 }
 
@@ -339,6 +341,7 @@ impl Plumbing {
             ingress: None,
             known,
             refused_gone: 0,
+            refused_shown: 0,
             nfnl: Nfnl::open().context("cannot open a NETLINK_NETFILTER socket")?,
         };
         for (dst, src) in routed_peers(state) {
@@ -584,21 +587,17 @@ impl Plumbing {
         // table depends on the SPD). Its undo stays the table's removal.
         // Should that fail (the table was changed from outside), it is
         // loaded whole, as at start.
+        // The rewrite flushes the rules and deletes elements and sets, and
+        // a whole load all of it, with their counters: what the table
+        // counted before and still counts after says what went, which is
+        // kept.
+        let before = self.counted();
         if self.nft.is_some() {
             let text = nftables::input_update(next, &self.inst, &self.known.maps(), &inbound);
-            // The flush takes the rules' counters with it: what their drops
-            // counted is kept.
-            let counted: u64 = match self.nfnl.rules(&table, "input") {
-                Ok(rules) => rules.iter().map(|r| r.dropped).sum(),
-                Err(e) => {
-                    tracing::warn!("{e:#}: the rules' drop counts go with the rewrite");
-                    0
-                }
-            };
             match run(&argv("nft -f -"), Some(&text)) {
                 Ok(()) => {
-                    self.refused_gone += counted;
                     self.known = Known::of(next, &self.inst);
+                    self.refused_gone += before.saturating_sub(self.counted());
                     return Ok(());
                 }
                 Err(e) => tracing::warn!("nftables: {e:#}: loading the table whole"),
@@ -612,16 +611,25 @@ impl Plumbing {
         exec(&mut self.rtnl, &step, true)?;
         self.known = Known::of(next, &self.inst);
         self.nft = Some(step);
+        self.refused_gone += before;
         Ok(())
     }
 
     /// Plaintext the table refused since start: what its counters count
-    /// now (the input chain's rules that drop, the elements of the sets
-    /// of refused pairs), read over netlink, and what counters it no
-    /// longer has had counted. A part the kernel cannot list (the table
-    /// changed from outside) counts nothing.
+    /// now and what counters it no longer has had counted. It never goes
+    /// back: should a part of the table not list (changed from outside),
+    /// the last figure stands.
     pub fn refused(&mut self) -> u64 {
-        let mut n = self.refused_gone;
+        let n = self.refused_gone + self.counted();
+        self.refused_shown = self.refused_shown.max(n);
+        self.refused_shown
+    }
+
+    /// What the table's counters count now: the input chain's rules that
+    /// drop and the elements of the sets of refused pairs, read over
+    /// netlink. A part the kernel cannot list counts nothing.
+    fn counted(&mut self) -> u64 {
+        let mut n = 0;
         if self.nft.is_none() {
             return n;
         }

@@ -271,3 +271,49 @@ def test_inbound_policy_changes_are_map_elements(net, tmp_path):
     setkey(f"spddelete {peer} {B4} any -P in;\n")
     # The peers' own policies still refuse plaintext.
     assert set(nft_drop_counters(net, net.b)) == {V4_RULE, V6_RULE}
+
+
+def test_refused_counts_stay_through_a_rewrite_and_a_whole_load(net, tmp_path):
+    """A change that turns a priority's host-to-host policies from set
+    elements into rules rewrites the input chain as text, deleting the
+    elements with their counters; a table changed from outside is loaded
+    whole. What the table had refused stays in `tunsec stats` both times."""
+    def setkey(text):
+        r = subprocess.run([str(tunsec_bin()), "setkey", "--control", str(net.db.control), "-c"], input=text,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+
+    def table():
+        return net.run(net.b, "nft", "list", "table", "inet", "tunsec_tsec0").stdout
+
+    peer = "10.77.0.98"
+    mac_a, mac_b = net.mac(net.a, IFACE_A), net.mac(net.b, IFACE_B)
+    frames = [bytes(Ether(src=mac_a, dst=mac_b) / IP(src=peer, dst=B4) / UDP(sport=45000 + i, dport=UDP_PORT))
+              for i in range(3)]
+    setkey(f"spdadd {peer} {B4} any -P in priority 90 discard;\n")
+    assert "@in4_90_drop" in table()
+    r0 = refused(net)
+    assert net.tool(net.a, "inject", "--iface", IFACE_A,
+                    str(write_pcap(tmp_path / "p90.pcap", frames))).result(30)["sent"] == 3
+    r1 = refused(net)
+    assert r1 - r0 == 3, (r0, r1)
+    # A /31 for TCP is as specific as host to host: the priority's
+    # policies become rules, the sets and their elements go.
+    rewrites = net.db.log().count("rewriting the input chain")
+    setkey(f"spdadd 10.77.3.0/31 {B4} tcp -P in priority 90 discard;\n")
+    t = table()
+    assert "in4_90_drop" not in t and f"ip saddr {peer} ip daddr {B4} counter" in t, t
+    assert net.db.log().count("rewriting the input chain") == rewrites, "not a failed batch: the text route"
+    assert refused(net) == r1, "the rewrite took the elements' counts with it"
+    # Refused by the rule now; then the table is loaded whole.
+    assert net.tool(net.a, "inject", "--iface", IFACE_A,
+                    str(write_pcap(tmp_path / "p90b.pcap", frames[:2]))).result(30)["sent"] == 2
+    r2 = refused(net)
+    assert r2 - r1 == 2, (r1, r2)
+    loads = net.db.log().count("loading the table whole")
+    net.run(net.b, "nft", "delete", "chain", "inet", "tunsec_tsec0", "input")
+    setkey(f"spdadd {peer} {B4} udp -P in priority 91 discard;\n")
+    assert net.db.log().count("loading the table whole") == loads + 1
+    assert refused(net) == r2, "the whole load took the counts with it"
+    setkey(f"spddelete {peer} {B4} any -P in;\nspddelete 10.77.3.0/31 {B4} tcp -P in;\n"
+           f"spddelete {peer} {B4} udp -P in;\n")

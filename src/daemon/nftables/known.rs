@@ -489,7 +489,8 @@ mod tests {
 
     /// What the kernel does with `msgs`, in order; an error where it would
     /// refuse one (a set that is not there or still looked up, an element
-    /// added twice or deleted when absent, a handle that is not there).
+    /// added twice or deleted when absent, a handle that is not there),
+    /// or where counters would go unechoed (a set dropped with elements).
     fn run(k: &mut Kernel, msgs: &[Msg]) -> Result<(), String> {
         for m in msgs {
             match m {
@@ -517,7 +518,12 @@ mod tests {
                     if k.uses.values().any(|s| s == name) {
                         return Err(format!("{m:?}: a rule still looks it up"));
                     }
-                    k.sets.remove(name).ok_or(format!("{m:?}: no such set"))?;
+                    let set = k.sets.remove(name).ok_or(format!("{m:?}: no such set"))?;
+                    // The kernel would take them, but their counters would
+                    // not be echoed: elements go one by one first.
+                    if !set.is_empty() {
+                        return Err(format!("{m:?}: its elements go uncounted"));
+                    }
                 }
                 Msg::NewSetRule {
                     comment, before, ..
