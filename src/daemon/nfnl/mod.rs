@@ -9,7 +9,7 @@
 //! The table itself is loaded from the ruleset text
 //! (`nftables::ruleset`); here are only changes whose bytes are checked
 //! against what `nft --debug=mnl` sends for the same text (nftables
-//! 1.0.6): set elements, a set, the rules tunsec writes ([`rule`]), and
+//! 1.0.6): set elements, a set, the rules tunsec writes (`rule.rs`), and
 //! deletions. The layouts are nf_tables'
 //! (`linux/netfilter/nf_tables.h`), built by hand (no maintained crate
 //! covers nf_tables): a batch is a `NFNL_MSG_BATCH_BEGIN`, the messages,
@@ -97,7 +97,7 @@ pub enum Msg {
         before: Option<u64>,
     },
     /// A rule deleted by its handle; the kernel echoes it back with its
-    /// counter (see [`deleted`]).
+    /// counter (read by `dump::deleted`).
     DelRule {
         chain: String,
         handle: u64,

@@ -145,7 +145,7 @@ fn nft_match(p: &Policy) -> String {
 }
 
 /// The input chain's rule for inbound policy `p` (not a map element), as
-/// a netlink message: the same matches as [`nft_match`]'s text, each as
+/// a netlink message: the same matches as `nft_match`'s text, each as
 /// nft encodes it. `None` for what nft would refuse (an ICMP type or code
 /// over 255).
 pub fn policy_rule(p: &Policy, before: Option<u64>) -> Option<Msg> {
