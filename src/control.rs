@@ -393,6 +393,19 @@ mod tests {
             }
         }
         assert_eq!(n, 6);
+        // The text of one, as the protocol has always written it.
+        let sa = state.sad.iter().find(|sa| sa.config.spi == 0x100).unwrap();
+        let text = serde_json::to_string(&SaJson::of(sa, Duration::from_secs(5), false)).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"age_secs":5,"auth":"null","bytes":0,"dst":"10.0.0.2","enc":"aes-gcm-16","encap":null,"#,
+                r#""esn":false,"format_errors":0,"icv_failures":0,"lifetime":{"hard_bytes":0,"hard_packets":0,"#,
+                r#""hard_secs":0,"soft_bytes":0,"soft_packets":0,"soft_secs":0},"mode":"transport","packets":0,"#,
+                r#""proto":"esp","replay":0,"replay_drops":0,"reqid":0,"seq":0,"spi":256,"src":"10.0.0.1","#,
+                r#""state":"mature"}"#
+            )
+        );
     }
 
     #[test]

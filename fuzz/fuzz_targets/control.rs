@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
                 .sad
                 .iter()
                 .filter(|sa| proto.is_none_or(|p| sa.config.proto == p))
-                .map(|sa| control::sa_json(sa, now, keys))
+                .map(|sa| {
+                    // The daemon's listings serialize it directly.
+                    let _ = serde_json::to_string(&control::SaJson::of(sa, now, keys));
+                    control::sa_json(sa, now, keys)
+                })
                 .collect(),
         ),
         Ok(Request::SpdDump) => {

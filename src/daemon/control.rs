@@ -428,7 +428,7 @@ impl Control {
         }
     }
 
-    /// The reply to `dump` or `stats` (anything else: to `stats`) as JSON
+    /// The reply to `dump` or `stats` (anything else: an error) as JSON
     /// text, serialized without a `Value` per SA: at 10,000 peers the
     /// 20,000 SAs' maps were most of the reply's time. The fields are in
     /// the order of their names, as a `Value` gives them.
@@ -474,7 +474,7 @@ impl Control {
                     sas,
                 })
             }
-            _ => {
+            Request::Stats => {
                 let (c, io) = self.shared.totals();
                 serde_json::to_string(&Stats {
                     counters: control::counters_json(&c),
@@ -499,6 +499,7 @@ impl Control {
                     })).collect(),
                 })
             }
+            _ => return control::error("not a listing").to_string(),
         };
         text.unwrap_or_else(|e| control::error(&format!("listing: {e}")).to_string())
     }
