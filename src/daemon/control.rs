@@ -413,12 +413,15 @@ impl Control {
         }
     }
 
-    /// Handle one request (not Monitor).
+    /// Handle one request (not Monitor, `dump` or `stats`).
     pub fn handle(&self, r: Request) -> Value {
         match r {
             Request::Setkey(text) => self.apply(&text),
-            r @ (Request::Dump { .. } | Request::Stats) => serde_json::from_str(&self.listing(r))
-                .unwrap_or_else(|e| control::error(&format!("listing: {e}"))),
+            // Serialized as text by the connection ([`Control::listing`]),
+            // never built as a `Value`.
+            Request::Dump { .. } | Request::Stats => {
+                control::error("listings are answered by the connection")
+            }
             Request::SpdDump => {
                 let state = self.shared.state.load();
                 let ps: Vec<Value> = state.spd.iter().map(|p| control::policy_json(p)).collect();

@@ -6,23 +6,54 @@
 use super::rule;
 use super::wire::*;
 
-/// The request for the rules of `chain` in `table` (family inet), as
-/// `nft list chain` asks for them.
-pub(super) fn rules_request(table: &str, chain: &str, seq: u32) -> Vec<u8> {
+/// A dump request of message type `ty` for `name` in `table` (family
+/// inet): a chain's rules and a set's elements are both asked for by the
+/// table (attribute 1) and their name (attribute 2).
+fn dump_request(ty: u16, table: &str, name: &str, seq: u32) -> Vec<u8> {
     let mut b = Vec::new();
+    let flags = NLM_F_REQUEST | NLM_F_DUMP;
     message(
         &mut b,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
-        NLM_F_REQUEST | NLM_F_DUMP,
+        (NFNL_SUBSYS_NFTABLES << 8) | ty,
+        flags,
         seq,
         NFPROTO_INET,
         0,
         |b| {
-            cstr(b, NFTA_RULE_TABLE, table);
-            cstr(b, NFTA_RULE_CHAIN, chain);
+            cstr(b, 1, table); // NFTA_RULE_TABLE, NFTA_SET_ELEM_LIST_TABLE
+            cstr(b, 2, name); // NFTA_RULE_CHAIN, NFTA_SET_ELEM_LIST_SET
         },
     );
     b
+}
+
+/// Read a part of the answer to a dump request with sequence number `seq`,
+/// handing each message of type `ty` to `each`: `Some(Ok)` at its end,
+/// `Some(Err(errno))` if the kernel refused it, `None` if more is to come.
+fn parse_dump(
+    reply: &[u8],
+    seq: u32,
+    ty: u16,
+    mut each: impl FnMut(&Message<'_>),
+) -> Option<Result<(), i32>> {
+    for m in messages(reply).filter(|m| m.seq == seq) {
+        if let Some(e) = m.errno() {
+            return Some(if e == 0 { Ok(()) } else { Err(e) });
+        }
+        match m.ty {
+            // NLMSG_DONE
+            3 => return Some(Ok(())),
+            t if t == (NFNL_SUBSYS_NFTABLES << 8) | ty && m.body.len() >= 4 => each(&m),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The request for the rules of `chain` in `table` (family inet), as
+/// `nft list chain` asks for them.
+pub(super) fn rules_request(table: &str, chain: &str, seq: u32) -> Vec<u8> {
+    dump_request(NFT_MSG_GETRULE, table, chain, seq)
 }
 
 /// A rule of a chain, as a dump lists it.
@@ -110,80 +141,45 @@ fn elements_counted(list: &[u8]) -> u64 {
 /// The request for the elements of set `set` in `table` (family inet),
 /// as `nft list set` asks for them.
 pub(super) fn elements_request(table: &str, set: &str, seq: u32) -> Vec<u8> {
-    let mut b = Vec::new();
-    message(
-        &mut b,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        NFPROTO_INET,
-        0,
-        |b| {
-            cstr(b, NFTA_SET_ELEM_LIST_TABLE, table);
-            cstr(b, NFTA_SET_ELEM_LIST_SET, set);
-        },
-    );
-    b
+    dump_request(NFT_MSG_GETSETELEM, table, set, seq)
 }
 
 /// Read a part of the answer to [`elements_request`] with sequence number
-/// `seq`, adding what its elements' counters counted to `packets`:
-/// `Some(Ok)` at its end, `Some(Err(errno))` if the kernel refused it,
-/// `None` if more is to come.
+/// `seq`, adding what its elements' counters counted to `packets` (see
+/// [`parse_dump`]).
 pub(super) fn parse_elements(reply: &[u8], seq: u32, packets: &mut u64) -> Option<Result<(), i32>> {
-    for m in messages(reply).filter(|m| m.seq == seq) {
-        if let Some(e) = m.errno() {
-            return Some(if e == 0 { Ok(()) } else { Err(e) });
-        }
-        match m.ty {
-            // NLMSG_DONE
-            3 => return Some(Ok(())),
-            t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM && m.body.len() >= 4 => {
-                *packets += m
-                    .attrs()
-                    .filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS)
-                    .map(|(_, v)| elements_counted(v))
-                    .sum::<u64>();
-            }
-            _ => {}
-        }
-    }
-    None
+    parse_dump(reply, seq, NFT_MSG_NEWSETELEM, |m| {
+        *packets += m
+            .attrs()
+            .filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS)
+            .map(|(_, v)| elements_counted(v))
+            .sum::<u64>();
+    })
 }
 
 /// Read a part of the answer to [`rules_request`] with sequence number
-/// `seq` into `out`: `Some(Ok)` at its end, `Some(Err(errno))` if the
-/// kernel refused it, `None` if more is to come.
+/// `seq` into `out` (see [`parse_dump`]).
 pub(super) fn parse_rules(reply: &[u8], seq: u32, out: &mut Vec<Rule>) -> Option<Result<(), i32>> {
-    for m in messages(reply).filter(|m| m.seq == seq) {
-        if let Some(e) = m.errno() {
-            return Some(if e == 0 { Ok(()) } else { Err(e) });
-        }
-        match m.ty {
-            // NLMSG_DONE
-            3 => return Some(Ok(())),
-            t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE && m.body.len() >= 4 => {
-                let mut rule = Rule {
-                    handle: 0,
-                    comment: None,
-                    dropped: 0,
-                };
-                for (ty, v) in m.attrs() {
-                    match ty {
-                        NFTA_RULE_HANDLE if v.len() == 8 => {
-                            rule.handle = u64::from_be_bytes(v.try_into().ok()?)
-                        }
-                        NFTA_RULE_USERDATA => rule.comment = rule::comment(v),
-                        NFTA_RULE_EXPRESSIONS => rule.dropped = rule::dropped(v),
-                        _ => {}
+    parse_dump(reply, seq, NFT_MSG_NEWRULE, |m| {
+        let mut rule = Rule {
+            handle: 0,
+            comment: None,
+            dropped: 0,
+        };
+        for (ty, v) in m.attrs() {
+            match ty {
+                NFTA_RULE_HANDLE => {
+                    if let Ok(h) = v.try_into() {
+                        rule.handle = u64::from_be_bytes(h)
                     }
                 }
-                out.push(rule);
+                NFTA_RULE_USERDATA => rule.comment = rule::comment(v),
+                NFTA_RULE_EXPRESSIONS => rule.dropped = rule::dropped(v),
+                _ => {}
             }
-            _ => {}
         }
-    }
-    None
+        out.push(rule);
+    })
 }
 
 #[cfg(test)]

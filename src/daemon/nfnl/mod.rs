@@ -406,36 +406,47 @@ impl Nfnl {
 
     /// The rules of `chain` in `table`, in order.
     pub fn rules(&mut self, table: &str, chain: &str) -> Result<Vec<Rule>> {
-        let seq = self.seq;
-        self.seq = self.seq.wrapping_add(1);
-        self.send(&rules_request(table, chain, seq))?;
         let mut out = Vec::new();
-        loop {
-            let n = self.recv()?;
-            match parse_rules(&self.buf[..n], seq, &mut out) {
-                Some(Ok(())) => return Ok(out),
-                Some(Err(e)) => bail!(
-                    "nftables: listing chain {chain} of table {table}: {}",
-                    io::Error::from_raw_os_error(e)
-                ),
-                None => {}
-            }
-        }
+        let what = format!("chain {chain} of table {table}");
+        self.dump(
+            |seq| rules_request(table, chain, seq),
+            &what,
+            |part, seq| parse_rules(part, seq, &mut out),
+        )?;
+        Ok(out)
     }
 
     /// What the counters of set `set`'s elements in `table` counted,
     /// together.
     pub fn counted(&mut self, table: &str, set: &str) -> Result<u64> {
+        let mut packets = 0;
+        let what = format!("set {set} of table {table}");
+        self.dump(
+            |seq| elements_request(table, set, seq),
+            &what,
+            |part, seq| parse_elements(part, seq, &mut packets),
+        )?;
+        Ok(packets)
+    }
+
+    /// Send the dump request `request` makes for a sequence number and
+    /// hand each part of the answer to `part` until it says the dump ended
+    /// (`what` names it in an error).
+    fn dump(
+        &mut self,
+        request: impl FnOnce(u32) -> Vec<u8>,
+        what: &str,
+        mut part: impl FnMut(&[u8], u32) -> Option<Result<(), i32>>,
+    ) -> Result<()> {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
-        self.send(&elements_request(table, set, seq))?;
-        let mut packets = 0;
+        self.send(&request(seq))?;
         loop {
             let n = self.recv()?;
-            match parse_elements(&self.buf[..n], seq, &mut packets) {
-                Some(Ok(())) => return Ok(packets),
+            match part(&self.buf[..n], seq) {
+                Some(Ok(())) => return Ok(()),
                 Some(Err(e)) => bail!(
-                    "nftables: listing set {set} of table {table}: {}",
+                    "nftables: listing {what}: {}",
                     io::Error::from_raw_os_error(e)
                 ),
                 None => {}
