@@ -147,21 +147,23 @@ const TUNNEL_ERROR: &str = "tunnel mode is not supported: tunsec is a transport-
 // ---------------------------------------------------------------------------
 // Lexing
 
-enum TokKind {
+enum TokKind<'a> {
     /// A run of characters other than white space, `;`, `#` and `"`.
-    Word(String),
+    Word(&'a str),
     /// A `"quoted string"`, its raw bytes (no escapes, as in ipsec-tools).
-    Str(Zeroizing<Vec<u8>>),
+    Str(&'a str),
 }
 
-struct Tok {
-    kind: TokKind,
+/// A token borrows the text it was read from: lexing allocates nothing
+/// per token, and a key is copied once, into the key arena, when parsed.
+struct Tok<'a> {
+    kind: TokKind<'a>,
     line: usize,
 }
 
-impl Tok {
-    fn word(&self) -> Option<&str> {
-        match &self.kind {
+impl<'a> Tok<'a> {
+    fn word(&self) -> Option<&'a str> {
+        match self.kind {
             TokKind::Word(w) => Some(w),
             TokKind::Str(_) => None,
         }
@@ -170,7 +172,7 @@ impl Tok {
     /// The token as quoted in error messages (never the contents of a
     /// quoted string, which is usually a key).
     fn show(&self) -> String {
-        match &self.kind {
+        match self.kind {
             TokKind::Word(w) => quote(w),
             TokKind::Str(_) => "a quoted string".to_string(),
         }
@@ -190,28 +192,28 @@ fn quote(s: &str) -> String {
 }
 
 /// The tokens of one `;`-terminated statement.
-struct RawStmt {
+struct RawStmt<'a> {
     line: usize,
-    toks: Vec<Tok>,
+    toks: Vec<Tok<'a>>,
 }
 
 /// Split `text` into statements. Also returns the error that stopped
 /// lexing, if any (it always concerns the end of the text).
-fn lex(text: &str, file: &str) -> (Vec<RawStmt>, Option<ConfigError>) {
+fn lex<'a>(text: &'a str, file: &str) -> (Vec<RawStmt<'a>>, Option<ConfigError>) {
     let mut stmts = Vec::new();
-    let mut toks: Vec<Tok> = Vec::new();
+    let mut toks: Vec<Tok<'a>> = Vec::new();
     let mut line = 1usize;
-    let mut chars = text.chars().peekable();
+    let mut chars = text.char_indices().peekable();
     let err = |line: usize, message: &str| ConfigError {
         file: file.to_string(),
         line,
         message: message.to_string(),
     };
-    while let Some(ch) = chars.next() {
+    while let Some((at, ch)) = chars.next() {
         match ch {
             '\n' => line += 1,
             '#' => {
-                while chars.peek().is_some_and(|&c| c != '\n') {
+                while chars.peek().is_some_and(|&(_, c)| c != '\n') {
                     chars.next();
                 }
             }
@@ -227,40 +229,36 @@ fn lex(text: &str, file: &str) -> (Vec<RawStmt>, Option<ConfigError>) {
             }
             '"' => {
                 let start = line;
-                // A quoted string is a key: in the key arena (it stays
-                // there as it grows).
-                let mut s = crate::secret::within(|| String::with_capacity(64));
-                let mut closed = false;
-                for c in chars.by_ref() {
+                let mut end = None;
+                for (i, c) in chars.by_ref() {
                     if c == '"' {
-                        closed = true;
+                        end = Some(i);
                         break;
                     }
                     if c == '\n' {
                         line += 1;
                     }
-                    s.push(c);
                 }
-                if !closed {
+                let Some(end) = end else {
                     return (stmts, Some(err(start, "unterminated quoted string")));
-                }
+                };
                 toks.push(Tok {
-                    kind: TokKind::Str(Zeroizing::new(s.into_bytes())),
+                    kind: TokKind::Str(&text[at + 1..end]),
                     line: start,
                 });
             }
             c if c.is_whitespace() => {}
-            c => {
-                let mut w = String::from(c);
-                while let Some(&c) = chars.peek() {
+            _ => {
+                let mut end = text.len();
+                while let Some(&(i, c)) = chars.peek() {
                     if c.is_whitespace() || c == ';' || c == '#' || c == '"' {
+                        end = i;
                         break;
                     }
-                    w.push(c);
                     chars.next();
                 }
                 toks.push(Tok {
-                    kind: TokKind::Word(w),
+                    kind: TokKind::Word(&text[at..end]),
                     line,
                 });
             }
@@ -277,7 +275,7 @@ fn lex(text: &str, file: &str) -> (Vec<RawStmt>, Option<ConfigError>) {
 
 struct Cursor<'a> {
     file: &'a str,
-    toks: &'a [Tok],
+    toks: &'a [Tok<'a>],
     pos: usize,
     /// The line the statement starts on.
     line: usize,
@@ -292,7 +290,7 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn peek(&self) -> Option<&'a Tok> {
+    fn peek(&self) -> Option<&'a Tok<'a>> {
         self.toks.get(self.pos)
     }
 
@@ -300,7 +298,7 @@ impl<'a> Cursor<'a> {
         self.peek().and_then(Tok::word)
     }
 
-    fn next(&mut self) -> Option<&'a Tok> {
+    fn next(&mut self) -> Option<&'a Tok<'a>> {
         let t = self.toks.get(self.pos);
         if t.is_some() {
             self.pos += 1;
@@ -581,8 +579,11 @@ fn sa_addresses(c: &mut Cursor<'_>) -> Result<SaAddresses, ConfigError> {
 
 /// A key: `0x` and an even number of hex digits, or a quoted string.
 fn parse_key(c: &Cursor<'_>, t: &Tok, alg: &str) -> Result<Zeroizing<Vec<u8>>, ConfigError> {
-    match &t.kind {
-        TokKind::Str(b) => Ok(b.clone()),
+    match t.kind {
+        // Copied into the key arena, as the hex key below.
+        TokKind::Str(b) => Ok(crate::secret::within(|| {
+            Zeroizing::new(b.as_bytes().to_vec())
+        })),
         TokKind::Word(w) => {
             let Some(h) = w.strip_prefix("0x").or_else(|| w.strip_prefix("0X")) else {
                 return Err(c.err(t.line, format!("bad key for {alg}: expected 0x followed by hex digits, or a \"quoted string\"")));
@@ -624,7 +625,7 @@ fn hex_val(b: Option<u8>) -> u8 {
 
 /// Does this token look like a key (for the optional key of `null`)?
 fn looks_like_key(t: &Tok) -> bool {
-    match &t.kind {
+    match t.kind {
         TokKind::Str(_) => true,
         TokKind::Word(w) => w.starts_with("0x") || w.starts_with("0X"),
     }
