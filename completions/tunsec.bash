@@ -85,7 +85,7 @@ _tunsec() {
             return 0
             ;;
         tunsec__subcmd__bench)
-            opts="-h --json --millis --rounds --sizes --only --peers --batch --help"
+            opts="-h --json --millis --rounds --sizes --only --peers --batch --threads --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -112,6 +112,10 @@ _tunsec() {
                     return 0
                     ;;
                 --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

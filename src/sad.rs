@@ -465,6 +465,37 @@ impl Sa {
         self.evaluate(packets, total, now)
     }
 
+    /// Account a run of `n` packets, `bytes` bytes in all, at `now`, and
+    /// take `n` sequence numbers when `seqs` (ESP and AH): one write to
+    /// each counter for the run. Workers protecting packets of one SA at
+    /// once otherwise pass its counters' line back and forth for every
+    /// packet. Each packet is then judged by [`Run::next`] as
+    /// [`Sa::account`] and [`Sa::next_seq`] would judge it alone (a packet
+    /// dropped for its lifetime leaves its number unused).
+    #[inline]
+    pub fn account_run(&self, n: usize, bytes: u64, now: Duration, seqs: bool) -> Run {
+        self.used.touch(now);
+        Run {
+            seqs,
+            packets: self.counters.packets.fetch_add(n as u64, Relaxed),
+            bytes: self.counters.bytes.fetch_add(bytes, Relaxed),
+            seq: if seqs {
+                self.seq.fetch_add(n as u64, Relaxed)
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Take back what [`Sa::account_run`] counted for the last `n` packets
+    /// of a run, `bytes` bytes in all, which this SA did not protect (it
+    /// died during the run): its counters then say what a packet at a time
+    /// would have said. Their sequence numbers stay used.
+    pub fn unaccount(&self, n: usize, bytes: u64) {
+        self.counters.packets.fetch_sub(n as u64, Relaxed);
+        self.counters.bytes.fetch_sub(bytes, Relaxed);
+    }
+
     /// Evaluate the lifetimes at `now` without traffic (timers).
     pub fn expiry(&self, now: Duration) -> (Expiry, bool) {
         let p = self.counters.packets.load(Relaxed);
@@ -592,6 +623,40 @@ pub struct Sad {
     /// SPIs reserved by `getspi` (larval SAs): source and expiry time.
     larval: CowMap<SpiKey, (IpAddr, Duration)>,
     next_serial: u64,
+}
+
+/// What [`Sa::account_run`] took for a run of packets: the counts and
+/// the sequence number before its next packet.
+pub struct Run {
+    seqs: bool,
+    packets: u64,
+    bytes: u64,
+    seq: u64,
+}
+
+impl Run {
+    /// The next packet of the run, of `bytes` bytes: its lifetime state
+    /// (as [`Sa::account`]) and, for ESP and AH, its sequence number (as
+    /// [`Sa::next_seq`]: `None` once the space is exhausted).
+    #[inline]
+    pub fn next(&mut self, sa: &Sa, bytes: usize, now: Duration) -> ((Expiry, bool), Option<u64>) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+        let e = sa.evaluate(self.packets, self.bytes, now);
+        if !self.seqs {
+            return (e, None);
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let s = self.seq;
+        let seq = if s == 0 || s > sa.seq_limit() {
+            sa.seq.store(sa.seq_limit(), Relaxed);
+            sa.dead.store(true, Relaxed);
+            None
+        } else {
+            Some(s)
+        };
+        (e, seq)
+    }
 }
 
 /// How long a larval SA waits for its `update` (Linux uses 30 s for SAs

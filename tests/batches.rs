@@ -166,6 +166,11 @@ struct Pkt {
     dport: u16,
     plain: bool,
     replay: bool,
+    /// Outbound (else inbound), unless `again`.
+    out: bool,
+    /// The direction and peer of the packet before: runs of packets of one
+    /// SA in a batch, which the engine accounts together.
+    again: bool,
 }
 
 fn pkt() -> impl Strategy<Value = Pkt> {
@@ -176,14 +181,18 @@ fn pkt() -> impl Strategy<Value = Pkt> {
         6u16..9,
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.05),
+        any::<bool>(),
+        prop::bool::weighted(0.5),
     )
-        .prop_map(|(peer, tcp, sport, dport, plain, replay)| Pkt {
+        .prop_map(|(peer, tcp, sport, dport, plain, replay, out, again)| Pkt {
             peer,
             tcp,
             sport,
             dport,
             plain,
             replay,
+            out,
+            again,
         })
 }
 
@@ -247,6 +256,7 @@ proptest! {
         pkts in prop::collection::vec(pkt(), 1..300),
         sizes in prop::collection::vec(1usize..80, 1..12),
         changes in prop::collection::vec((0..2 * PEERS, 0u8..6), 0..6),
+        runs in any::<bool>(),
     ) {
         let text = config(&confs);
         // Two states from the same text: their SAs count sequence numbers
@@ -258,11 +268,17 @@ proptest! {
         let mut mw = Worker::new([5; 32]);
         let mut list: Vec<(bool, Vec<u8>)> = Vec::new();
         let mut last_in: Option<Vec<u8>> = None;
-        for (k, p) in pkts.iter().enumerate() {
-            let (v6, _) = confs[p.peer];
-            let (l, r) = (local(v6), peer(v6, p.peer));
+        let mut prev: Option<(bool, usize)> = None;
+        for p in &pkts {
+            let (out, n) = match prev {
+                Some(x) if p.again => x,
+                _ => (p.out, p.peer),
+            };
+            prev = Some((out, n));
+            let (v6, _) = confs[n];
+            let (l, r) = (local(v6), peer(v6, n));
             let proto = if p.tcp { 6 } else { 17 };
-            if k % 2 == 0 {
+            if out {
                 list.push((true, packet(l, r, proto, p.sport, p.dport)));
                 continue;
             }
@@ -283,6 +299,8 @@ proptest! {
             }
         }
         let mut w = Worker::new([9; 32]);
+        // Packets of one SA in a batch accounted together or one by one.
+        w.account_runs = runs;
         let mut ref_events = 0;
         let mut ref_counts = vec![0u64; counts(&w).len()];
         let mut at = 0;

@@ -9,6 +9,7 @@
 //! alike.
 
 pub mod peers;
+pub mod threads;
 
 use crate::buf::PacketBuf;
 use crate::crypto::Auth;
@@ -46,6 +47,11 @@ pub struct Args {
     /// (the workers hand it up to 64, what one receive call returns).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Instead: workers protecting packets of one SA at once against each
+    /// with its own SA, for each number of threads (e.g. 1,2): ESP
+    /// aes-gcm-16 outbound, the first of --sizes.
+    #[arg(long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
 }
 
 /// A benchmarked transform: the setkey SAs and the bundle.
@@ -563,6 +569,10 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     let d = Duration::from_millis(args.millis);
+    if !args.threads.is_empty() {
+        let size = args.sizes.first().copied().unwrap_or(1400);
+        return threads::run(&args.threads, size, d, args.rounds.min(7), args.json);
+    }
     let mut results = Vec::new();
     let cpu = cpu_features();
     if !args.json {

@@ -654,6 +654,7 @@ fn serve(
         tracing::warn!("TUNSEC_SECCOMP=0: the workers run without a seccomp filter");
         None
     };
+    let alone = ios.len() == 1;
     for (i, io) in ios.into_iter().enumerate() {
         let s = shared.clone();
         let seed = os_seed()?;
@@ -667,7 +668,7 @@ fn serve(
                     {
                         tracing::error!("worker {i}: {e:#}; it runs without");
                     }
-                    workers::run(i, s, io, seed)
+                    workers::run(i, s, io, seed, alone)
                 })?,
         );
     }

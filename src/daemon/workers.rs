@@ -598,7 +598,9 @@ impl Io {
     }
 }
 
-pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
+/// Worker `id`'s loop; `alone` when it is the only worker (no SA is
+/// shared with another CPU: see `Worker::account_runs`).
+pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32], alone: bool) {
     let offload = io.tun.tcp_gso();
     let mut l = Loop {
         id,
@@ -607,6 +609,7 @@ pub fn run(id: usize, shared: Arc<Shared>, io: Io, seed: [u8; 32]) {
             // The TUN writes tell the kernel not to verify what ESP in UDP
             // vouched for (crate::gro).
             w.defer_tcp_checksum = offload;
+            w.account_runs = !alone;
             w
         },
         ioc: IoCounters::default(),

@@ -248,6 +248,13 @@ pub struct Worker {
     /// as Linux marks such packets `CHECKSUM_UNNECESSARY`. Off by default:
     /// pcap output and other writers need a correct checksum.
     pub defer_tcp_checksum: bool,
+    /// Account consecutive packets of one SA in a batch together
+    /// ([`Sa::account_run`]): for workers that share SAs with other
+    /// workers, whose writes to the SA's counters would otherwise pass its
+    /// line between CPUs for every packet. Off by default: a worker alone
+    /// accounts a packet at a time, which costs it a little less
+    /// (`tunsec bench --threads` measures both).
+    pub account_runs: bool,
 }
 
 impl Worker {
@@ -274,6 +281,7 @@ impl Worker {
             counters: Counters::default(),
             events: Vec::with_capacity(16),
             defer_tcp_checksum: false,
+            account_runs: false,
         }
     }
 

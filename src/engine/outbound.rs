@@ -2,6 +2,7 @@
 //! protected by its SAs, in chunks whose cache misses overlap.
 
 use super::*;
+use crate::sad::Run;
 
 /// The most SAs one bundle applies (IPComp, ESP, AH).
 pub(super) const MAX_BUNDLE: usize = 3;
@@ -213,9 +214,13 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
         }
         sc.step[i] = step;
     }
-    // Stage 3: protect.
+    // Stage 3: protect. With `account_runs`, consecutive packets protected
+    // by one SA alone (a flow's packets, or several flows to one peer) are
+    // accounted as a run ([`Sa::account_run`]): one write to the SA's
+    // counters and sequence number for the run, not one per packet. `run`: its SA, its
+    // packets and bytes still to come, and what it took.
+    let mut run: Option<(*const Sa, usize, u64, Run)> = None;
     for i in 0..n {
-        let buf = bufs[i].as_mut();
         let info = &sc.info[i];
         verdicts[i] = match sc.step[i] {
             Step::Done => continue,
@@ -223,22 +228,93 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
             Step::Hit(hit) => {
                 // SAFETY: valid until the chunk ends (flowcache::Hit).
                 let sa = hit.sa.map(|p| unsafe { &*p });
-                if sa.is_some_and(|sa| sa.is_dead()) {
-                    // The SA died since the flow was cached: forget it and
-                    // decide again (an older SA may serve).
+                if let Some(sa) = sa.filter(|sa| sa.is_dead()) {
+                    // The SA died since the flow was cached (or during this
+                    // packet's run): forget it and decide again (an older
+                    // SA may serve). What its run counted for this packet
+                    // and the rest of the run goes back.
+                    if let Some((_, left, bytes, _)) = run.take_if(|r| std::ptr::eq(r.0, sa))
+                        && left > 0
+                    {
+                        sa.unaccount(left, bytes);
+                    }
+                    let buf = bufs[i].as_mut();
                     w.out_flows.remove(&sc.key[i], sc.hash[i]);
                     match resolve_step(state, w, sc, i) {
-                        Ok(Step::Hit(hit)) => protect_hit(hit, w, buf, info, &sc.key[i], now),
+                        Ok(Step::Hit(hit)) => protect_hit(hit, w, buf, info, &sc.key[i], now, None),
                         Ok(_) => protect_bundle(w, buf, info, now),
                         Err(v) => v,
                     }
                 } else {
-                    protect_hit(hit, w, buf, info, &sc.key[i], now)
+                    let pre = match sa {
+                        Some(sa) if w.account_runs && runs(&hit, info) => {
+                            in_run(&mut run, sc, bufs, i, sa, now)
+                        }
+                        _ => None,
+                    };
+                    let buf = bufs[i].as_mut();
+                    protect_hit(hit, w, buf, info, &sc.key[i], now, pre)
                 }
             }
-            Step::Bundle => protect_bundle(w, buf, info, now),
+            Step::Bundle => protect_bundle(w, bufs[i].as_mut(), info, now),
         };
     }
+}
+
+/// Is a packet of this flow cache hit protected by its SA alone, and
+/// accounted (so part of a run)? Fragments are dropped unaccounted.
+#[inline]
+fn runs(hit: &flowcache::Hit, info: &IpInfo) -> bool {
+    hit.kind == Kind::Ipsec && hit.sa.is_some() && !info.fragment
+}
+
+/// Packet `i`'s lifetime state and sequence number from its run (a new
+/// run when `run` is not one of `sa` with packets to come), or None when
+/// it is alone: then it is accounted alone. (Not inlined: in the chunk's
+/// function it made the first stage's code slower.)
+#[inline(never)]
+fn in_run<B: AsMut<PacketBuf>>(
+    run: &mut Option<(*const Sa, usize, u64, Run)>,
+    sc: &Scratch,
+    bufs: &mut [B],
+    i: usize,
+    sa: &Sa,
+    now: Duration,
+) -> Option<Pre> {
+    let p = sa as *const Sa;
+    if !run.as_ref().is_some_and(|r| r.0 == p && r.1 > 0) {
+        let (k, bytes) = run_of(sc, bufs, i, p);
+        let seqs = sa.proto() != Proto::IpComp;
+        *run = (k > 1).then(|| (p, k, bytes, sa.account_run(k, bytes, now, seqs)));
+    }
+    run.as_mut().map(|(_, left, left_bytes, r)| {
+        let len = bufs[i].as_mut().len();
+        *left -= 1;
+        *left_bytes -= len as u64;
+        r.next(sa, len, now)
+    })
+}
+
+/// The run of packets from `i` on protected by the SA at `sa` alone: how
+/// many, and their bytes.
+fn run_of<B: AsMut<PacketBuf>>(
+    sc: &Scratch,
+    bufs: &mut [B],
+    i: usize,
+    sa: *const Sa,
+) -> (usize, u64) {
+    let mut k = 0;
+    let mut bytes = 0u64;
+    for (j, b) in bufs.iter_mut().enumerate().skip(i) {
+        match sc.step[j] {
+            Step::Hit(h) if h.sa == Some(sa) && runs(&h, &sc.info[j]) => {
+                k += 1;
+                bytes += b.as_mut().len() as u64;
+            }
+            _ => break,
+        }
+    }
+    (k, bytes)
 }
 
 /// Decide packet `i` of the chunk without the flow cache: the bundle in
@@ -281,6 +357,8 @@ fn resolve_step(state: &State, w: &mut Worker, sc: &Scratch, i: usize) -> Result
     }
 }
 
+/// Protect a packet by its flow cache hit. `pre`: its lifetime state and
+/// sequence number, when taken with its run's ([`Run::next`]).
 fn protect_hit(
     hit: flowcache::Hit,
     w: &mut Worker,
@@ -288,6 +366,7 @@ fn protect_hit(
     info: &IpInfo,
     key: &FlowKey,
     now: Duration,
+    pre: Option<Pre>,
 ) -> Verdict {
     match hit.kind {
         Kind::None | Kind::Bypass => {
@@ -299,7 +378,7 @@ fn protect_hit(
     }
     // SAFETY: valid until the chunk ends (flowcache::Hit).
     let sa = hit.sa.map(|p| unsafe { &*p });
-    let v = protect_sas(&[sa], w, buf, info, now);
+    let v = protect_sas(&[sa], w, buf, info, now, pre);
     let second = flowcache::second(now);
     if v == Verdict::Forward
         && hit.must_touch(second)
@@ -336,27 +415,34 @@ fn protect(
         Action::Discard => return w.drop(DropReason::PolicyDiscard),
         Action::Ipsec(_) => {}
     }
-    let v = protect_sas(sas, w, buf, info, now);
+    let v = protect_sas(sas, w, buf, info, now, None);
     if v == Verdict::Forward {
         policy.used.touch(now);
     }
     v
 }
 
-/// Apply an `ipsec` policy's SAs (innermost first) to a packet.
+/// A packet's lifetime state and sequence number, taken with its run's.
+type Pre = ((Expiry, bool), Option<u64>);
+
+/// Apply an `ipsec` policy's SAs (innermost first) to a packet. `pre`
+/// (one SA only): what [`Sa::account`] and [`Sa::next_seq`] would give,
+/// already taken.
 fn protect_sas(
     sas: &[Option<&Sa>],
     w: &mut Worker,
     buf: &mut PacketBuf,
     info: &IpInfo,
     now: Duration,
+    pre: Option<Pre>,
 ) -> Verdict {
     if info.fragment {
         return w.drop(DropReason::Fragment);
     }
+    debug_assert!(pre.is_none() || sas.len() == 1, "a run is of one SA");
     let plain_len = buf.len();
     for sa in sas.iter().flatten() {
-        let e = sa.account(buf.len(), now);
+        let e = pre.map_or_else(|| sa.account(buf.len(), now), |p| p.0);
         if let Err(r) = w.expiry(sa, e) {
             return w.drop(r);
         }
@@ -375,7 +461,7 @@ fn protect_sas(
                 Ok(())
             }
             Proto::Esp | Proto::Ah => {
-                let Some(seq) = sa.next_seq() else {
+                let Some(seq) = pre.map_or_else(|| sa.next_seq(), |p| p.1) else {
                     let e = sa.expiry(now);
                     let _ = w.expiry(sa, e);
                     return w.drop(DropReason::SeqExhausted);

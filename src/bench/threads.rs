@@ -1,0 +1,184 @@
+//! `tunsec bench --threads 1,2`: what workers protecting packets of one SA
+//! at the same moment cost each other. Each thread is a worker of its own
+//! (its own `Worker`, buffers and flow cache) calling the engine's batch
+//! function with 64 packets of one flow a call, as a worker does with what
+//! one read of the TUN device returns. With `shared` every thread's flow
+//! uses the same SA (several TCP streams to one peer, spread over workers
+//! by the kernel); otherwise each thread has a peer and an SA of its own,
+//! the reference with nothing in common. The sequence number and the
+//! lifetime counters of an SA are written by every packet that uses it:
+//! shared between CPUs, each write waits for the line to come back from
+//! the other CPU. Each is measured with packets accounted one at a time
+//! and in runs (`Worker::account_runs`, what the daemon does when it has
+//! several workers).
+
+use super::peers::{addrs, cpu_time};
+use crate::buf::PacketBuf;
+use crate::engine::{self, Verdict, Worker};
+use crate::state::State;
+use anyhow::{Result, bail};
+use std::net::IpAddr;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "0x00112233445566778899aabbccddeeff00112233";
+const BATCH: usize = 64;
+
+/// One host with `peers` peers, ESP aes-gcm-16 out to each.
+fn config(peers: usize) -> String {
+    let mut s = String::new();
+    for i in 0..peers {
+        let (l, p) = addrs(false, i);
+        s.push_str(&format!(
+            "add {l} {p} esp {:#x} -r 64 -E aes-gcm-16 {KEY};\n\
+             spdadd {l} {p} any -P out ipsec esp/transport//require;\n",
+            0x2000 + i
+        ));
+    }
+    s
+}
+
+/// A UDP packet of `size` bytes from the host to peer `i`.
+fn packet(i: usize, size: usize) -> Vec<u8> {
+    let (l, p) = addrs(false, i);
+    let (IpAddr::V4(l), IpAddr::V4(p)) = (l, p) else {
+        unreachable!("IPv4 addresses")
+    };
+    let size = size.max(28);
+    let mut b = vec![0u8; size];
+    b[0] = 0x45;
+    b[2..4].copy_from_slice(&(size as u16).to_be_bytes());
+    b[8] = 64;
+    b[9] = 17;
+    b[12..16].copy_from_slice(&l.octets());
+    b[16..20].copy_from_slice(&p.octets());
+    let c = crate::packet::checksum(&b[..20]);
+    b[10..12].copy_from_slice(&c.to_be_bytes());
+    b[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    b[22..24].copy_from_slice(&5000u16.to_be_bytes());
+    b[24..26].copy_from_slice(&((size - 20) as u16).to_be_bytes());
+    b
+}
+
+/// One measurement: `threads` workers for `d`, on one SA or an SA each.
+/// Returns the CPU ns per packet of a thread (median of the threads) and
+/// the packets per second of all of them together.
+pub fn measure(
+    threads: usize,
+    shared: bool,
+    runs: bool,
+    size: usize,
+    d: Duration,
+) -> Result<(f64, f64)> {
+    let peers = if shared { 1 } else { threads };
+    let (state, _, _) = State::default().apply_text(&config(peers), "threads", Duration::ZERO)?;
+    let start = Barrier::new(threads);
+    let results: Vec<Result<(u64, Duration)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let state = &state;
+                let start = &start;
+                s.spawn(move || -> Result<(u64, Duration)> {
+                    let plain = packet(if shared { 0 } else { t }, size);
+                    let mut w = Worker::new([t as u8 + 1; 32]);
+                    w.account_runs = runs;
+                    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+                    let mut verdicts = [Verdict::Forward; BATCH];
+                    start.wait();
+                    let t0 = Instant::now();
+                    let c0 = cpu_time();
+                    let mut n = 0u64;
+                    while t0.elapsed() < d {
+                        for b in bufs.iter_mut() {
+                            b.load(&plain);
+                        }
+                        engine::outbound_batch(
+                            state,
+                            &mut w,
+                            &mut bufs,
+                            Duration::ZERO,
+                            &mut verdicts,
+                        );
+                        n += BATCH as u64;
+                    }
+                    let cpu = cpu_time() - c0;
+                    if w.counters.total_drops() > 0
+                        || verdicts.iter().any(|v| *v != Verdict::Forward)
+                    {
+                        bail!("the engine dropped packets: {:?}", w.counters);
+                    }
+                    Ok((n, cpu))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let mut per = Vec::new();
+    let mut total = 0u64;
+    for r in results {
+        let (n, cpu) = r?;
+        total += n;
+        per.push(cpu.as_nanos() as f64 / n as f64);
+    }
+    per.sort_by(f64::total_cmp);
+    Ok((per[per.len() / 2], total as f64 / d.as_secs_f64()))
+}
+
+/// `tunsec bench --threads`: a table (or JSON) of the cost per packet with
+/// an SA each and with one SA shared, accounted a packet at a time and in
+/// runs, for each thread count: `rounds` rounds of `d` each, the four
+/// cases in turn, medians.
+pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: bool) -> Result<()> {
+    const CASES: [(&str, bool, bool); 4] = [
+        ("own SA", false, false),
+        ("one SA", true, false),
+        ("own SA, runs", false, true),
+        ("one SA, runs", true, true),
+    ];
+    let mut rows = Vec::new();
+    if !json {
+        println!(
+            "ESP aes-gcm-16 outbound, {size}-byte packets, {BATCH} of one flow a call; ns of CPU per packet (median of the threads) and Mpps of all threads, medians of {rounds} rounds"
+        );
+        print!("{:>7}", "threads");
+        for (name, _, _) in CASES {
+            print!(" {:>16} {:>6}", format!("{name} ns"), "Mpps");
+        }
+        println!();
+    }
+    for &t in threads {
+        let mut ns = vec![Vec::new(); CASES.len()];
+        let mut pps = vec![Vec::new(); CASES.len()];
+        for _ in 0..rounds.max(1) {
+            for (c, (_, shared, runs)) in CASES.iter().enumerate() {
+                let (n, p) = measure(t, *shared, *runs, size, d)?;
+                ns[c].push(n);
+                pps[c].push(p);
+            }
+        }
+        let ns: Vec<f64> = ns.into_iter().map(super::median).collect();
+        let pps: Vec<f64> = pps.into_iter().map(super::median).collect();
+        if !json {
+            print!("{t:>7}");
+            for c in 0..CASES.len() {
+                print!(" {:>16.0} {:>6.2}", ns[c], pps[c] / 1e6);
+            }
+            println!();
+        }
+        let cases: Vec<_> = CASES
+            .iter()
+            .enumerate()
+            .map(|(c, (name, shared, runs))| {
+                serde_json::json!({"case": name, "shared_sa": shared, "runs": runs, "ns": ns[c], "pps": pps[c]})
+            })
+            .collect();
+        rows.push(serde_json::json!({ "threads": t, "cases": cases }));
+    }
+    if json {
+        println!("{}", serde_json::json!({ "size": size, "rows": rows }));
+    }
+    Ok(())
+}
