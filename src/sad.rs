@@ -470,30 +470,42 @@ impl Sa {
     /// each counter for the run. Workers protecting packets of one SA at
     /// once otherwise pass its counters' line back and forth for every
     /// packet. Each packet is then judged by [`Run::next`] as
-    /// [`Sa::account`] and [`Sa::next_seq`] would judge it alone (a packet
-    /// dropped for its lifetime leaves its number unused).
+    /// [`Sa::account`] and [`Sa::next_seq`] would judge it alone.
+    ///
+    /// `None` (account a packet at a time) unless the whole run stays
+    /// below every lifetime limit and the sequence space: near a limit,
+    /// another worker or the lifetime timer must not see a run's packets
+    /// counted before they are sent (they could expire the SA early).
+    /// Still, two workers may each take a run just below a limit; each
+    /// packet past it is then refused, as it would be alone. A run cut
+    /// short by the SA's death (another worker's or the timer's hard
+    /// expiry) leaves its packets counted and its numbers used, as a
+    /// packet accounted just before it died is: the bound is one run, not
+    /// one packet.
     #[inline]
-    pub fn account_run(&self, n: usize, bytes: u64, now: Duration, seqs: bool) -> Run {
+    pub fn account_run(&self, n: usize, bytes: u64, now: Duration, seqs: bool) -> Option<Run> {
+        let c = &self.counters;
+        let n64 = n as u64;
+        let clear = c.packets.load(Relaxed).saturating_add(n64) < self.first_packets
+            && c.bytes.load(Relaxed).saturating_add(bytes) < self.first_bytes
+            && now < self.first_deadline
+            && !self.is_dead()
+            && (!seqs || self.seq.load(Relaxed).saturating_add(n64) < self.seq_limit());
+        if !clear {
+            return None;
+        }
         self.used.touch(now);
-        Run {
+        Some(Run {
             seqs,
-            packets: self.counters.packets.fetch_add(n as u64, Relaxed),
-            bytes: self.counters.bytes.fetch_add(bytes, Relaxed),
+            exhausted: false,
+            packets: c.packets.fetch_add(n64, Relaxed),
+            bytes: c.bytes.fetch_add(bytes, Relaxed),
             seq: if seqs {
-                self.seq.fetch_add(n as u64, Relaxed)
+                self.seq.fetch_add(n64, Relaxed)
             } else {
                 0
             },
-        }
-    }
-
-    /// Take back what [`Sa::account_run`] counted for the last `n` packets
-    /// of a run, `bytes` bytes in all, which this SA did not protect (it
-    /// died during the run): its counters then say what a packet at a time
-    /// would have said. Their sequence numbers stay used.
-    pub fn unaccount(&self, n: usize, bytes: u64) {
-        self.counters.packets.fetch_sub(n as u64, Relaxed);
-        self.counters.bytes.fetch_sub(bytes, Relaxed);
+        })
     }
 
     /// Evaluate the lifetimes at `now` without traffic (timers).
@@ -629,6 +641,9 @@ pub struct Sad {
 /// the sequence number before its next packet.
 pub struct Run {
     seqs: bool,
+    /// The sequence space ran out during the run (another worker took
+    /// numbers too): no number after that.
+    exhausted: bool,
     packets: u64,
     bytes: u64,
     seq: u64,
@@ -648,14 +663,13 @@ impl Run {
         }
         self.seq = self.seq.wrapping_add(1);
         let s = self.seq;
-        let seq = if s == 0 || s > sa.seq_limit() {
+        if self.exhausted || s == 0 || s > sa.seq_limit() {
+            self.exhausted = true;
             sa.seq.store(sa.seq_limit(), Relaxed);
             sa.dead.store(true, Relaxed);
-            None
-        } else {
-            Some(s)
-        };
-        (e, seq)
+            return (e, None);
+        }
+        (e, Some(s))
     }
 }
 
@@ -909,6 +923,122 @@ mod tests {
             lifetime: Lifetime::default(),
             selector: None,
         }
+    }
+
+    /// Twin SAs: one accounts a run, the other the same packets one by
+    /// one; the states, numbers and counters must agree.
+    fn twins(lifetime: Lifetime, proto: Proto) -> (Sa, Sa) {
+        let mut c = esp_config(0x300);
+        c.lifetime = lifetime;
+        if proto == Proto::IpComp {
+            c.proto = Proto::IpComp;
+            c.enc = EncAlg::Null;
+            c.enc_key = Zeroizing::new(Vec::new());
+            c.auth = AuthAlg::Null;
+            c.auth_key = Zeroizing::new(Vec::new());
+        }
+        let a = Sa::new(c.clone(), Duration::ZERO, 1).unwrap();
+        let b = Sa::new(c, Duration::ZERO, 2).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn a_run_accounts_as_its_packets_one_by_one() {
+        let now = Duration::from_secs(5);
+        let lengths = [100usize, 1400, 60, 9000, 1];
+        let total: u64 = lengths.iter().map(|&l| l as u64).sum();
+        for proto in [Proto::Esp, Proto::IpComp] {
+            // Far from the limits (10 packets): a run.
+            let lt = Lifetime {
+                soft_packets: 10,
+                hard_packets: 20,
+                ..Lifetime::default()
+            };
+            let (a, b) = twins(lt, proto);
+            a.set_last_seq(41);
+            b.set_last_seq(41);
+            let seqs = proto != Proto::IpComp;
+            let mut run = a
+                .account_run(5, total, now, seqs)
+                .expect("a run far from limits");
+            for &len in &lengths {
+                let (e, seq) = run.next(&a, len, now);
+                assert_eq!(e, b.account(len, now), "{proto}");
+                let alone = if seqs { b.next_seq() } else { None };
+                assert_eq!(seq, alone, "{proto}");
+            }
+            assert_eq!(a.counters.packets.load(Relaxed), 5);
+            assert_eq!(a.counters.bytes.load(Relaxed), total);
+            assert_eq!(a.last_seq(), b.last_seq(), "{proto}: numbers taken");
+            assert_eq!(a.last_seq(), if seqs { 46 } else { 41 });
+            assert_eq!(a.used.get(), b.used.get());
+            // Five more would reach the soft limit: packets one by one.
+            assert!(a.account_run(5, 500, now, seqs).is_none(), "{proto}");
+            assert!(a.account_run(4, 500, now, seqs).is_some(), "{proto}");
+        }
+    }
+
+    #[test]
+    fn no_run_near_a_limit_or_the_end_of_the_numbers() {
+        let now = Duration::from_secs(5);
+        let bytes = Lifetime {
+            hard_bytes: 1000,
+            ..Lifetime::default()
+        };
+        let (a, _) = twins(bytes, Proto::Esp);
+        assert!(
+            a.account_run(3, 1000, now, true).is_none(),
+            "would reach hard bytes"
+        );
+        assert!(a.account_run(3, 999, now, true).is_some());
+        let secs = Lifetime {
+            soft_secs: 5,
+            ..Lifetime::default()
+        };
+        let (a, _) = twins(secs, Proto::Esp);
+        assert!(
+            a.account_run(2, 10, now, true).is_none(),
+            "at the soft time limit"
+        );
+        let (a, _) = twins(Lifetime::default(), Proto::Esp);
+        a.set_last_seq(u32::MAX as u64 - 3);
+        assert!(
+            a.account_run(3, 10, now, true).is_none(),
+            "would take the last number"
+        );
+        assert!(a.account_run(2, 10, now, true).is_some());
+        // IPComp has no numbers to run out of.
+        let (c, _) = twins(Lifetime::default(), Proto::IpComp);
+        c.set_last_seq(u32::MAX as u64);
+        assert!(c.account_run(3, 10, now, false).is_some());
+        let (d, _) = twins(Lifetime::default(), Proto::Esp);
+        d.mark_dead();
+        assert!(d.account_run(2, 10, now, true).is_none(), "a dead SA");
+    }
+
+    #[test]
+    fn a_run_past_the_last_number_takes_none_after_it() {
+        // Another worker took numbers after the run was checked: the run
+        // crosses the end of the space; nothing after it is handed out,
+        // even once the counter would have wrapped.
+        let (a, _) = twins(Lifetime::default(), Proto::Esp);
+        let limit = u32::MAX as u64;
+        let mut run = Run {
+            seqs: true,
+            exhausted: false,
+            packets: 0,
+            bytes: 0,
+            seq: limit - 1,
+        };
+        let now = Duration::ZERO;
+        assert_eq!(run.next(&a, 10, now).1, Some(limit));
+        assert!(!a.is_dead());
+        assert_eq!(run.next(&a, 10, now).1, None);
+        assert!(a.is_dead());
+        run.seq = u64::MAX; // the next would wrap to 0, then 1
+        assert_eq!(run.next(&a, 10, now).1, None);
+        assert_eq!(run.next(&a, 10, now).1, None, "exhausted stays exhausted");
+        assert_eq!(a.last_seq(), limit);
     }
 
     #[test]

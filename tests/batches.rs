@@ -87,7 +87,9 @@ fn config(peers: &[(bool, PeerConf)]) -> String {
     for (n, (v6, c)) in peers.iter().enumerate() {
         let (l, p) = (local(*v6), peer(*v6, n));
         for k in 0..c.out_sas as usize {
-            let hard = if k + 1 == c.out_sas as usize && c.out_hard_packets > 0 {
+            let hard = if k + 1 == c.out_sas as usize && c.out_hard_packets > 3 {
+                format!(" -ps {} -ph {}", c.out_hard_packets - 2, c.out_hard_packets)
+            } else if k + 1 == c.out_sas as usize && c.out_hard_packets > 0 {
                 format!(" -ph {}", c.out_hard_packets)
             } else {
                 String::new()
@@ -219,7 +221,7 @@ fn alone(
     out: bool,
     pkt: &[u8],
     now: Duration,
-    events: &mut usize,
+    events: &mut [usize; 3],
 ) -> (Verdict, Vec<u8>, Vec<u64>) {
     let mut w = Worker::new([3; 32]);
     let mut buf = PacketBuf::new();
@@ -229,15 +231,26 @@ fn alone(
     } else {
         engine::inbound(state, &mut w, &mut buf, now)
     };
-    *events += w
-        .events
-        .iter()
-        .filter(|e| matches!(e, Event::Acquire { .. }))
-        .count();
+    for (k, n) in kinds(&w.events).iter().enumerate() {
+        events[k] += n;
+    }
     let c = &w.counters;
     let mut counts = vec![c.out_packets, c.in_packets, c.bypassed];
     counts.extend_from_slice(&c.drops);
     (v, buf.data().to_vec(), counts)
+}
+
+/// How many ACQUIREs, soft EXPIREs and hard EXPIREs.
+fn kinds(events: &[Event]) -> [usize; 3] {
+    let mut k = [0; 3];
+    for e in events {
+        match e {
+            Event::Acquire { .. } => k[0] += 1,
+            Event::SoftExpire(_) => k[1] += 1,
+            Event::HardExpire(_) => k[2] += 1,
+        }
+    }
+    k
 }
 
 fn counts(w: &Worker) -> Vec<u64> {
@@ -301,7 +314,7 @@ proptest! {
         let mut w = Worker::new([9; 32]);
         // Packets of one SA in a batch accounted together or one by one.
         w.account_runs = runs;
-        let mut ref_events = 0;
+        let mut ref_events = [0; 3];
         let mut ref_counts = vec![0u64; counts(&w).len()];
         let mut at = 0;
         let mut serial = 0;
@@ -363,7 +376,6 @@ proptest! {
                 .collect()
         };
         prop_assert_eq!(sas(&b), sas(&a));
-        let events = w.events.iter().filter(|e| matches!(e, Event::Acquire { .. })).count();
-        prop_assert_eq!(events, ref_events);
+        prop_assert_eq!(kinds(&w.events), ref_events);
     }
 }

@@ -138,6 +138,12 @@ pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: boo
         ("own SA, runs", false, true),
         ("one SA, runs", true, true),
     ];
+    if let Some(t) = threads.iter().find(|&&t| !(1..=256).contains(&t)) {
+        bail!("--threads {t}: give numbers of threads from 1 to 256");
+    }
+    if !(28..=65535).contains(&size) {
+        bail!("--sizes {size}: an IPv4 packet of 28 to 65535 bytes");
+    }
     let mut rows = Vec::new();
     if !json {
         println!(

@@ -217,9 +217,8 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
     // Stage 3: protect. With `account_runs`, consecutive packets protected
     // by one SA alone (a flow's packets, or several flows to one peer) are
     // accounted as a run ([`Sa::account_run`]): one write to the SA's
-    // counters and sequence number for the run, not one per packet. `run`: its SA, its
-    // packets and bytes still to come, and what it took.
-    let mut run: Option<(*const Sa, usize, u64, Run)> = None;
+    // counters and sequence number for the run, not one per packet.
+    let mut run: Option<Open> = None;
     for i in 0..n {
         let info = &sc.info[i];
         verdicts[i] = match sc.step[i] {
@@ -229,15 +228,10 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
                 // SAFETY: valid until the chunk ends (flowcache::Hit).
                 let sa = hit.sa.map(|p| unsafe { &*p });
                 if let Some(sa) = sa.filter(|sa| sa.is_dead()) {
-                    // The SA died since the flow was cached (or during this
-                    // packet's run): forget it and decide again (an older
-                    // SA may serve). What its run counted for this packet
-                    // and the rest of the run goes back.
-                    if let Some((_, left, bytes, _)) = run.take_if(|r| std::ptr::eq(r.0, sa))
-                        && left > 0
-                    {
-                        sa.unaccount(left, bytes);
-                    }
+                    // The SA died since the flow was cached (or, by the
+                    // timer's or another worker's hard expiry, during this packet's run):
+                    // forget it and decide again (an older SA may serve).
+                    run.take_if(|r| std::ptr::eq(r.sa, sa));
                     let buf = bufs[i].as_mut();
                     w.out_flows.remove(&sc.key[i], sc.hash[i]);
                     match resolve_step(state, w, sc, i) {
@@ -268,13 +262,21 @@ fn runs(hit: &flowcache::Hit, info: &IpInfo) -> bool {
     hit.kind == Kind::Ipsec && hit.sa.is_some() && !info.fragment
 }
 
+/// A run being protected ([`Sa::account_run`]): its SA, and its packets
+/// still to come.
+struct Open {
+    sa: *const Sa,
+    left: usize,
+    run: Run,
+}
+
 /// Packet `i`'s lifetime state and sequence number from its run (a new
 /// run when `run` is not one of `sa` with packets to come), or None when
-/// it is alone: then it is accounted alone. (Not inlined: in the chunk's
-/// function it made the first stage's code slower.)
+/// it is accounted alone: a run of one, or near a limit. (Not inlined:
+/// in the chunk's function it made the first stage's code slower.)
 #[inline(never)]
 fn in_run<B: AsMut<PacketBuf>>(
-    run: &mut Option<(*const Sa, usize, u64, Run)>,
+    run: &mut Option<Open>,
     sc: &Scratch,
     bufs: &mut [B],
     i: usize,
@@ -282,16 +284,22 @@ fn in_run<B: AsMut<PacketBuf>>(
     now: Duration,
 ) -> Option<Pre> {
     let p = sa as *const Sa;
-    if !run.as_ref().is_some_and(|r| r.0 == p && r.1 > 0) {
+    if !run.as_ref().is_some_and(|r| r.sa == p && r.left > 0) {
         let (k, bytes) = run_of(sc, bufs, i, p);
         let seqs = sa.proto() != Proto::IpComp;
-        *run = (k > 1).then(|| (p, k, bytes, sa.account_run(k, bytes, now, seqs)));
+        *run = if k > 1 {
+            sa.account_run(k, bytes, now, seqs).map(|r| Open {
+                sa: p,
+                left: k,
+                run: r,
+            })
+        } else {
+            None
+        };
     }
-    run.as_mut().map(|(_, left, left_bytes, r)| {
-        let len = bufs[i].as_mut().len();
-        *left -= 1;
-        *left_bytes -= len as u64;
-        r.next(sa, len, now)
+    run.as_mut().map(|r| {
+        r.left -= 1;
+        r.run.next(sa, bufs[i].as_mut().len(), now)
     })
 }
 
