@@ -481,7 +481,10 @@ impl Sa {
     /// short by the SA's death (another worker's or the timer's hard
     /// expiry) leaves its packets counted and its numbers used, as a
     /// packet accounted just before it died is: the bound is one run, not
-    /// one packet.
+    /// one packet. The numbers are taken when the run starts: the last
+    /// number shown ([`Sa::last_seq`]) may be ahead of what was sent by a
+    /// run in progress, and [`Sa::set_last_seq`] (XFRM's NEWAE) does not
+    /// move numbers a run already holds.
     #[inline]
     pub fn account_run(&self, n: usize, bytes: u64, now: Duration, seqs: bool) -> Option<Run> {
         let c = &self.counters;
