@@ -3,7 +3,7 @@
 //! Cloning the map costs one reference count; changing an entry copies the
 //! root's 32 pointers and one second level's (if shared) and the one shard
 //! it lands in, 1/1024th of the map. Reads are a hash-table lookup after
-//! picking the shard (two loads of hot pointers). See [`FAN`] for what
+//! picking the shard (two loads of hot pointers). See `FAN` for what
 //! one and two levels cost.
 //!
 //! A shard is an open-addressing table of its own ([`Table`]: linear

@@ -322,7 +322,7 @@ fn tap_links_unchecked(sys: &std::path::Path, tun: &str) -> Vec<String> {
 
 /// Why an ESP-in-UDP SA that `next` has and `cur` does not cannot work
 /// here, if so: the packet filter takes ESP in UDP to port 4500 only
-/// ([`ipsec_filter`]), so this host's end of the encapsulation must be
+/// (`ipsec_filter`), so this host's end of the encapsulation must be
 /// 4500. That is the destination port of an SA to a local address; an SA
 /// with 4500 at neither end cannot have it at this host's end either way.
 /// (The peer's port may be anything a NAT chose.)

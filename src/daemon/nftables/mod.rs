@@ -13,7 +13,7 @@
 //! nf_tables checks every verdict of every verdict map in the table (1 ms
 //! at 10,000 peers), and a set has none. Sets that come and go with such
 //! policies, and the rules of other inbound policies, go over netlink too
-//! ([`known`], [`policy_rule`]); what cannot (a change that turns a
+//! (`known`, [`policy_rule`]); what cannot (a change that turns a
 //! priority's elements into rules or back) rewrites the input chain and
 //! adds or drops whole sets ([`input_update`]), leaving the elements in
 //! place; the table is loaded whole only at start, or when that fails
