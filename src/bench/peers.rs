@@ -107,11 +107,12 @@ pub fn config(n: usize, v6: bool, mirror: bool) -> String {
     s
 }
 
-/// A 100-byte UDP packet from `src` to `dst`.
-fn udp(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+/// A UDP packet of `size` bytes (at least 48) from `src` to `dst`.
+pub fn udp(src: IpAddr, dst: IpAddr, size: usize) -> Vec<u8> {
+    let size = size.max(48);
     let mut b = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut p = vec![0u8; 100];
+            let mut p = vec![0u8; size];
             p[0] = 0x45;
             p[8] = 64;
             p[9] = 17;
@@ -120,7 +121,7 @@ fn udp(src: IpAddr, dst: IpAddr) -> Vec<u8> {
             p
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut p = vec![0u8; 100];
+            let mut p = vec![0u8; size];
             p[0] = 0x60;
             p[6] = 17;
             p[7] = 64;
@@ -256,7 +257,7 @@ pub fn measure(n: usize, v6: bool, rounds: usize, batch: usize) -> Result<PeersR
     let out_pool: Vec<Vec<u8>> = (0..pool_len)
         .map(|k| {
             let (l, p) = addrs(v6, k % n);
-            udp(l, p)
+            udp(l, p, 100)
         })
         .collect();
     // What the peers send us: sealed by the mirror state.
@@ -265,7 +266,7 @@ pub fn measure(n: usize, v6: bool, rounds: usize, batch: usize) -> Result<PeersR
     let mut buf = PacketBuf::new();
     for k in 0..pool_len {
         let (l, p) = addrs(v6, k % n);
-        buf.load(&udp(p, l));
+        buf.load(&udp(p, l, 100));
         match engine::outbound(&mirror, &mut w, &mut buf, Duration::ZERO) {
             Verdict::Forward => in_pool.push(buf.data().to_vec()),
             v => bail!("the mirror did not seal a packet from {p}: {v:?}"),

@@ -12,12 +12,11 @@
 //! and in runs (`Worker::account_runs`, what the daemon does when it has
 //! several workers).
 
-use super::peers::{addrs, cpu_time};
+use super::peers::{addrs, cpu_time, udp};
 use crate::buf::PacketBuf;
 use crate::engine::{self, Verdict, Worker};
 use crate::state::State;
 use anyhow::{Result, bail};
-use std::net::IpAddr;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -36,28 +35,6 @@ fn config(peers: usize) -> String {
         ));
     }
     s
-}
-
-/// A UDP packet of `size` bytes from the host to peer `i`.
-fn packet(i: usize, size: usize) -> Vec<u8> {
-    let (l, p) = addrs(false, i);
-    let (IpAddr::V4(l), IpAddr::V4(p)) = (l, p) else {
-        unreachable!("IPv4 addresses")
-    };
-    let size = size.max(28);
-    let mut b = vec![0u8; size];
-    b[0] = 0x45;
-    b[2..4].copy_from_slice(&(size as u16).to_be_bytes());
-    b[8] = 64;
-    b[9] = 17;
-    b[12..16].copy_from_slice(&l.octets());
-    b[16..20].copy_from_slice(&p.octets());
-    let c = crate::packet::checksum(&b[..20]);
-    b[10..12].copy_from_slice(&c.to_be_bytes());
-    b[20..22].copy_from_slice(&4000u16.to_be_bytes());
-    b[22..24].copy_from_slice(&5000u16.to_be_bytes());
-    b[24..26].copy_from_slice(&((size - 20) as u16).to_be_bytes());
-    b
 }
 
 /// One measurement: `threads` workers for `d`, on one SA or an SA each.
@@ -79,7 +56,8 @@ pub fn measure(
                 let state = &state;
                 let start = &start;
                 s.spawn(move || -> Result<(u64, Duration)> {
-                    let plain = packet(if shared { 0 } else { t }, size);
+                    let (l, p) = addrs(false, if shared { 0 } else { t });
+                    let plain = udp(l, p, size);
                     let mut w = Worker::new([t as u8 + 1; 32]);
                     w.account_runs = runs;
                     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
@@ -141,8 +119,8 @@ pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: boo
     if let Some(t) = threads.iter().find(|&&t| !(1..=256).contains(&t)) {
         bail!("--threads {t}: give numbers of threads from 1 to 256");
     }
-    if !(28..=65535).contains(&size) {
-        bail!("--sizes {size}: an IPv4 packet of 28 to 65535 bytes");
+    if !(48..=65535).contains(&size) {
+        bail!("--sizes {size}: an IPv4 packet of 48 to 65535 bytes");
     }
     let mut rows = Vec::new();
     if !json {
