@@ -228,9 +228,10 @@ fn outbound_chunk<B: AsMut<PacketBuf>>(
                 // SAFETY: valid until the chunk ends (flowcache::Hit).
                 let sa = hit.sa.map(|p| unsafe { &*p });
                 if let Some(sa) = sa.filter(|sa| sa.is_dead()) {
-                    // The SA died since the flow was cached (or, by the
-                    // timer's or another worker's hard expiry, during this packet's run):
-                    // forget it and decide again (an older SA may serve).
+                    // The SA died since the flow was cached (or during
+                    // this packet's run, by the timer's or another
+                    // worker's hard expiry): forget it and decide again
+                    // (an older SA may serve).
                     run.take_if(|r| std::ptr::eq(r.sa, sa));
                     let buf = bufs[i].as_mut();
                     w.out_flows.remove(&sc.key[i], sc.hash[i]);
