@@ -45,7 +45,7 @@ complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l sizes -d 'IP pac
 complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l only -d 'Only transforms whose name contains one of these' -r
 complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l peers -d 'Instead: the cost of the number of peers (e.g. 1,100,1000,10000): per packet, per SA and policy change, loading, memory' -r
 complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l batch -d 'With --peers: packets per call of the engine\'s batch functions (the workers hand it up to 64, what one receive call returns)' -r
-complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l threads -d 'Instead: workers protecting packets of one SA at once against each with its own SA, for each number of threads (e.g. 1,2): ESP aes-gcm-16 outbound, the first of --sizes' -r
+complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l threads -d 'Instead: workers protecting (and opening) packets of one SA at once against each with its own SA, for each number of threads (e.g. 1,2): ESP aes-gcm-16, the first of --sizes' -r
 complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -l json -d 'Print one JSON object instead of a table'
 complete -c tunsec -n "__fish_tunsec_using_subcommand bench" -s h -l help -d 'Print help'
 complete -c tunsec -n "__fish_tunsec_using_subcommand run" -s c -l config -d 'setkey(8) file: policies and (optionally) SAs. Without one, tunsec starts empty, to be keyed at run time (--control, --xfrm)' -r -F

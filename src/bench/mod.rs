@@ -47,9 +47,9 @@ pub struct Args {
     /// (the workers hand it up to 64, what one receive call returns).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Instead: workers protecting packets of one SA at once against each
-    /// with its own SA, for each number of threads (e.g. 1,2): ESP
-    /// aes-gcm-16 outbound, the first of --sizes.
+    /// Instead: workers protecting (and opening) packets of one SA at once
+    /// against each with its own SA, for each number of threads (e.g.
+    /// 1,2): ESP aes-gcm-16, the first of --sizes.
     #[arg(long, value_delimiter = ',')]
     pub threads: Vec<usize>,
 }

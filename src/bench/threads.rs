@@ -10,7 +10,10 @@
 //! shared between CPUs, each write waits for the line to come back from
 //! the other CPU. Each is measured with packets accounted one at a time
 //! and in runs (`Worker::account_runs`, what the daemon does when it has
-//! several workers).
+//! several workers). Inbound the same, one SA shared or an SA each:
+//! packets sealed beforehand by the peers, each thread opening its own
+//! (its share of one SA's numbers, interleaved, when shared), where every
+//! packet takes the SA's replay window lock.
 
 use super::peers::{addrs, cpu_time, udp};
 use crate::buf::PacketBuf;
@@ -105,16 +108,112 @@ pub fn measure(
     Ok((per[per.len() / 2], total as f64 / d.as_secs_f64()))
 }
 
+/// Inbound packets each thread opens: with one SA shared, all threads'
+/// numbers together stay within its replay window (65,536), so that a
+/// thread running ahead of the other makes no packet too old.
+const IN_PACKETS: usize = 30_000;
+
+/// One inbound measurement: `threads` workers opening `IN_PACKETS`
+/// packets each, of one SA or an SA each. Returns the CPU ns per packet
+/// of a thread (median of the threads) and the packets per second of all
+/// of them together.
+pub fn measure_in(threads: usize, shared: bool, size: usize) -> Result<(f64, f64)> {
+    let peers = if shared { 1 } else { threads };
+    let conf = |mirror: bool| {
+        let mut s = String::new();
+        for i in 0..peers {
+            let (l, p) = addrs(false, i);
+            let dir = if mirror { "out" } else { "in" };
+            s.push_str(&format!(
+                "add {p} {l} esp {:#x} -r 65536 -E aes-gcm-16 {KEY};\n\
+                 spdadd {p} {l} any -P {dir} ipsec esp/transport//require;\n",
+                0x3000 + i
+            ));
+        }
+        s
+    };
+    let (state, _, _) = State::default().apply_text(&conf(false), "threads", Duration::ZERO)?;
+    let (peer, _, _) = State::default().apply_text(&conf(true), "peers", Duration::ZERO)?;
+    let mut pw = Worker::new([99; 32]);
+    let mut pools: Vec<Vec<Vec<u8>>> = vec![Vec::with_capacity(IN_PACKETS); threads];
+    let mut buf = PacketBuf::new();
+    for k in 0..IN_PACKETS * threads {
+        let t = k % threads;
+        let (l, p) = addrs(false, if shared { 0 } else { t });
+        buf.load(&udp(p, l, size));
+        if engine::outbound(&peer, &mut pw, &mut buf, Duration::ZERO) != Verdict::Forward {
+            bail!("the peers did not seal a packet");
+        }
+        pools[t].push(buf.data().to_vec());
+    }
+    let start = Barrier::new(threads);
+    let results: Vec<Result<(Duration, Duration)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = pools
+            .iter()
+            .enumerate()
+            .map(|(t, pool)| {
+                let state = &state;
+                let start = &start;
+                s.spawn(move || -> Result<(Duration, Duration)> {
+                    let mut w = Worker::new([t as u8 + 1; 32]);
+                    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+                    let mut verdicts = [Verdict::Forward; BATCH];
+                    start.wait();
+                    let t0 = Instant::now();
+                    let c0 = cpu_time();
+                    for chunk in pool.chunks(BATCH) {
+                        for (b, p) in bufs.iter_mut().zip(chunk) {
+                            b.load(p);
+                        }
+                        let n = chunk.len();
+                        engine::inbound_batch(
+                            state,
+                            &mut w,
+                            &mut bufs[..n],
+                            Duration::ZERO,
+                            &mut verdicts[..n],
+                        );
+                    }
+                    let (cpu, wall) = (cpu_time() - c0, t0.elapsed());
+                    if w.counters.total_drops() > 0 {
+                        bail!("the engine dropped packets: {:?}", w.counters);
+                    }
+                    Ok((cpu, wall))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let mut per = Vec::new();
+    let mut wall = Duration::ZERO;
+    for r in results {
+        let (cpu, w) = r?;
+        per.push(cpu.as_nanos() as f64 / IN_PACKETS as f64);
+        wall = wall.max(w);
+    }
+    per.sort_by(f64::total_cmp);
+    Ok((
+        per[per.len() / 2],
+        (IN_PACKETS * threads) as f64 / wall.as_secs_f64(),
+    ))
+}
+
 /// `tunsec bench --threads`: a table (or JSON) of the cost per packet with
 /// an SA each and with one SA shared, accounted a packet at a time and in
 /// runs, for each thread count: `rounds` rounds of `d` each, the four
 /// cases in turn, medians.
 pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: bool) -> Result<()> {
-    const CASES: [(&str, bool, bool); 4] = [
-        ("own SA", false, false),
-        ("one SA", true, false),
-        ("own SA, runs", false, true),
-        ("one SA, runs", true, true),
+    // (name, one SA shared, runs, inbound)
+    const CASES: [(&str, bool, bool, bool); 6] = [
+        ("own SA", false, false, false),
+        ("one SA", true, false, false),
+        ("own SA, runs", false, true, false),
+        ("one SA, runs", true, true, false),
+        ("in, own SA", false, false, true),
+        ("in, one SA", true, false, true),
     ];
     if let Some(t) = threads.iter().find(|&&t| !(1..=256).contains(&t)) {
         bail!("--threads {t}: give numbers of threads from 1 to 256");
@@ -125,10 +224,10 @@ pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: boo
     let mut rows = Vec::new();
     if !json {
         println!(
-            "ESP aes-gcm-16 outbound, {size}-byte packets, {BATCH} of one flow a call; ns of CPU per packet (median of the threads) and Mpps of all threads, medians of {rounds} rounds"
+            "ESP aes-gcm-16, {size}-byte packets, {BATCH} of one flow a call; ns of CPU per packet (median of the threads) and Mpps of all threads, medians of {rounds} rounds"
         );
         print!("{:>7}", "threads");
-        for (name, _, _) in CASES {
+        for (name, _, _, _) in CASES {
             print!(" {:>16} {:>6}", format!("{name} ns"), "Mpps");
         }
         println!();
@@ -137,8 +236,12 @@ pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: boo
         let mut ns = vec![Vec::new(); CASES.len()];
         let mut pps = vec![Vec::new(); CASES.len()];
         for _ in 0..rounds.max(1) {
-            for (c, (_, shared, runs)) in CASES.iter().enumerate() {
-                let (n, p) = measure(t, *shared, *runs, size, d)?;
+            for (c, (_, shared, runs, inbound)) in CASES.iter().enumerate() {
+                let (n, p) = if *inbound {
+                    measure_in(t, *shared, size)?
+                } else {
+                    measure(t, *shared, *runs, size, d)?
+                };
                 ns[c].push(n);
                 pps[c].push(p);
             }
@@ -155,8 +258,9 @@ pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: boo
         let cases: Vec<_> = CASES
             .iter()
             .enumerate()
-            .map(|(c, (name, shared, runs))| {
-                serde_json::json!({"case": name, "shared_sa": shared, "runs": runs, "ns": ns[c], "pps": pps[c]})
+            .map(|(c, (name, shared, runs, inbound))| {
+                serde_json::json!({"case": name, "shared_sa": shared, "runs": runs,
+                    "direction": if *inbound { "in" } else { "out" }, "ns": ns[c], "pps": pps[c]})
             })
             .collect();
         rows.push(serde_json::json!({ "threads": t, "cases": cases }));
