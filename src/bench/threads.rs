@@ -40,27 +40,21 @@ fn config(peers: usize) -> String {
     s
 }
 
-/// One measurement: `threads` workers for `d`, on one SA or an SA each.
-/// Returns the CPU ns per packet of a thread (median of the threads) and
-/// the packets per second of all of them together.
-pub fn measure(
-    threads: usize,
-    shared: bool,
-    runs: bool,
-    size: usize,
-    d: Duration,
-) -> Result<(f64, f64)> {
-    let peers = if shared { 1 } else { threads };
-    let (state, _, _) = State::default().apply_text(&config(peers), "threads", Duration::ZERO)?;
+/// `threads` workers started together, thread `t` calling `batch(t,
+/// call, started, worker, buffers, verdicts)` for call 0, 1, ... until it
+/// returns 0 (else the packets it handled, all to be forwarded). Returns
+/// the CPU ns per packet of a thread (median of the threads) and the
+/// packets per second of all of them together.
+fn on_threads<F>(threads: usize, runs: bool, batch: F) -> Result<(f64, f64)>
+where
+    F: Fn(usize, usize, Instant, &mut Worker, &mut [PacketBuf], &mut [Verdict]) -> usize + Sync,
+{
     let start = Barrier::new(threads);
-    let results: Vec<Result<(u64, Duration)>> = std::thread::scope(|s| {
+    let results: Vec<Result<(u64, Duration, Duration)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let state = &state;
-                let start = &start;
-                s.spawn(move || -> Result<(u64, Duration)> {
-                    let (l, p) = addrs(false, if shared { 0 } else { t });
-                    let plain = udp(l, p, size);
+                let (start, batch) = (&start, &batch);
+                s.spawn(move || {
                     let mut w = Worker::new([t as u8 + 1; 32]);
                     w.account_runs = runs;
                     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
@@ -69,26 +63,17 @@ pub fn measure(
                     let t0 = Instant::now();
                     let c0 = cpu_time();
                     let mut n = 0u64;
-                    while t0.elapsed() < d {
-                        for b in bufs.iter_mut() {
-                            b.load(&plain);
+                    for call in 0.. {
+                        let k = batch(t, call, t0, &mut w, &mut bufs, &mut verdicts);
+                        if k == 0 {
+                            break;
                         }
-                        engine::outbound_batch(
-                            state,
-                            &mut w,
-                            &mut bufs,
-                            Duration::ZERO,
-                            &mut verdicts,
-                        );
-                        n += BATCH as u64;
+                        n += k as u64;
+                        if verdicts[..k].iter().any(|v| *v != Verdict::Forward) {
+                            bail!("the engine dropped packets: {:?}", w.counters);
+                        }
                     }
-                    let cpu = cpu_time() - c0;
-                    if w.counters.total_drops() > 0
-                        || verdicts.iter().any(|v| *v != Verdict::Forward)
-                    {
-                        bail!("the engine dropped packets: {:?}", w.counters);
-                    }
-                    Ok((n, cpu))
+                    Ok((n, cpu_time() - c0, t0.elapsed()))
                 })
             })
             .collect();
@@ -98,14 +83,43 @@ pub fn measure(
             .collect()
     });
     let mut per = Vec::new();
-    let mut total = 0u64;
+    let (mut total, mut wall) = (0u64, Duration::ZERO);
     for r in results {
-        let (n, cpu) = r?;
+        let (n, cpu, w) = r?;
         total += n;
-        per.push(cpu.as_nanos() as f64 / n as f64);
+        wall = wall.max(w);
+        per.push(cpu.as_nanos() as f64 / n.max(1) as f64);
     }
     per.sort_by(f64::total_cmp);
-    Ok((per[per.len() / 2], total as f64 / d.as_secs_f64()))
+    Ok((per[per.len() / 2], total as f64 / wall.as_secs_f64()))
+}
+
+/// One measurement: `threads` workers for `d`, on one SA or an SA each.
+pub fn measure(
+    threads: usize,
+    shared: bool,
+    runs: bool,
+    size: usize,
+    d: Duration,
+) -> Result<(f64, f64)> {
+    let peers = if shared { 1 } else { threads };
+    let (state, _, _) = State::default().apply_text(&config(peers), "threads", Duration::ZERO)?;
+    let plains: Vec<Vec<u8>> = (0..threads)
+        .map(|t| {
+            let (l, p) = addrs(false, if shared { 0 } else { t });
+            udp(l, p, size)
+        })
+        .collect();
+    on_threads(threads, runs, |t, _, started, w, bufs, verdicts| {
+        if started.elapsed() >= d {
+            return 0;
+        }
+        for b in bufs.iter_mut() {
+            b.load(&plains[t]);
+        }
+        engine::outbound_batch(&state, w, bufs, Duration::ZERO, verdicts);
+        bufs.len()
+    })
 }
 
 /// Inbound packets each thread opens: with one SA shared, all threads'
@@ -146,59 +160,23 @@ pub fn measure_in(threads: usize, shared: bool, size: usize) -> Result<(f64, f64
         }
         pools[t].push(buf.data().to_vec());
     }
-    let start = Barrier::new(threads);
-    let results: Vec<Result<(Duration, Duration)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = pools
-            .iter()
-            .enumerate()
-            .map(|(t, pool)| {
-                let state = &state;
-                let start = &start;
-                s.spawn(move || -> Result<(Duration, Duration)> {
-                    let mut w = Worker::new([t as u8 + 1; 32]);
-                    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
-                    let mut verdicts = [Verdict::Forward; BATCH];
-                    start.wait();
-                    let t0 = Instant::now();
-                    let c0 = cpu_time();
-                    for chunk in pool.chunks(BATCH) {
-                        for (b, p) in bufs.iter_mut().zip(chunk) {
-                            b.load(p);
-                        }
-                        let n = chunk.len();
-                        engine::inbound_batch(
-                            state,
-                            &mut w,
-                            &mut bufs[..n],
-                            Duration::ZERO,
-                            &mut verdicts[..n],
-                        );
-                    }
-                    let (cpu, wall) = (cpu_time() - c0, t0.elapsed());
-                    if w.counters.total_drops() > 0 {
-                        bail!("the engine dropped packets: {:?}", w.counters);
-                    }
-                    Ok((cpu, wall))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .collect()
-    });
-    let mut per = Vec::new();
-    let mut wall = Duration::ZERO;
-    for r in results {
-        let (cpu, w) = r?;
-        per.push(cpu.as_nanos() as f64 / IN_PACKETS as f64);
-        wall = wall.max(w);
-    }
-    per.sort_by(f64::total_cmp);
-    Ok((
-        per[per.len() / 2],
-        (IN_PACKETS * threads) as f64 / wall.as_secs_f64(),
-    ))
+    on_threads(threads, false, |t, call, _, w, bufs, verdicts| {
+        let pool = &pools[t];
+        let from = (call * BATCH).min(pool.len());
+        let chunk = &pool[from..(from + BATCH).min(pool.len())];
+        for (b, p) in bufs.iter_mut().zip(chunk) {
+            b.load(p);
+        }
+        let n = chunk.len();
+        engine::inbound_batch(
+            &state,
+            w,
+            &mut bufs[..n],
+            Duration::ZERO,
+            &mut verdicts[..n],
+        );
+        n
+    })
 }
 
 /// `tunsec bench --threads`: a table (or JSON) of the cost per packet with
