@@ -248,3 +248,27 @@ pub fn run(threads: &[usize], size: usize, d: Duration, rounds: usize, json: boo
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_case_runs_without_a_drop() {
+        // Two threads on one SA: outbound in runs, and inbound, where the
+        // threads' interleaved numbers must all fit the replay window.
+        let (ns, pps) = measure(2, true, true, 64, Duration::from_millis(20)).unwrap();
+        assert!(ns > 0.0 && pps > 0.0, "{ns} {pps}");
+        let (ns, pps) = measure_in(2, true, 64).unwrap();
+        assert!(ns > 0.0 && pps > 0.0, "{ns} {pps}");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let d = Duration::from_millis(1);
+        let e = run(&[0], 64, d, 1, true).unwrap_err().to_string();
+        assert!(e.contains("--threads 0"), "{e}");
+        let e = run(&[1], 47, d, 1, true).unwrap_err().to_string();
+        assert!(e.contains("--sizes 47"), "{e}");
+    }
+}
