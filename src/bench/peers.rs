@@ -69,8 +69,9 @@ fn spi(i: usize, inbound: bool) -> u32 {
 }
 
 /// The setkey text of the local host (`mirror`: of the peers, so that
-/// their outbound is our inbound). ICMP is bypassed first, as in the seed.
-pub fn config(n: usize, v6: bool, mirror: bool) -> String {
+/// their outbound is our inbound), with replay windows of `replay`
+/// packets. ICMP is bypassed first, as in the seed.
+pub fn config(n: usize, v6: bool, mirror: bool, replay: u32) -> String {
     let mut s = String::with_capacity(n * 300);
     let icmp = if v6 { "icmp6" } else { "icmp" };
     let any = if v6 { "::/0" } else { "0.0.0.0/0" };
@@ -80,16 +81,15 @@ pub fn config(n: usize, v6: bool, mirror: bool) -> String {
     for i in 0..n {
         let (l, p) = addrs(v6, i);
         let (me, peer) = if mirror { (p, l) } else { (l, p) };
-        // -r 0: the inbound loop replays its pool of packets.
         writeln!(
             s,
-            "add {l} {p} esp {:#x} -r 0 -E aes-gcm-16 {KEY};",
+            "add {l} {p} esp {:#x} -r {replay} -E aes-gcm-16 {KEY};",
             spi(i, false)
         )
         .unwrap();
         writeln!(
             s,
-            "add {p} {l} esp {:#x} -r 0 -E aes-gcm-16 {KEY};",
+            "add {p} {l} esp {:#x} -r {replay} -E aes-gcm-16 {KEY};",
             spi(i, true)
         )
         .unwrap();
@@ -236,7 +236,8 @@ pub struct PeersRow {
 }
 
 pub fn measure(n: usize, v6: bool, rounds: usize, batch: usize) -> Result<PeersRow> {
-    let text = config(n, v6, false);
+    // -r 0: the inbound loop replays its pool of packets.
+    let text = config(n, v6, false, 0);
     // Memory: the whole state, then its SAs alone and its policies alone
     // (the ICMP bypass policies go with the SAs' text, as a constant).
     let only = |keep: &str| -> String {
@@ -252,7 +253,7 @@ pub fn measure(n: usize, v6: bool, rounds: usize, batch: usize) -> Result<PeersR
     let (state, _, _) = State::default().apply_text(&text, "peers", Duration::ZERO)?;
     let load_secs = t.elapsed().as_secs_f64();
     let (mirror, _, _) =
-        State::default().apply_text(&config(n, v6, true), "mirror", Duration::ZERO)?;
+        State::default().apply_text(&config(n, v6, true, 0), "mirror", Duration::ZERO)?;
     let pool_len = n.max(256);
     let out_pool: Vec<Vec<u8>> = (0..pool_len)
         .map(|k| {

@@ -15,7 +15,7 @@
 //! (its share of one SA's numbers, interleaved, when shared), where every
 //! packet takes the SA's replay window lock.
 
-use super::peers::{addrs, cpu_time, udp};
+use super::peers::{addrs, config, cpu_time, udp};
 use crate::buf::PacketBuf;
 use crate::engine::{self, Verdict, Worker};
 use crate::state::State;
@@ -23,22 +23,11 @@ use anyhow::{Result, bail};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-const KEY: &str = "0x00112233445566778899aabbccddeeff00112233";
 const BATCH: usize = 64;
 
-/// One host with `peers` peers, ESP aes-gcm-16 out to each.
-fn config(peers: usize) -> String {
-    let mut s = String::new();
-    for i in 0..peers {
-        let (l, p) = addrs(false, i);
-        s.push_str(&format!(
-            "add {l} {p} esp {:#x} -r 64 -E aes-gcm-16 {KEY};\n\
-             spdadd {l} {p} any -P out ipsec esp/transport//require;\n",
-            0x2000 + i
-        ));
-    }
-    s
-}
+/// Replay windows wide enough for the threads' interleaved numbers of
+/// one SA: a thread running ahead of the other makes no packet too old.
+const WINDOW: u32 = 65536;
 
 /// `threads` workers started together, thread `t` calling `batch(t,
 /// call, started, worker, buffers, verdicts)` for call 0, 1, ... until it
@@ -103,7 +92,11 @@ pub fn measure(
     d: Duration,
 ) -> Result<(f64, f64)> {
     let peers = if shared { 1 } else { threads };
-    let (state, _, _) = State::default().apply_text(&config(peers), "threads", Duration::ZERO)?;
+    let (state, _, _) = State::default().apply_text(
+        &config(peers, false, false, WINDOW),
+        "threads",
+        Duration::ZERO,
+    )?;
     let plains: Vec<Vec<u8>> = (0..threads)
         .map(|t| {
             let (l, p) = addrs(false, if shared { 0 } else { t });
@@ -123,8 +116,7 @@ pub fn measure(
 }
 
 /// Inbound packets each thread opens: with one SA shared, all threads'
-/// numbers together stay within its replay window (65,536), so that a
-/// thread running ahead of the other makes no packet too old.
+/// numbers together stay within its replay window ([`WINDOW`]).
 const IN_PACKETS: usize = 30_000;
 
 /// One inbound measurement: `threads` workers opening `IN_PACKETS`
@@ -133,21 +125,16 @@ const IN_PACKETS: usize = 30_000;
 /// of them together.
 pub fn measure_in(threads: usize, shared: bool, size: usize) -> Result<(f64, f64)> {
     let peers = if shared { 1 } else { threads };
-    let conf = |mirror: bool| {
-        let mut s = String::new();
-        for i in 0..peers {
-            let (l, p) = addrs(false, i);
-            let dir = if mirror { "out" } else { "in" };
-            s.push_str(&format!(
-                "add {p} {l} esp {:#x} -r 65536 -E aes-gcm-16 {KEY};\n\
-                 spdadd {p} {l} any -P {dir} ipsec esp/transport//require;\n",
-                0x3000 + i
-            ));
-        }
-        s
-    };
-    let (state, _, _) = State::default().apply_text(&conf(false), "threads", Duration::ZERO)?;
-    let (peer, _, _) = State::default().apply_text(&conf(true), "peers", Duration::ZERO)?;
+    let (state, _, _) = State::default().apply_text(
+        &config(peers, false, false, WINDOW),
+        "threads",
+        Duration::ZERO,
+    )?;
+    let (peer, _, _) = State::default().apply_text(
+        &config(peers, false, true, WINDOW),
+        "peers",
+        Duration::ZERO,
+    )?;
     let mut pw = Worker::new([99; 32]);
     let mut pools: Vec<Vec<Vec<u8>>> = vec![Vec::with_capacity(IN_PACKETS); threads];
     let mut buf = PacketBuf::new();
