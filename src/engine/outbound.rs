@@ -263,12 +263,13 @@ fn runs(hit: &flowcache::Hit, info: &IpInfo) -> bool {
     hit.kind == Kind::Ipsec && hit.sa.is_some() && !info.fragment
 }
 
-/// A run being protected ([`Sa::account_run`]): its SA, and its packets
-/// still to come.
+/// A run being protected: its SA, its packets still to come, and what
+/// [`Sa::account_run`] took for it (None: refused near a limit, so its
+/// packets are accounted one at a time without looking for a run again).
 struct Open {
     sa: *const Sa,
     left: usize,
-    run: Run,
+    run: Option<Run>,
 }
 
 /// Packet `i`'s lifetime state and sequence number from its run (a new
@@ -285,23 +286,23 @@ fn in_run<B: AsMut<PacketBuf>>(
     now: Duration,
 ) -> Option<Pre> {
     let p = sa as *const Sa;
-    if !run.as_ref().is_some_and(|r| r.sa == p && r.left > 0) {
-        let (k, bytes) = run_of(sc, bufs, i, p);
-        let seqs = sa.proto() != Proto::IpComp;
-        *run = if k > 1 {
-            sa.account_run(k, bytes, now, seqs).map(|r| Open {
+    let open = match run {
+        Some(r) if r.sa == p && r.left > 0 => r,
+        _ => {
+            let (k, bytes) = run_of(sc, bufs, i, p);
+            let seqs = sa.proto() != Proto::IpComp;
+            run.insert(Open {
                 sa: p,
                 left: k,
-                run: r,
+                run: (k > 1)
+                    .then(|| sa.account_run(k, bytes, now, seqs))
+                    .flatten(),
             })
-        } else {
-            None
-        };
-    }
-    run.as_mut().map(|r| {
-        r.left -= 1;
-        r.run.next(sa, bufs[i].as_mut().len(), now)
-    })
+        }
+    };
+    open.left -= 1;
+    let len = bufs[i].as_mut().len();
+    open.run.as_mut().map(|r| r.next(sa, len, now))
 }
 
 /// The run of packets from `i` on protected by the SA at `sa` alone: how
