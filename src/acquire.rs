@@ -2,7 +2,9 @@
 //! An ACQUIRE is raised once per SA asked for (source, destination,
 //! protocol, reqid: not per policy, since pluto replaces its `%trap`
 //! policy with a `%hold` one while it negotiates) and stays pending until
-//! an outbound SA that resolves it exists, or `ACQUIRE_TIMEOUT` passes. Other
+//! an outbound SA that resolves it is added, or `ACQUIRE_TIMEOUT` passes.
+//! The daemon resolves at every committed change, not when it next looks:
+//! an SA that is added and deleted within one look still answered it. Other
 //! changes, such as the keying daemon reserving its inbound SPI with
 //! getspi/ALLOCSPI while it negotiates, do not raise it again: a second
 //! ACQUIRE in the middle of a negotiation makes pluto build a second

@@ -49,8 +49,11 @@ pub struct Control {
     clients: Arc<AtomicUsize>,
     /// Told of every change and event (the XFRM front end's listeners).
     listeners: Mutex<Vec<Arc<dyn Listener>>>,
-    /// Set when a change may resolve pending ACQUIREs.
-    pub changed: std::sync::atomic::AtomicBool,
+    /// ACQUIREs sent and not yet answered. Every committed state resolves
+    /// them at once, as the kernel's `xfrm_state_add` replaces its larval
+    /// state: an SA that comes and goes between two looks of the main
+    /// loop still answered the ACQUIRE, and the next packet raises a new one.
+    pub acquires: Mutex<crate::acquire::Pending>,
     /// The last `plaintext_refused` count and when it was read: it costs
     /// a dump of the table's counters under the writers' lock (a few
     /// milliseconds at 10,000 peers), and 32 clients asking for stats at
@@ -310,7 +313,7 @@ impl Control {
             monitors: Mutex::new(Vec::new()),
             clients: Arc::new(AtomicUsize::new(0)),
             listeners: Mutex::new(Vec::new()),
-            changed: std::sync::atomic::AtomicBool::new(false),
+            acquires: Mutex::new(crate::acquire::Pending::default()),
             refused_cache: Mutex::new(None),
         }
     }
@@ -576,7 +579,12 @@ impl Control {
         }
         let next = Arc::new(next);
         self.shared.state.store(next.clone());
-        self.changed.store(true, Relaxed);
+        {
+            let mut acquires = self.acquires.lock().unwrap_or_else(|e| e.into_inner());
+            if !acquires.is_empty() {
+                acquires.resolve(&next);
+            }
+        }
         for l in self
             .listeners
             .lock()

@@ -673,7 +673,6 @@ fn serve(
         );
     }
     ready();
-    let mut acquires = crate::acquire::Pending::default();
     let mut last_tick = Instant::now();
     while !term.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -695,21 +694,17 @@ fn serve(
             let (c, io) = shared.totals();
             tracing::info!("counters: {}", describe_counters(&c, &io));
         }
-        if ctl.changed.swap(false, Relaxed) {
-            // A new outbound SA may resolve what was acquired.
-            acquires.resolve(&shared.state.load());
-        }
         let events: Vec<Event> =
             std::mem::take(&mut *shared.events.lock().unwrap_or_else(|e| e.into_inner()));
         for e in events {
-            if report(e, &mut acquires, shared.now(), &shared.state.load()) {
+            if report(e, ctl, shared) {
                 ctl.broadcast(&e);
             }
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             for e in expire(shared, ctl) {
-                report(e, &mut acquires, shared.now(), &shared.state.load());
+                report(e, ctl, shared);
                 ctl.broadcast(&e);
             }
         }
@@ -750,12 +745,7 @@ fn stop_workers(
 
 /// Log an event and say whether to pass it on: an ACQUIRE goes out once
 /// until an SA resolves it or it times out (`crate::acquire`).
-fn report(
-    e: Event,
-    acquires: &mut crate::acquire::Pending,
-    now: Duration,
-    state: &crate::state::State,
-) -> bool {
+fn report(e: Event, ctl: &control::Control, shared: &Shared) -> bool {
     match e {
         Event::Acquire {
             policy,
@@ -765,7 +755,11 @@ fn report(
             reqid,
             ..
         } => {
-            let due = acquires.raise(&e, now, state);
+            // The state is read under the lock that commits take after
+            // publishing theirs: an SA that arrives meanwhile either is
+            // seen here or resolves what this raises.
+            let mut acquires = ctl.acquires.lock().unwrap_or_else(|e| e.into_inner());
+            let due = acquires.raise(&e, shared.now(), &shared.state.load());
             if due {
                 tracing::warn!(
                     "ACQUIRE policy {policy}: no usable {proto} SA {src} -> {dst}{}; packets wait up to 1 s for it, then are dropped",

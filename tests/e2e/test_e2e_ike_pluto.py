@@ -501,8 +501,12 @@ def test_one_acquire_per_negotiation(net):
     try:
         a.whack("--name", conn, "--route", timeout=30)
         tx, rx = tcp_transfer_start(net, net.a, net.b, B4, port, nbytes=1_000_000, timeout=60)
-        wait_for("B to drop the negotiation's first request", lambda: re.search(
-            r"counter packets [1-9]", net.run(net.b, "nft", "list", "chain", "inet", "plutotest", "in").stdout))
+        try:
+            wait_for("B to drop the negotiation's first request", lambda: re.search(
+                r"counter packets [1-9]", net.run(net.b, "nft", "list", "chain", "inet", "plutotest", "in").stdout))
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- pluto A:\n{a.log()[-6000:]}\n--- pluto B:\n{net.pb.log()[-3000:]}"
+                                 f"\n--- tunsec A:\n{net.da.log()[-4000:]}") from None
     finally:
         net.run(net.b, "nft", "delete", "table", "inet", "plutotest", check=False)
     tcp_transfer_check(tx, rx, 1_000_000, timeout=60)

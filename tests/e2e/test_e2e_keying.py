@@ -222,6 +222,41 @@ def test_monitor_prints_acquire_once(net):
     assert net.da.counters()["no-sa"] - before == 5
 
 
+def test_an_sa_that_comes_and_goes_answers_the_acquire(net):
+    """An outbound SA added and deleted at once (a negotiation's SA used
+    briefly, then torn down) answers the ACQUIRE, as the kernel's larval
+    state is replaced by the SA: the next packet raises a new one, and
+    not 30 s later. The main loop looks at events every 100 ms; both
+    changes land between two of its looks."""
+    c = net.da.control
+    udp = ("import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+           "s.sendto(b'x', ('10.77.0.2', 9))")
+    mon = subprocess.Popen([str(tunsec_bin()), "setkey", "-x", "--control", str(c)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        # A reqid of its own: the ACQUIRE of test_monitor_prints_acquire_once
+        # (same hosts, AH, no reqid) stays pending for 30 s.
+        r = ctl(c, "spdadd 10.77.0.1 10.77.0.2 udp -P out priority 5 ipsec ah/transport//unique:4242;")
+        assert r["ok"], r
+        net.run(net.a, sys.executable, "-c", udp, check=False)
+        time.sleep(0.5)
+        sa = "10.77.0.1 10.77.0.2 ah 0x4242"
+        r = ctl(c, f"add {sa} -u 4242 -A hmac-sha256 0x{'11' * 32};")
+        assert r["ok"], r
+        r = ctl(c, f"delete {sa};")
+        assert r["ok"], r
+        time.sleep(0.5)
+        net.run(net.a, sys.executable, "-c", udp, check=False)
+        time.sleep(0.5)
+    finally:
+        mon.terminate()
+        out = mon.communicate(timeout=10)[0]
+        ctl(c, "spddelete 10.77.0.1 10.77.0.2 udp -P out;")
+    lines = [l for l in out.splitlines() if l.startswith("ACQUIRE")]
+    assert len(lines) == 2 and all(l.startswith("ACQUIRE 10.77.0.1 10.77.0.2 ah policy") and "4242" in l
+                                   for l in lines), out
+
+
 def test_strangers_and_hostile_clients_are_refused(net):
     c = net.db.control
     assert oct(os.stat(c).st_mode & 0o777) == "0o600"
