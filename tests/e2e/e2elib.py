@@ -534,13 +534,17 @@ def ping(topo: Topology, ns: str, dst: str, count: int = 3, interval: float = 0.
 
 
 class Capture:
-    """tcpdump -w (classic pcap, full snaplen) on an interface of a namespace."""
+    """tcpdump -w (classic pcap, full snaplen) on an interface of a namespace;
+    `count` packets at most, those `expr` (a pcap filter) selects."""
 
-    def __init__(self, topo: Topology, ns: str, iface: str, path: Path, count: int | None = None):
+    def __init__(self, topo: Topology, ns: str, iface: str, path: Path, count: int | None = None,
+                 expr: str | None = None):
         self.path = path
         argv = ["tcpdump", "-i", iface, "-n", "-s", "65535", "-U", "--immediate-mode", "-B", "32768", "-w", str(path)]
         if count:
             argv += ["-c", str(count)]
+        if expr:
+            argv.append(expr)
         self.proc = topo.spawn(ns, argv, f"tcpdump-{iface}")
         end = time.monotonic() + 10
         while "listening on" not in self.proc.stderr():
