@@ -487,16 +487,11 @@ impl Sa {
     /// move numbers a run already holds.
     #[inline]
     pub fn account_run(&self, n: usize, bytes: u64, now: Duration, seqs: bool) -> Option<Run> {
-        let c = &self.counters;
-        let n64 = n as u64;
-        let clear = c.packets.load(Relaxed).saturating_add(n64) < self.first_packets
-            && c.bytes.load(Relaxed).saturating_add(bytes) < self.first_bytes
-            && now < self.first_deadline
-            && !self.is_dead()
-            && (!seqs || self.seq.load(Relaxed).saturating_add(n64) < self.seq_limit());
-        if !clear {
+        if !self.run_clear(n, bytes, now, seqs) {
             return None;
         }
+        let c = &self.counters;
+        let n64 = n as u64;
         self.used.touch(now);
         Some(Run {
             seqs,
@@ -509,6 +504,21 @@ impl Sa {
                 0
             },
         })
+    }
+
+    /// Would a run of `n` packets, `bytes` in all, at `now` stay below
+    /// every lifetime limit (and, with `seqs`, the end of the sequence
+    /// numbers)? Only then is a run accounted as one ([`Sa::account_run`],
+    /// [`Sa::accept_inbound_run`]).
+    #[inline]
+    pub fn run_clear(&self, n: usize, bytes: u64, now: Duration, seqs: bool) -> bool {
+        let c = &self.counters;
+        let n64 = n as u64;
+        c.packets.load(Relaxed).saturating_add(n64) < self.first_packets
+            && c.bytes.load(Relaxed).saturating_add(bytes) < self.first_bytes
+            && now < self.first_deadline
+            && !self.is_dead()
+            && (!seqs || self.seq.load(Relaxed).saturating_add(n64) < self.seq_limit())
     }
 
     /// Evaluate the lifetimes at `now` without traffic (timers).
@@ -556,15 +566,51 @@ impl Sa {
     /// the ICV is verified). Returns the full (ESN-inferred) number.
     #[inline]
     pub fn replay_check(&self, seq_lo: u32) -> Result<u64, ReplayError> {
-        let top = self.replay_top.load(Relaxed);
+        self.replay_check_from(self.replay_top.load(Relaxed), seq_lo)
+    }
+
+    /// [`Sa::replay_check`], the full number inferred from `top` (the top
+    /// the window would have with numbers not yet accepted).
+    #[inline]
+    pub fn replay_check_from(&self, top: u64, seq_lo: u32) -> Result<u64, ReplayError> {
         let full = crate::replay::infer(top, self.replay_size, seq_lo, self.esn);
-        if full > top {
+        if full > self.replay_top.load(Relaxed) {
             // Right of the window: accepted whatever the bitmap says. The
             // lock is taken again (and the check repeated) in replay_accept.
             return Ok(full);
         }
         let w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
         w.check(full).map(|_| full)
+    }
+
+    /// The replay window's size in packets (0: no check).
+    #[inline]
+    pub fn replay_size(&self) -> u32 {
+        self.replay_size.min(crate::replay::MAX_WINDOW)
+    }
+
+    /// Inbound, a run of this SA's packets before any of them is
+    /// accepted: `out[k]` is [`Sa::replay_check`] of `los[k]`, each
+    /// inferred from the same top (returned), under one lock at most.
+    pub fn replay_check_run(&self, los: &[u32], out: &mut [Result<u64, ReplayError>]) -> u64 {
+        let top = self.replay_top.load(Relaxed);
+        let mut left = false;
+        for (lo, o) in los.iter().zip(out.iter_mut()) {
+            let full = crate::replay::infer(top, self.replay_size, *lo, self.esn);
+            *o = Ok(full);
+            left |= full <= top;
+        }
+        if left {
+            let w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            for o in out[..los.len()].iter_mut() {
+                if let Ok(full) = *o
+                    && full <= top
+                {
+                    *o = w.check(full).map(|_| full);
+                }
+            }
+        }
+        top
     }
 
     /// Move the window after the ICV was verified.
@@ -598,6 +644,39 @@ impl Sa {
         };
         self.used.touch(now);
         Ok(self.evaluate(packets, total, now))
+    }
+
+    /// Inbound: [`Sa::accept_inbound`] of each of a run's packets (its
+    /// number and bytes), in order, under one lock: `out[k]` for
+    /// `items[k]`. Workers opening packets of one SA at once otherwise
+    /// pass the window's lock and line back and forth for every packet.
+    pub fn accept_inbound_run(
+        &self,
+        items: &[(u64, u32)],
+        now: Duration,
+        out: &mut [Result<(Expiry, bool), ReplayError>],
+    ) {
+        {
+            let mut w = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            let c = &self.counters;
+            let p0 = c.packets.load(Relaxed);
+            let (mut p, mut b) = (p0, c.bytes.load(Relaxed));
+            for ((seq, len), o) in items.iter().zip(out.iter_mut()) {
+                *o = w.accept(*seq).map(|()| {
+                    p += 1;
+                    b += *len as u64;
+                    self.evaluate(p, b, now)
+                });
+            }
+            self.replay_top.store(w.top(), Relaxed);
+            if p == p0 {
+                // None accepted: nothing counted, nothing touched.
+                return;
+            }
+            c.packets.store(p, Relaxed);
+            c.bytes.store(b, Relaxed);
+        }
+        self.used.touch(now);
     }
 
     /// The highest sequence number the replay window accepted.
@@ -905,7 +984,7 @@ impl Sad {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn esp_config(spi: u32) -> SaConfig {

@@ -15,6 +15,8 @@ use tunsec::engine::{self, Event, Verdict, Worker};
 use tunsec::state::State;
 
 const PEERS: usize = 4;
+/// The inbound SAs' replay window (packets).
+const WINDOW: u32 = 8;
 const KEY: &str = "0x000102030405060708090a0b0c0d0e0f10111213";
 
 fn local(v6: bool) -> IpAddr {
@@ -44,19 +46,53 @@ struct PeerConf {
     out_sas: u8,
     out_hard_packets: u8,
     in_sas: u8,
+    /// Lifetime limits on the newest inbound SA, as outbound.
+    in_hard_packets: u8,
+    /// Extended sequence numbers on the inbound SAs (and the peer's).
+    esn: bool,
 }
 
 fn peer_conf() -> impl Strategy<Value = PeerConf> {
-    (0u8..6, 0u8..5, 0u8..3, 0u8..3, 0u8..6, 0u8..3).prop_map(
-        |(out_policy, in_policy, port7, out_sas, out_hard_packets, in_sas)| PeerConf {
-            out_policy,
-            in_policy,
-            port7,
-            out_sas,
-            out_hard_packets,
-            in_sas,
-        },
+    (
+        (0u8..6, 0u8..5, 0u8..3, 0u8..3, 0u8..6, 0u8..3),
+        (prop::bool::weighted(0.3).prop_flat_map(|l| {
+            if l {
+                (4u8..40).boxed()
+            } else {
+                Just(0u8).boxed()
+            }
+        })),
+        any::<bool>(),
     )
+        .prop_map(
+            |(
+                (out_policy, in_policy, port7, out_sas, out_hard_packets, in_sas),
+                in_hard_packets,
+                esn,
+            )| {
+                PeerConf {
+                    out_policy,
+                    in_policy,
+                    port7,
+                    out_sas,
+                    out_hard_packets,
+                    in_sas,
+                    in_hard_packets,
+                    esn,
+                }
+            },
+        )
+}
+
+/// Lifetime options for the newest of `sas` SAs (`k`), from `hard`.
+fn limits(k: usize, sas: u8, hard: u8) -> String {
+    if k + 1 == sas as usize && hard > 3 {
+        format!(" -ps {} -ph {}", hard - 2, hard)
+    } else if k + 1 == sas as usize && hard > 0 {
+        format!(" -ph {hard}")
+    } else {
+        String::new()
+    }
 }
 
 fn action(k: u8, in_: bool) -> Option<&'static str> {
@@ -87,21 +123,17 @@ fn config(peers: &[(bool, PeerConf)]) -> String {
     for (n, (v6, c)) in peers.iter().enumerate() {
         let (l, p) = (local(*v6), peer(*v6, n));
         for k in 0..c.out_sas as usize {
-            let hard = if k + 1 == c.out_sas as usize && c.out_hard_packets > 3 {
-                format!(" -ps {} -ph {}", c.out_hard_packets - 2, c.out_hard_packets)
-            } else if k + 1 == c.out_sas as usize && c.out_hard_packets > 0 {
-                format!(" -ph {}", c.out_hard_packets)
-            } else {
-                String::new()
-            };
+            let hard = limits(k, c.out_sas, c.out_hard_packets);
             s += &format!(
                 "add {l} {p} esp {:#x} -r 0{hard} -E aes-gcm-16 {KEY};\n",
                 out_spi(n, k)
             );
         }
+        let esn = if c.esn { " -f esn" } else { "" };
         for k in 0..c.in_sas as usize {
+            let hard = limits(k, c.in_sas, c.in_hard_packets);
             s += &format!(
-                "add {p} {l} esp {:#x} -r 32 -E aes-gcm-16 {KEY};\n",
+                "add {p} {l} esp {:#x} -r {WINDOW}{esn}{hard} -E aes-gcm-16 {KEY};\n",
                 in_spi(n, k)
             );
         }
@@ -142,7 +174,8 @@ fn mirror(peers: &[(bool, PeerConf)]) -> String {
             } else {
                 in_spi(n, k)
             };
-            s += &format!("add {p} {l} esp {spi:#x} -r 0 -E aes-gcm-16 {KEY};\n");
+            let esn = if c.esn { " -f esn" } else { "" };
+            s += &format!("add {p} {l} esp {spi:#x} -r 0{esn} -E aes-gcm-16 {KEY};\n");
         }
         s += &format!("spdadd {p} {l} any -P out ipsec esp/transport//require;\n");
     }
@@ -167,7 +200,14 @@ struct Pkt {
     sport: u16,
     dport: u16,
     plain: bool,
-    replay: bool,
+    /// Inbound: 1 repeats the peer's last packet sealed, 2 one sealed
+    /// `WINDOW + 1` before it (left of the window once the last is
+    /// accepted; within it before the packets just ahead of it in a run
+    /// are).
+    replay: u8,
+    /// Inbound: 1 breaks the packet's ICV; 2 sends a copy with a broken
+    /// ICV before it (a forgery must not make the genuine one a replay).
+    corrupt: u8,
     /// Outbound (else inbound), unless `again`.
     out: bool,
     /// The direction and peer of the packet before: runs of packets of one
@@ -182,20 +222,26 @@ fn pkt() -> impl Strategy<Value = Pkt> {
         6u16..9,
         6u16..9,
         prop::bool::weighted(0.1),
-        prop::bool::weighted(0.05),
+        prop::sample::select(vec![
+            0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2,
+        ]),
+        prop::sample::select(vec![0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]),
         any::<bool>(),
         prop::bool::weighted(0.5),
     )
-        .prop_map(|(peer, tcp, sport, dport, plain, replay, out, again)| Pkt {
-            peer,
-            tcp,
-            sport,
-            dport,
-            plain,
-            replay,
-            out,
-            again,
-        })
+        .prop_map(
+            |(peer, tcp, sport, dport, plain, replay, corrupt, out, again)| Pkt {
+                peer,
+                tcp,
+                sport,
+                dport,
+                plain,
+                replay,
+                corrupt,
+                out,
+                again,
+            },
+        )
 }
 
 /// A state change between batches: setkey statements for peer `n`.
@@ -280,7 +326,8 @@ proptest! {
         // The packets, in both directions; inbound ones sealed by the peers.
         let mut mw = Worker::new([5; 32]);
         let mut list: Vec<(bool, Vec<u8>)> = Vec::new();
-        let mut last_in: Option<Vec<u8>> = None;
+        // Each peer's packets sealed so far.
+        let mut sealed: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 2 * PEERS];
         let mut prev: Option<(bool, usize)> = None;
         for p in &pkts {
             let (out, n) = match prev {
@@ -295,8 +342,18 @@ proptest! {
                 list.push((true, packet(l, r, proto, p.sport, p.dport)));
                 continue;
             }
-            if p.replay && let Some(prev) = &last_in {
-                list.push((false, prev.clone()));
+            let back = match p.replay {
+                1 => 1,
+                2 => WINDOW as usize + 2,
+                _ => 0,
+            };
+            if back > 0 && sealed[n].len() >= back {
+                // A broken replay is a replay all the same (checked first).
+                let mut again = sealed[n][sealed[n].len() - back].clone();
+                if p.corrupt == 1 {
+                    *again.last_mut().unwrap() ^= 1;
+                }
+                list.push((false, again));
                 continue;
             }
             let plain = packet(r, l, proto, p.sport, p.dport);
@@ -307,8 +364,18 @@ proptest! {
             let mut buf = PacketBuf::new();
             buf.load(&plain);
             if engine::outbound(&m, &mut mw, &mut buf, Duration::ZERO) == Verdict::Forward {
-                last_in = Some(buf.data().to_vec());
-                list.push((false, buf.data().to_vec()));
+                let genuine = buf.data().to_vec();
+                let mut broken = genuine.clone();
+                *broken.last_mut().unwrap() ^= 1;
+                match p.corrupt {
+                    1 => list.push((false, broken)),
+                    2 => {
+                        list.push((false, broken));
+                        list.push((false, genuine.clone()));
+                    }
+                    _ => list.push((false, genuine.clone())),
+                }
+                sealed[n].push(genuine);
             }
         }
         let mut w = Worker::new([9; 32]);

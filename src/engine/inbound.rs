@@ -1,6 +1,7 @@
 //! Inbound: IPsec arriving for this host, opened and checked against the
 //! inbound SPD, in chunks like the outbound path.
 
+use super::in_run::InRun;
 use super::*;
 
 /// Process a packet arriving for this host: verify and remove AH, ESP and
@@ -60,17 +61,19 @@ pub fn inbound_batch<B: AsMut<PacketBuf>>(
     w.in_flows
         .begin_batch(state.generation, state.spd.len_dir(Dir::In));
     let mut sc = w.scratch.take().unwrap_or_else(Scratch::new);
+    let mut run = w.in_run.take().unwrap_or_else(InRun::new);
     for (b, v) in bufs.chunks_mut(CHUNK).zip(verdicts.chunks_mut(CHUNK)) {
         // The stages' arrays are made (zeroed) per chunk: a packet alone
         // does not pay for 32.
         if b.len() == 1 {
-            inbound_chunk::<1, B>(state, w, &mut sc, b, now, v);
+            inbound_chunk::<1, B>(state, w, &mut sc, &mut run, b, now, v);
         } else {
-            inbound_chunk::<CHUNK, B>(state, w, &mut sc, b, now, v);
+            inbound_chunk::<CHUNK, B>(state, w, &mut sc, &mut run, b, now, v);
         }
         w.in_flows.end_batch();
     }
     w.scratch = Some(sc);
+    w.in_run = Some(run);
 }
 
 #[allow(clippy::needless_range_loop)]
@@ -78,6 +81,7 @@ fn inbound_chunk<const N: usize, B: AsMut<PacketBuf>>(
     state: &State,
     w: &mut Worker,
     sc: &mut Scratch,
+    run: &mut InRun,
     bufs: &mut [B],
     now: Duration,
     verdicts: &mut [Verdict],
@@ -106,17 +110,52 @@ fn inbound_chunk<const N: usize, B: AsMut<PacketBuf>>(
     // Then look up the SAs (their slots were asked for in stage 1); ask
     // for each SA's lines.
     for i in 0..n {
-        if let (Some((dst, proto, spi)), InStep::Header { sa, .. }) = (spis[i], &mut steps[i]) {
+        if let (Some((dst, proto, spi, _)), InStep::Header { sa, .. }) = (spis[i], &mut steps[i]) {
             *sa = state.sad.lookup_inbound(dst, proto, spi);
             if let Some(sa) = sa {
                 sa.prefetch();
             }
         }
     }
-    // Stage 2: verify and decapsulate; hash the inner flow.
+    // Stage 2: verify and decapsulate; hash the inner flow. With
+    // `account_runs`, consecutive packets of one SA are a run (`in_run`).
+    run.begin_chunk();
+    let mut run_sa: Option<&Arc<Sa>> = None;
     for i in 0..n {
         let InStep::Header { encap, ipsec, sa } = steps[i] else {
             continue;
+        };
+        let member = match (sa, spis[i]) {
+            (Some(sa), Some(_)) if w.account_runs => Some(sa),
+            _ => None,
+        };
+        if let Some(rs) = run_sa
+            && !member.is_some_and(|sa| run.is(sa))
+        {
+            end_run(run, rs, w, now, &mut steps, verdicts);
+            run_sa = None;
+        }
+        if let Some(sa) = member
+            && run_sa.is_none()
+            && !run.refused(sa)
+        {
+            let members = (i..n)
+                .map_while(|j| match steps[j] {
+                    InStep::Header { sa: Some(s), .. } if Arc::ptr_eq(s, sa) => {
+                        Some(spis[j].map(|(_, _, _, lo)| (j, lo, bufs[j].as_mut().len())))
+                    }
+                    InStep::Done => Some(None),
+                    _ => None,
+                })
+                .flatten();
+            if run.start(sa, members, now) {
+                run_sa = Some(sa);
+            }
+        }
+        let in_run = if run_sa.is_some() {
+            Some((&mut *run, i))
+        } else {
+            None
         };
         let buf = bufs[i].as_mut();
         let mut found = [None; MAX_BUNDLE];
@@ -129,6 +168,7 @@ fn inbound_chunk<const N: usize, B: AsMut<PacketBuf>>(
             encap,
             ipsec,
             sa,
+            in_run,
             now,
             &mut found,
             flow,
@@ -152,6 +192,9 @@ fn inbound_chunk<const N: usize, B: AsMut<PacketBuf>>(
         w.in_flows.prefetch(h);
         sc.hash[i] = h;
         steps[i] = InStep::Open(found[0]);
+    }
+    if let Some(rs) = run_sa {
+        end_run(run, rs, w, now, &mut steps, verdicts);
     }
     // Stage 3: the flow's policy.
     for i in 0..n {
@@ -224,6 +267,25 @@ fn inbound_chunk<const N: usize, B: AsMut<PacketBuf>>(
     }
 }
 
+/// End an inbound run: accept its packets' numbers; drop those refused
+/// there (unless already decided).
+fn end_run(
+    run: &mut InRun,
+    sa: &Sa,
+    w: &mut Worker,
+    now: Duration,
+    steps: &mut [InStep<'_>],
+    verdicts: &mut [Verdict],
+) {
+    for &(i, r) in run.end(sa, w, now) {
+        let i = i as usize;
+        if !matches!(steps[i], InStep::Done) {
+            verdicts[i] = w.drop(r);
+            steps[i] = InStep::Done;
+        }
+    }
+}
+
 /// Check the transforms found against the flow's inbound policy and count
 /// the packet.
 fn accept(
@@ -256,7 +318,7 @@ fn inbound_header<'s>(
     now: Duration,
     info: &mut IpInfo,
     step: &mut InStep<'s>,
-    out_spi: &mut Option<(IpAddr, Proto, u32)>,
+    out_spi: &mut Option<(IpAddr, Proto, u32, u32)>,
 ) -> Result<(), Verdict> {
     // Parsed into place: a packet's record copied through the stack after
     // narrow stores costs a store-forwarding stall.
@@ -309,8 +371,8 @@ fn inbound_header<'s>(
                 Proto::Ah => ah::peek(d, at),
                 _ => esp::peek(d, at),
             };
-            spi = peek.map(|(spi, _)| (info.dst(d), proto, spi));
-            if let Some((dst, proto, spi)) = spi {
+            spi = peek.map(|(spi, lo)| (info.dst(d), proto, spi, lo));
+            if let Some((dst, proto, spi, _)) = spi {
                 state.sad.prefetch_inbound(dst, proto, spi);
             }
         }
@@ -337,6 +399,7 @@ fn decap_all<'s>(
     encap: Option<udp_encap::Encap>,
     ipsec: Option<(usize, usize)>,
     sa: Option<&'s Arc<Sa>>,
+    mut run: Option<(&mut InRun, usize)>,
     now: Duration,
     found: &mut [Found<'s>; MAX_BUNDLE],
     out_flow: &mut Flow,
@@ -344,6 +407,8 @@ fn decap_all<'s>(
     let info = *info;
     let mut n = 0;
     let mut first = sa;
+    // The outermost header's number waits to be accepted with its run.
+    let mut waits = false;
     if let Some((at, nh_pos)) = ipsec {
         loop {
             let proto = match buf.data()[nh_pos] {
@@ -352,11 +417,35 @@ fn decap_all<'s>(
                 packet::PROTO_IPCOMP => Proto::IpComp,
                 _ => break,
             };
+            if waits && let (Some((r, i)), Some((_, outer))) = (&mut run, found[0]) {
+                // A bundle: the outer number is accepted (with those
+                // waiting before it) before the inner headers are opened.
+                r.flush(outer, w, now);
+                if let Some(e) = r.failure(*i) {
+                    return Err(e);
+                }
+            }
             if n == MAX_BUNDLE || found[..n].iter().flatten().any(|(p, _)| *p == proto) {
                 // Each protocol once, at most three layers.
                 return Err(DropReason::PolicyMismatch);
             }
-            let sa = decap_one(state, w, buf, &info, at, nh_pos, proto, first.take(), now)?;
+            let (sa, w8) = decap_one(
+                state,
+                w,
+                buf,
+                &info,
+                at,
+                nh_pos,
+                proto,
+                first.take(),
+                if n == 0 {
+                    run.as_mut().map(|(r, i)| (&mut **r, *i))
+                } else {
+                    None
+                },
+                now,
+            )?;
+            waits = w8;
             // The UDP header came off the outermost header, which must be
             // the ESP of an SA with that encapsulation (as `xfrm_input`
             // checks the encapsulation type); no other SA may expect UDP.
@@ -421,8 +510,11 @@ fn decap_one<'s>(
     proto: Proto,
     // The SA of this header's SPI if looked up already (stage 1).
     pre: Option<&'s Arc<Sa>>,
+    // The run this packet (its index) is of, if any: its number then
+    // waits to be accepted with the run's (true returned).
+    run: Option<(&mut InRun, usize)>,
     now: Duration,
-) -> Result<&'s Arc<Sa>, DropReason> {
+) -> Result<(&'s Arc<Sa>, bool), DropReason> {
     if proto == Proto::IpComp {
         let cpi = Codec::peek(buf.data(), at).ok_or(DropReason::Malformed)?;
         let sa = state
@@ -439,7 +531,7 @@ fn decap_one<'s>(
         })?;
         let e = sa.account(buf.len(), now);
         w.expiry(sa, e)?;
-        return Ok(sa);
+        return Ok((sa, false));
     }
     let (spi, seq_lo) = match proto {
         Proto::Ah => ah::peek(buf.data(), at),
@@ -459,7 +551,13 @@ fn decap_one<'s>(
     if sa.is_dead() {
         return Err(DropReason::SaExpired);
     }
-    let seq = sa.replay_check(seq_lo).map_err(|e| replay_drop(sa, e))?;
+    // (A run is of the SA found in stage 1.)
+    let run = run.filter(|_| pre.is_some());
+    let seq = match &run {
+        Some((r, i)) => r.check(sa, *i, seq_lo),
+        None => sa.replay_check(seq_lo),
+    }
+    .map_err(|e| replay_drop(sa, e))?;
     let seq_hi = (seq >> 32) as u32;
     let len = buf.len();
     let r = match proto {
@@ -482,11 +580,15 @@ fn decap_one<'s>(
         };
         return Err(r);
     }
+    if let Some((r, i)) = run {
+        r.opened(i, seq, len);
+        return Ok((sa, true));
+    }
     let e = sa
         .accept_inbound(seq, len, now)
         .map_err(|e| replay_drop(sa, e))?;
     w.expiry(sa, e)?;
-    Ok(sa)
+    Ok((sa, false))
 }
 
 /// Do the transforms found (outermost first) satisfy the policy's bundle

@@ -234,6 +234,8 @@ pub struct Worker {
     scratch_bytes: Vec<u8>,
     /// The stages' per-packet records (taken while a batch runs).
     scratch: Option<Box<Scratch>>,
+    /// An inbound run's numbers (taken while a batch runs).
+    in_run: Option<Box<in_run::InRun>>,
     /// Per-flow decisions, outbound (policy and SA) and inbound (policy,
     /// and the SA a flow last passed it with).
     out_flows: FlowCache,
@@ -249,9 +251,10 @@ pub struct Worker {
     /// pcap output and other writers need a correct checksum.
     pub defer_tcp_checksum: bool,
     /// Account consecutive packets of one SA in a batch together
-    /// ([`Sa::account_run`]): for workers that share SAs with other
-    /// workers, whose writes to the SA's counters would otherwise pass its
-    /// line between CPUs for every packet. Off by default: a worker alone
+    /// ([`Sa::account_run`]; inbound, accepted into the replay window
+    /// under one lock, [`Sa::accept_inbound_run`]): for workers that share
+    /// SAs with other workers, whose writes to the SA's counters and
+    /// window would otherwise pass its lines between CPUs for every packet. Off by default: a worker alone
     /// accounts a packet at a time, which costs it a little less
     /// (`tunsec bench --threads` measures both).
     pub account_runs: bool,
@@ -275,6 +278,7 @@ impl Worker {
             codec: Codec::new(),
             scratch_bytes: Vec::with_capacity(512),
             scratch: Some(Scratch::new()),
+            in_run: Some(in_run::InRun::new()),
             out_flows: FlowCache::new(out_seed),
             in_flows: FlowCache::new(in_seed),
             out_cache: None,
@@ -353,6 +357,7 @@ fn flow_of(info: &IpInfo, pkt: &[u8], dst: IpAddr) -> Flow {
     }
 }
 
+mod in_run;
 mod inbound;
 mod outbound;
 pub use inbound::{inbound, inbound_batch};
